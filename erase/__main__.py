@@ -1,0 +1,3 @@
+from erase.cli import entry_point
+
+entry_point()

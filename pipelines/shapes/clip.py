@@ -1,0 +1,263 @@
+"""The Shapes world's two tiny CLIPs: a ``guide`` (trainers may optimise against it) and a ``judge``
+(evaluators score with it), trained independently so that no method is judged by the CLIP it optimised.
+
+Both are real `open_clip.model.CLIP` models built from a custom model config and trained contrastively on
+world images. Captions name only some attributes ("a circle" fits a circle of any colour), so the loss is
+CLIP's symmetric InfoNCE with every caption that fits an image counted as a positive for it (a
+multi-positive InfoNCE: ``-log sum_{j in pos(i)} softmax_j(s_ij / tau)``). Without this, two images that
+both fit "a circle" would be pushed apart.
+
+Shipped files store the token-embedding table sparsely: only the rows of tokens seen in training
+(a few hundred of 49,408) are kept; all other rows load as zeros. Everything else is stored as trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipelines.shapes.world import ShapesWorld
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_EMBED_KEY = "text.token_embedding.weight"  # renamed below to the open_clip key
+_OPEN_CLIP_EMBED_KEY = "token_embedding.weight"
+
+
+def model_config(kind: str) -> dict:
+    """open_clip model config of the ``guide`` or ``judge`` CLIP (deliberately different architectures)."""
+    text = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
+    if kind == "guide":  # a ViT on an 8x8 grid of 4-pixel patches (8-pixel patches reached only 82% on shape)
+        vision = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 3, "head_width": 32}
+    elif kind == "judge":  # open_clip's ModifiedResNet with attention pooling: a different inductive bias
+        vision = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}
+        text = {**text, "layers": 3}
+    else:
+        raise ValueError(f"unknown Shapes CLIP {kind!r}: use 'guide' or 'judge'")
+    return {"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
+
+
+@dataclass
+class ClipTrainConfig:
+    """How a Shapes CLIP is trained. Saved into the weights file's metadata.
+
+    Defaults were chosen by measurement on a 2-core CPU (see README: "Training the Shapes world").
+    """
+
+    kind: str = field(default="judge", metadata={"help": "'guide' or 'judge'"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights and of the training images"})
+    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
+    pool_size: int = field(default=40_000, metadata={"help": "distinct world images drawn once and re-captioned"})
+    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate (cosine decay, linear warm-up)"})
+    warmup: int = field(default=100, metadata={"help": "warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decay on matrices (not embeddings, norms)"})
+    threads: int = field(default=2, metadata={"help": "torch threads while training"})
+
+    def __post_init__(self):
+        model_config(self.kind)  # validates the kind
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 for a contrastive loss, got {self.batch_size}")
+        if self.pool_size < self.batch_size:
+            raise ValueError(f"pool_size ({self.pool_size}) must be at least batch_size ({self.batch_size}): "
+                             "raise the pool size or lower the batch size")
+
+
+def build_clip(kind: str, seed: int = 0) -> CLIP:
+    """A freshly initialised Shapes CLIP (``guide`` or ``judge``)."""
+    torch.manual_seed(seed)
+    return CLIP(**model_config(kind))
+
+
+def to_clip_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, H, W, 3]`` world images -> normalised ``float32 [N, 3, H, W]`` CLIP input."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class _TokenCache:
+    """open_clip tokenization is pure Python; captions repeat a lot, so memoise them."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in set(texts) if t not in self._cache]
+        if missing:
+            for text, ids in zip(missing, open_clip.tokenize(missing, context_length=self.context_length)):
+                self._cache[text] = ids
+        return torch.stack([self._cache[t] for t in texts])
+
+    def seen_token_ids(self) -> torch.Tensor:
+        return torch.unique(torch.cat(list(self._cache.values())))
+
+
+def _positives(attrs: list, named: list[tuple]) -> torch.Tensor:
+    """``pos[i, j]`` is True where caption ``j`` fits image ``i`` (every attribute it names matches)."""
+    n = len(attrs)
+    pos = torch.ones(n, n, dtype=torch.bool)
+    for attribute in ("colour", "shape", "style"):
+        values = {v: k for k, v in enumerate(sorted({a.get(attribute) for a in attrs}))}
+        image_value = torch.tensor([values[a.get(attribute)] for a in attrs])
+        names_it = torch.tensor([attribute in u for u in named])
+        agree = image_value[:, None] == image_value[None, :]
+        pos &= agree | ~names_it[None, :]
+    return pos
+
+
+def multi_positive_clip_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every fitting caption (image) counts as a positive.
+
+    ``logits[i, j] = s_ij / tau`` for image ``i`` and caption ``j``; ``pos`` is the fit matrix.
+    """
+    neg_inf = torch.finfo(logits.dtype).min
+    image_to_text = torch.logsumexp(logits.masked_fill(~pos, neg_inf), 1) - torch.logsumexp(logits, 1)
+    text_to_image = torch.logsumexp(logits.masked_fill(~pos, neg_inf), 0) - torch.logsumexp(logits, 0)
+    return -(image_to_text.mean() + text_to_image.mean()) / 2
+
+
+def train_clip(config: ClipTrainConfig, progress: bool = True) -> tuple[CLIP, dict]:
+    """Train one Shapes CLIP from scratch. Returns the model and a dict of training facts (timings, losses)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _train(config, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
+    start = time.perf_counter()
+    world = ShapesWorld()
+    rng = np.random.default_rng(config.seed)
+    attrs = world.random_attributes(config.pool_size, rng)
+    images = np.concatenate([world.draw(attrs[i : i + 1024], rng) for i in range(0, config.pool_size, 1024)])
+    pixels = to_clip_input(images)
+    draw_seconds = time.perf_counter() - start
+
+    model = build_clip(config.kind, config.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, config))
+    tokens = _TokenCache(model.context_length)
+    losses = []
+    for _step in tqdm(range(config.steps), desc=f"train {config.kind} CLIP", disable=not progress):
+        idx = rng.choice(config.pool_size, size=config.batch_size, replace=False)
+        batch_attrs = [attrs[i] for i in idx]
+        captions = [world.caption(a, rng) for a in batch_attrs]
+        text = tokens([c[0] for c in captions])
+        image_features, text_features, logit_scale = model(pixels[idx], text)[:3]
+        logits = logit_scale * image_features @ text_features.T
+        loss = multi_positive_clip_loss(logits, _positives(batch_attrs, [c[1] for c in captions]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+    model.eval()
+    facts = {
+        "draw_seconds": round(draw_seconds, 1),
+        "train_seconds": round(time.perf_counter() - start - draw_seconds, 1),
+        "first_loss": round(losses[0], 4),
+        "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 10) :])), 4),  # mean of the last 10%
+        "seen_token_ids": tokens.seen_token_ids(),
+    }
+    return model, facts
+
+
+def _cosine_with_warmup(step: int, config: ClipTrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def save_clip(model: CLIP, path: str | Path, kind: str, keep_token_ids: torch.Tensor, metadata: dict) -> Path:
+    """Write a Shapes CLIP as safetensors with a sparse token-embedding table (atomic: temp file + rename).
+
+    ``metadata`` (JSON-serialisable) is stored under ``erase.*`` keys next to the open_clip model config.
+    """
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    ids = torch.unique(torch.cat([keep_token_ids.long(), torch.tensor([0, 49406, 49407])]))
+    state["token_embedding.ids"] = ids.to(torch.int32)
+    state["token_embedding.rows"] = state.pop(_OPEN_CLIP_EMBED_KEY)[ids].clone()
+    header = {"erase.format": "shapes-clip/1", "erase.kind": kind, "open_clip.model_cfg": json.dumps(model_config(kind))}
+    header.update({f"erase.{k}": json.dumps(v) for k, v in metadata.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
+def read_clip_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_clip(kind_or_path: str | Path = "judge") -> CLIP:
+    """Load a Shapes CLIP in one call: ``"guide"``, ``"judge"`` (the shipped files) or a path to such a file.
+
+    Returns the model in eval mode on the CPU in float32.
+    """
+    path = Path(kind_or_path)
+    if str(kind_or_path) in ("guide", "judge"):
+        path = WEIGHTS_DIR / f"clip_{kind_or_path}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"the shipped Shapes CLIP {path} is missing: run 'erase world train' to make it")
+    elif not path.is_file():
+        raise FileNotFoundError(f"no Shapes CLIP file at {path}: pass 'guide', 'judge' or an existing .safetensors path")
+    meta = read_clip_metadata(path)
+    if meta.get("erase.format") != "shapes-clip/1":
+        raise ValueError(f"{path} is not a Shapes CLIP file (format {meta.get('erase.format')!r}, expected 'shapes-clip/1')")
+    state = load_file(str(path))
+    ids, rows = state.pop("token_embedding.ids").long(), state.pop("token_embedding.rows")
+    table = torch.zeros(49408, rows.shape[1], dtype=rows.dtype)
+    table[ids] = rows
+    state[_OPEN_CLIP_EMBED_KEY] = table
+    model = CLIP(**json.loads(meta["open_clip.model_cfg"]))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def export_open_clip_dir(model: CLIP, kind: str, directory: str | Path) -> Path:
+    """Write a full (dense) open_clip ``local-dir:`` folder that `open_clip.create_model_and_transforms` loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": model_config(kind),
+        "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "open_clip_model.safetensors"))
+    return directory

@@ -1,0 +1,86 @@
+"""The real CLIP tokenizer, built offline from the BPE merges file that ships inside the open-clip-torch wheel.
+
+Stable Diffusion 1.x uses OpenAI's CLIP BPE (49,408 tokens, 77-token context). open_clip ships exactly that
+merges list as ``bpe_simple_vocab_16e6.txt.gz``; this module turns it into the ``vocab.json``/``merges.txt``
+pair that `transformers.CLIPTokenizer` reads, so prompts tokenize as in SD 1.x with no network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+VOCAB_SIZE = 49408
+MODEL_MAX_LENGTH = 77
+_N_MERGES = VOCAB_SIZE - 256 * 2 - 2  # byte tokens, byte+</w> tokens, and the two specials
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP BPE uses for raw bytes, in vocabulary order.
+
+    Printable Latin-1 bytes stand for themselves and come first; the other bytes follow in byte order,
+    shifted to code points from 256 upwards. This order fixes the ids of the first 512 tokens.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def _read_merges() -> list[str]:
+    data = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    merges = lines[1 : 1 + _N_MERGES]  # line 0 is a version header
+    if len(merges) != _N_MERGES:
+        raise RuntimeError(f"open_clip's BPE file has {len(merges)} merges, expected {_N_MERGES}: reinstall open-clip-torch")
+    return merges
+
+
+def write_clip_tokenizer_files(directory: str | Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of the CLIP BPE tokenizer into ``directory``.
+
+    The vocabulary order is the one CLIP was trained with: byte symbols, byte symbols ending a word
+    (``</w>``), one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    merges = _read_merges()
+    symbols = _byte_alphabet()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return directory
+
+
+def _load(directory: Path) -> CLIPTokenizer:
+    # from_pretrained on a folder is the form that works in transformers 4 and 5 alike; the 4.x keyword
+    # names vocab_file=/merges_file= are silently ignored by transformers 5 (see reference/ecosystem.md).
+    return CLIPTokenizer.from_pretrained(
+        str(directory), model_max_length=MODEL_MAX_LENGTH, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+
+
+@cache
+def _cached_tokenizer() -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory(prefix="erase-clip-tokenizer-") as tmp:
+        tokenizer = _load(write_clip_tokenizer_files(tmp))
+    if len(tokenizer) != VOCAB_SIZE:
+        raise RuntimeError(f"built a CLIP tokenizer with {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
+    return tokenizer
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The SD 1.x CLIP tokenizer (49,408 tokens, ``model_max_length=77``, padded with ``<|endoftext|>``).
+
+    Built once per process from the open-clip-torch wheel; each call returns an independent copy.
+    """
+    import copy
+
+    return copy.deepcopy(_cached_tokenizer())
