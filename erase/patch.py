@@ -1,0 +1,675 @@
+"""The erase patch format: one ``.safetensors`` file with a JSON metadata header.
+
+A patch changes some weights of one or more *components* of a base model: ``unet``, ``text_encoder``,
+``text_encoder_2`` (diffusers pipelines) or ``generator`` (any ``torch.nn.Module``, for GANs; its ``state_dict``
+names are used). Tensor keys carry the component as a prefix (``unet.down_blocks.1....``). Three kinds:
+
+- ``lora``: keys exactly as diffusers/PEFT LoRA files (``unet.<module>.lora_A.weight``, ``.lora_B.weight``) and
+  the PEFT ``LoraConfig`` of every component under diffusers' ``lora_adapter_metadata`` header key, so that a
+  plain ``pipe.load_lora_weights(path)`` loads the file, with ``lora_alpha != r`` honoured.
+- ``delta``: dense weight differences ``tuned - base`` of the changed tensors only, stored in fp32, fp16 or bf16.
+- ``sparse``: per changed tensor a bit-packed mask (``<name>.sparse_mask``, uint8, little-endian bit order), the
+  masked values (``<name>.sparse_values``, float or int8) and, for int8, a per-tensor fp32 scale
+  (``<name>.sparse_scale``). Dense shapes are kept in the header because the packed mask loses them.
+
+Every header value is a JSON string (safetensors metadata is ``dict[str, str]``); erase keys are namespaced
+``erase.*``. The header records the base model's *fingerprint*: per component, a sha256 over the names, shapes and
+fp32 bytes of the tensors the patch targets. Applying a patch to a different base is refused unless forced.
+
+This module depends on torch, safetensors and the standard library only (no diffusers), so it stays a leaf that
+trainers, ``pipelines`` and the CLI can all import. Loading never unpickles; every problem raises `PatchError`,
+one line naming the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+KINDS = ("lora", "delta", "sparse")
+TARGETS = ("unet", "text_encoder", "text_encoder_2", "generator")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' own key (diffusers.loaders.lora_base)
+MASK, VALUES, SCALE = ".sparse_mask", ".sparse_values", ".sparse_scale"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_SHOWN = 5  # offenders listed in an error message
+
+
+class PatchError(ValueError):
+    """A patch cannot be read, built or applied. The message is one line: what is wrong, where, and the fix."""
+
+
+def first_offenders(items: list[str]) -> str:
+    """The first few items of a list of bad keys, with a count of the rest, for one-line error messages."""
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Fingerprint of base-model tensors: ``{"hash": sha256 hex, "n_tensors": k}``.
+
+    The hash covers the sorted names, the shapes and the bytes of each tensor cast to fp32 on the CPU, so the
+    same weights give the same fingerprint whatever device they sit on (but an fp16 copy of a model differs).
+
+    Args:
+        tensors (`Mapping[str, torch.Tensor]`): the targeted tensors, keyed by their names in the component.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.numpy().data)
+    return {"hash": digest.hexdigest(), "n_tensors": len(tensors)}
+
+
+def short_hash(entry: Mapping[str, Any] | None) -> str:
+    """The first 12 hex digits of a fingerprint entry, as shown in messages."""
+    return "none" if not entry else f"{entry['hash'][:12]} ({entry['n_tensors']} tensors)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bit-packed masks and int8 quantisation (the sparse kind)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8, eight elements per byte, little-endian bit order (like numpy's 'little')."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of `pack_mask`: the boolean tensor of ``shape``."""
+    numel = math.prod(shape)
+    bits = (packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
+
+
+def quantize_int8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor int8 quantisation: ``values ~= q * scale`` with ``|q| <= 127``, error ``<= scale / 2``."""
+    peak = values.abs().max() if values.numel() else torch.tensor(0.0)
+    scale = (peak / 127.0).to(torch.float32)
+    if scale == 0:  # an all-zero tensor: any scale reconstructs it; 1.0 avoids dividing by zero
+        scale = torch.tensor(1.0)
+    q = torch.round(values.to(torch.float32) / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale.reshape(())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The in-memory patch
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the packages that shape a patch's meaning; diffusers is read from metadata, never imported."""
+    versions = {"torch": torch.__version__}
+    for package in ("diffusers", "erase", "safetensors", "peft"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+@dataclass
+class Patch:
+    """A weight patch for one or more components of a base model, exactly as stored in its file.
+
+    Build one with `make_delta_patch`, `make_sparse_patch` or `make_lora_patch` (which compute the base
+    fingerprint), or read one with `load_patch`. The constructor validates structure and refuses non-finite values.
+
+    Args:
+        kind (`str`): ``"lora"``, ``"delta"`` or ``"sparse"``.
+        tensors (`dict[str, torch.Tensor]`): stored tensors with component-prefixed keys (see the module docstring).
+        base_fingerprint (`dict[str, dict]`): per target component, `fingerprint` of the targeted base tensors.
+        method (`str`, *optional*): name of the erasure method that produced the patch.
+        config (`dict`, *optional*): the method's full config (JSON-serialisable).
+        concepts (`list[str]`, *optional*): the erased concept(s).
+        lora_config (`dict[str, dict]`, *optional*): lora kind only; per component the PEFT ``LoraConfig`` kwargs
+            (``r``, ``lora_alpha``, ``target_modules``, ``rank_pattern``, ``alpha_pattern``).
+        shapes (`dict[str, list[int]]`, *optional*): sparse kind only; dense shape per target key (``unet.x.weight``).
+        notes (`dict`, *optional*): free-form provenance (for example an SVD export's rank and error).
+        versions (`dict[str, str]`, *optional*): package versions; defaults to the running ones.
+        format_version (`int`, *optional*, defaults to `FORMAT_VERSION`).
+        source (`str`, *optional*): the file the patch was read from (used in messages).
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    base_fingerprint: dict[str, dict[str, Any]]
+    method: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    concepts: list[str] = field(default_factory=list)
+    lora_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=_versions)
+    format_version: int = FORMAT_VERSION
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def where(self) -> str:
+        """The file name for messages, or ``"patch"`` for an in-memory patch."""
+        return self.source or "patch"
+
+    @property
+    def targets(self) -> list[str]:
+        """The components this patch changes, in `TARGETS` order."""
+        present = {key.split(".", 1)[0] for key in self.tensors}
+        return [t for t in TARGETS if t in present]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The parsed header (for ``erase inspect``): format version, kind, targets, method, config, concepts, ..."""
+        return {
+            "format_version": self.format_version,
+            "kind": self.kind,
+            "targets": self.targets,
+            "method": self.method,
+            "config": self.config,
+            "concepts": self.concepts,
+            "base_fingerprint": self.base_fingerprint,
+            "versions": self.versions,
+            "lora_config": self.lora_config,
+            "notes": self.notes,
+            "n_tensors": {t: len(self.target_names(t)) for t in self.targets},
+            "nbytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
+        }
+
+    def header(self) -> dict[str, str]:
+        """The safetensors ``__metadata__``: every value a JSON string, erase keys namespaced ``erase.*``."""
+        header = {
+            "format": "pt",
+            "erase.format_version": json.dumps(self.format_version),
+            "erase.kind": json.dumps(self.kind),
+            "erase.targets": json.dumps(self.targets),
+            "erase.method": json.dumps(self.method),
+            "erase.config": json.dumps(self.config, sort_keys=True),
+            "erase.concepts": json.dumps(self.concepts),
+            "erase.base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
+            "erase.versions": json.dumps(self.versions, sort_keys=True),
+            "erase.notes": json.dumps(self.notes, sort_keys=True),
+        }
+        if self.kind == "sparse":
+            header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
+        if self.kind == "lora":
+            # diffusers' layout: one flat dict with component-prefixed LoraConfig fields ("unet.r", ...), as
+            # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
+            packed = {f"{c}.{k}": v for c, cfg in self.lora_config.items() for k, v in cfg.items()}
+            header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+        return header
+
+    def target_names(self, component: str) -> list[str]:
+        """Names (inside ``component``) of the base tensors this patch changes, e.g. ``down_blocks....to_k.weight``."""
+        prefix = component + "."
+        keys = [k[len(prefix) :] for k in self.tensors if k.startswith(prefix)]
+        if self.kind == "delta":
+            return sorted(keys)
+        if self.kind == "sparse":
+            return sorted(k[: -len(MASK)] for k in keys if k.endswith(MASK))
+        return sorted(k[: -len(LORA_A)] + ".weight" for k in keys if k.endswith(LORA_A))
+
+    def target_shape(self, component: str, name: str) -> tuple[int, ...]:
+        """The dense shape of the base tensor ``name`` of ``component`` that this patch expects."""
+        key = f"{component}.{name}"
+        if self.kind == "delta":
+            return tuple(self.tensors[key].shape)
+        if self.kind == "sparse":
+            return tuple(self.shapes[key])
+        module = key[: -len(".weight")]
+        down, up = self.tensors[module + LORA_A], self.tensors[module + LORA_B]
+        return (up.shape[0], *down.shape[1:])
+
+    def lora_scaling(self, component: str, module: str) -> float:
+        """PEFT's ``lora_alpha / r`` for one module, honouring ``rank_pattern``/``alpha_pattern`` and rsLoRA."""
+        cfg = self.lora_config[component]
+        r = cfg.get("rank_pattern", {}).get(module, cfg["r"])
+        alpha = cfg.get("alpha_pattern", {}).get(module, cfg["lora_alpha"])
+        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+    def dense_delta(self, component: str, name: str) -> torch.Tensor:
+        """The fp32 dense weight difference for one targeted tensor (scale 1), decoded from any kind."""
+        key = f"{component}.{name}"
+        if self.kind == "delta":
+            return self.tensors[key].to(torch.float32)
+        if self.kind == "sparse":
+            shape = tuple(self.shapes[key])
+            mask = unpack_mask(self.tensors[key + MASK], shape)
+            values = self.tensors[key + VALUES].to(torch.float32)
+            if key + SCALE in self.tensors:
+                values = values * self.tensors[key + SCALE].to(torch.float32)
+            dense = torch.zeros(shape, dtype=torch.float32)
+            dense[mask] = values
+            return dense
+        module = name[: -len(".weight")]
+        down = self.tensors[f"{component}.{module}{LORA_A}"].to(torch.float32)
+        up = self.tensors[f"{component}.{module}{LORA_B}"].to(torch.float32)
+        product = up.flatten(1) @ down.flatten(1)  # conv LoRA: B is [out, r, 1, 1], A is [r, in, kh, kw]
+        return product.reshape(up.shape[0], *down.shape[1:]) * self.lora_scaling(component, module)
+
+    def dense_deltas(self, component: str) -> dict[str, torch.Tensor]:
+        """All fp32 dense deltas of one component, keyed by tensor name."""
+        return {name: self.dense_delta(component, name) for name in self.target_names(component)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (shared by construction and loading)
+
+
+def _fail(patch: Patch, problem: str, fix: str) -> PatchError:
+    return PatchError(f"{patch.where}: {problem}; {fix}")
+
+
+def _validate(patch: Patch) -> None:
+    """Check a patch's structure; raise one-line `PatchError` naming the first offenders."""
+    if not isinstance(patch.format_version, int) or patch.format_version < 1:
+        raise _fail(patch, f"invalid format version {patch.format_version!r}", "the header is corrupt; re-export")
+    if patch.format_version > FORMAT_VERSION:
+        raise _fail(
+            patch,
+            f"unknown format version {patch.format_version} (this erase reads up to {FORMAT_VERSION})",
+            "upgrade erase to read it",
+        )
+    if patch.kind not in KINDS:
+        raise _fail(patch, f"unknown patch kind {patch.kind!r}", f"expected one of {', '.join(KINDS)}")
+    if not patch.tensors:
+        raise _fail(patch, "the patch holds no tensors", "build it from weights that differ from the base")
+    bad_prefix = [k for k in patch.tensors if k.split(".", 1)[0] not in TARGETS or "." not in k]
+    if bad_prefix:
+        raise _fail(
+            patch,
+            f"keys without a known component prefix: {first_offenders(bad_prefix)}",
+            f"prefix keys with one of {', '.join(TARGETS)}",
+        )
+    missing_fp = [t for t in patch.targets if t not in patch.base_fingerprint]
+    if missing_fp:
+        raise _fail(patch, f"no base fingerprint for {', '.join(missing_fp)}", "rebuild the patch with make_*_patch")
+    {"delta": _validate_delta, "sparse": _validate_sparse, "lora": _validate_lora}[patch.kind](patch)
+    nonfinite = [k for k, t in patch.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:
+        raise _fail(patch, f"NaN or inf values in {first_offenders(nonfinite)}", "fix the run that produced it")
+
+
+def _validate_delta(patch: Patch) -> None:
+    bad = [k for k, t in patch.tensors.items() if t.dtype not in DTYPES.values()]
+    if bad:
+        raise _fail(patch, f"delta tensors must be fp32, fp16 or bf16: {first_offenders(bad)}", "re-export the delta")
+
+
+def _validate_sparse(patch: Patch) -> None:
+    """Each changed tensor needs a uint8 mask, values whose count is the mask's popcount, and int8 needs a scale."""
+    keys = set(patch.tensors)
+    stray = [k for k in keys if not k.endswith((MASK, VALUES, SCALE))]
+    if stray:
+        raise _fail(patch, f"keys that are not sparse mask/values/scale: {first_offenders(stray)}", "re-export it")
+    problems = []
+    for stem in sorted(k[: -len(MASK)] for k in keys if k.endswith(MASK)):
+        problems += _sparse_entry_problems(patch, stem)
+    orphans = [k for k in keys if k.endswith((VALUES, SCALE)) and k.rsplit(".", 1)[0] + MASK not in keys]
+    if problems or orphans:
+        raise _fail(patch, f"malformed sparse entries: {first_offenders(problems + orphans)}", "re-export the patch")
+
+
+def _sparse_entry_problems(patch: Patch, stem: str) -> list[str]:
+    mask, values = patch.tensors[stem + MASK], patch.tensors.get(stem + VALUES)
+    shape = patch.shapes.get(stem)
+    if values is None or shape is None:
+        return [f"{stem} (no values or no shape)"]
+    if mask.dtype != torch.uint8 or mask.numel() != math.ceil(math.prod(shape) / 8):
+        return [f"{stem} (mask is not {math.ceil(math.prod(shape) / 8)} uint8 bytes)"]
+    if values.dim() != 1 or values.numel() != int(unpack_mask(mask, shape).sum()):
+        return [f"{stem} (values do not match the mask's popcount)"]
+    if values.dtype == torch.int8 and (stem + SCALE not in patch.tensors or patch.tensors[stem + SCALE].numel() != 1):
+        return [f"{stem} (int8 values without a scalar scale)"]
+    if values.dtype not in (torch.int8, *DTYPES.values()):
+        return [f"{stem} (values dtype {values.dtype})"]
+    return []
+
+
+def _validate_lora(patch: Patch) -> None:
+    """PEFT-style pairs: A ``[r, in, ...]`` and B ``[out, r, ...]`` with r matching the component's LoraConfig."""
+    stray = [k for k in patch.tensors if not k.endswith((LORA_A, LORA_B))]
+    if stray:
+        raise _fail(patch, f"keys that are not PEFT lora_A/lora_B weights: {first_offenders(stray)}", "re-export")
+    problems = []
+    for key in sorted(k for k in patch.tensors if k.endswith((LORA_A, LORA_B))):
+        stem = key[: -len(LORA_A)]
+        down, up = patch.tensors.get(stem + LORA_A), patch.tensors.get(stem + LORA_B)
+        if down is None or up is None:
+            problems.append(f"{stem} (unpaired lora_A/lora_B)")
+        elif key.endswith(LORA_A):
+            problems += _lora_pair_problems(patch, stem, down, up)
+    if problems:
+        raise _fail(patch, f"malformed LoRA pairs: {first_offenders(problems)}", "re-export the LoRA")
+
+
+def _lora_pair_problems(patch: Patch, stem: str, down: torch.Tensor, up: torch.Tensor) -> list[str]:
+    component, module = stem.split(".", 1)
+    cfg = patch.lora_config.get(component)
+    if cfg is None or "r" not in cfg or "lora_alpha" not in cfg:
+        return [f"{stem} (no LoraConfig r/lora_alpha for {component})"]
+    rank = cfg.get("rank_pattern", {}).get(module, cfg["r"])
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or down.shape[0] != rank or up.shape[1] != rank:
+        return [f"{stem} (A {list(down.shape)}, B {list(up.shape)}, r={rank})"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building patches from weights
+
+
+def _fingerprints(base: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping[str, list[str]]) -> dict:
+    """Per component, the fingerprint of the named base tensors; missing names are reported together."""
+    missing = [f"{c}.{n}" for c, ns in names.items() for n in ns if n not in base.get(c, {})]
+    if missing:
+        raise PatchError(
+            f"patch: base weights lack {first_offenders(missing)}; "
+            "pass the base model the patch was made for"
+        )
+    return {c: fingerprint({n: base[c][n] for n in ns}) for c, ns in names.items()}
+
+
+def _changed(
+    base: Mapping[str, Mapping[str, torch.Tensor]], tuned: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """fp32 ``tuned - base`` for tensors that changed (unknown or mis-shaped names are errors, not skipped)."""
+    deltas: dict[str, dict[str, torch.Tensor]] = {}
+    bad = []
+    for component, weights in tuned.items():
+        if component not in TARGETS:
+            raise PatchError(f"patch: unknown component {component!r}; expected one of {', '.join(TARGETS)}")
+        for name, value in weights.items():
+            original = base.get(component, {}).get(name)
+            if original is None or original.shape != value.shape:
+                bad.append(f"{component}.{name}")
+                continue
+            diff = value.detach().to("cpu", torch.float32) - original.detach().to("cpu", torch.float32)
+            if diff.any():
+                deltas.setdefault(component, {})[name] = diff
+    if bad:
+        raise PatchError(
+            f"patch: tuned weights missing from the base or mis-shaped: {first_offenders(bad)}; "
+            "check names"
+        )
+    if not deltas:
+        raise PatchError("patch: the tuned weights equal the base; nothing to patch")
+    return deltas
+
+
+def make_delta_patch(
+    base: Mapping[str, Mapping[str, torch.Tensor]],
+    tuned: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    dtype: str = "fp32",
+    method: str = "",
+    config: Mapping[str, Any] | None = None,
+    concepts: list[str] | None = None,
+) -> Patch:
+    """A ``delta`` patch holding ``tuned - base`` for every tensor that changed.
+
+    Args:
+        base (`Mapping[str, Mapping[str, torch.Tensor]]`): per component (``"unet"``, ``"generator"``, ...) the base
+            state dict (or at least the tuned names).
+        tuned (`Mapping[str, Mapping[str, torch.Tensor]]`): per component the tuned tensors (any subset of names).
+        dtype (`str`, *optional*, defaults to `"fp32"`): storage dtype, ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        method, config, concepts: provenance stored in the header.
+    """
+    if dtype not in DTYPES:
+        raise PatchError(f"patch: unknown delta dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    deltas = _changed(base, tuned)
+    tensors = {f"{c}.{n}": d.to(DTYPES[dtype]).contiguous() for c, ds in deltas.items() for n, d in ds.items()}
+    return Patch(
+        kind="delta",
+        tensors=tensors,
+        base_fingerprint=_fingerprints(base, {c: list(ds) for c, ds in deltas.items()}),
+        method=method,
+        config=dict(config or {}),
+        concepts=list(concepts or []),
+    )
+
+
+def make_sparse_patch(
+    base: Mapping[str, Mapping[str, torch.Tensor]],
+    tuned: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    dtype: str = "fp16",
+    method: str = "",
+    config: Mapping[str, Any] | None = None,
+    concepts: list[str] | None = None,
+) -> Patch:
+    """A ``sparse`` patch: per changed tensor, a bit-packed mask of changed entries plus their deltas.
+
+    Args:
+        base, tuned: as in `make_delta_patch`.
+        dtype (`str`, *optional*, defaults to `"fp16"`): value storage, ``"fp32"``, ``"fp16"``, ``"bf16"`` or
+            ``"int8"`` (symmetric per-tensor quantisation with an fp32 scale; error at most half a step).
+        method, config, concepts: provenance stored in the header.
+    """
+    if dtype not in (*DTYPES, "int8"):
+        raise PatchError(f"patch: unknown sparse dtype {dtype!r}; expected fp32, fp16, bf16 or int8")
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    deltas = _changed(base, tuned)
+    for component, named in deltas.items():
+        for name, delta in named.items():
+            key, mask = f"{component}.{name}", delta != 0
+            tensors[key + MASK] = pack_mask(mask)
+            shapes[key] = list(delta.shape)
+            if dtype == "int8":
+                tensors[key + VALUES], tensors[key + SCALE] = quantize_int8(delta[mask])
+            else:
+                tensors[key + VALUES] = delta[mask].to(DTYPES[dtype]).contiguous()
+    return Patch(
+        kind="sparse",
+        tensors=tensors,
+        shapes=shapes,
+        base_fingerprint=_fingerprints(base, {c: list(ds) for c, ds in deltas.items()}),
+        method=method,
+        config=dict(config or {}),
+        concepts=list(concepts or []),
+        notes={"dtype": dtype},
+    )
+
+
+def make_lora_patch(
+    base: Mapping[str, Mapping[str, torch.Tensor]],
+    factors: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    lora_alpha: float | Mapping[str, float],
+    method: str = "",
+    config: Mapping[str, Any] | None = None,
+    concepts: list[str] | None = None,
+    notes: Mapping[str, Any] | None = None,
+) -> Patch:
+    """A ``lora`` patch from PEFT factors: ``W' = W + (lora_alpha / r) * B @ A`` per module.
+
+    Args:
+        base (`Mapping[str, Mapping[str, torch.Tensor]]`): per component the base state dict; the fingerprint covers
+            ``<module>.weight`` of every LoRA module.
+        factors (`Mapping[str, Mapping[str, tuple[Tensor, Tensor]]]`): per component, module name -> ``(A, B)`` with
+            A (``lora_A``/down) ``[r, in]`` and B (``lora_B``/up) ``[out, r]`` (conv: ``[r, in, kh, kw]``,
+            ``[out, r, 1, 1]``).
+        lora_alpha (`float` or `Mapping[str, float]`): PEFT ``lora_alpha``, one value or one per module name
+            (``component.module``); any value, not only ``r``, reloads correctly through the saved metadata.
+        method, config, concepts, notes: provenance stored in the header.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    lora_config: dict[str, dict[str, Any]] = {}
+    for component, modules in factors.items():
+        ranks = {m: int(a.shape[0]) for m, (a, _) in modules.items()}
+        per_module = isinstance(lora_alpha, Mapping)
+        alphas = {m: float(lora_alpha[f"{component}.{m}"] if per_module else lora_alpha) for m in modules}
+        lora_config[component] = lora_config_kwargs(ranks, alphas)
+        for module, (down, up) in modules.items():
+            tensors[f"{component}.{module}{LORA_A}"] = down.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"{component}.{module}{LORA_B}"] = up.detach().to("cpu", torch.float32).contiguous()
+    names = {c: [f"{m}.weight" for m in modules] for c, modules in factors.items()}
+    return Patch(
+        kind="lora",
+        tensors=tensors,
+        lora_config=lora_config,
+        base_fingerprint=_fingerprints(base, names),
+        method=method,
+        config=dict(config or {}),
+        concepts=list(concepts or []),
+        notes=dict(notes or {}),
+    )
+
+
+def lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+    """PEFT LoraConfig kwargs: the most common rank/alpha as defaults, exceptions as exact-name patterns."""
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: v for m, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
+        "init_lora_weights": True,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and writing files
+
+
+def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
+    """Write ``patch`` to ``path`` atomically (a temporary file in the same folder, then a rename).
+
+    Returns the path written. On any failure the previous file at ``path``, if any, is left untouched.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise PatchError(f"{path}: folder {path.parent} does not exist; create it first")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: t.contiguous() for k, t in patch.tensors.items()}, str(tmp), metadata=patch.header())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse a safetensors header by hand so that truncation and corruption get precise one-line errors."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise PatchError(f"{path}: only {size} bytes, not a safetensors file; pass an erase .safetensors patch")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(_MAX_HEADER_BYTES, size - 8):
+            raise PatchError(
+                f"{path}: header length {length} exceeds the file ({size} bytes): truncated or not a safetensors "
+                "file; re-download or re-export it"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PatchError(f"{path}: corrupted safetensors header ({error.__class__.__name__}); re-export it") from None
+    if not isinstance(header, dict):
+        raise PatchError(f"{path}: corrupted safetensors header (not a JSON object); re-export it")
+    file_meta = header.pop("__metadata__", None) or {}
+    ends = [entry.get("data_offsets", [0, 0])[1] for entry in header.values() if isinstance(entry, dict)]
+    if max(ends, default=0) != size - 8 - length:
+        raise PatchError(
+            f"{path}: truncated or padded: header promises {max(ends, default=0)} bytes of tensor data, the file "
+            f"holds {size - 8 - length}; re-download or re-export it"
+        )
+    return header, file_meta
+
+
+def _parse_json(path: Path, file_meta: Mapping[str, str], key: str, default: Any = None) -> Any:
+    if key not in file_meta:
+        if default is not None:
+            return default
+        raise PatchError(f"{path}: header lacks {key}; the file is not a complete erase patch, re-export it")
+    try:
+        return json.loads(file_meta[key])
+    except json.JSONDecodeError:
+        raise PatchError(
+            f"{path}: header value {key} is not valid JSON; "
+            "the header is corrupt, re-export it"
+        ) from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise PatchError(f"{path}: cannot read tensors ({reason}); re-download or re-export it") from None
+
+
+def load_patch(path: str | os.PathLike) -> Patch:
+    """Read and validate an erase patch file. Never unpickles; every problem raises a one-line `PatchError`.
+
+    Args:
+        path (`str` or `os.PathLike`): a ``.safetensors`` file written by `save_patch`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PatchError(f"{path}: no such file; check the path")
+    _, file_meta = _read_header(path)
+    if "erase.format_version" not in file_meta:
+        hint = " (a plain LoRA: load it with pipe.load_lora_weights)" if LORA_METADATA_KEY in file_meta else ""
+        raise PatchError(
+            f"{path}: not an erase patch, its header has no erase.format_version{hint}; "
+            "pass an erase patch"
+        )
+    version = _parse_json(path, file_meta, "erase.format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:  # refuse before interpreting anything else
+        raise PatchError(
+            f"{path}: unknown format version {version} (this erase reads up to {FORMAT_VERSION}); "
+            "upgrade"
+        )
+    kind = _parse_json(path, file_meta, "erase.kind")
+    if kind not in KINDS:
+        raise PatchError(f"{path}: unknown patch kind {kind!r}; expected one of {', '.join(KINDS)}")
+    lora_config = {}
+    if kind == "lora":
+        packed = _parse_json(path, file_meta, LORA_METADATA_KEY)
+        for key, value in packed.items():
+            component, field_name = key.split(".", 1)
+            lora_config.setdefault(component, {})[field_name] = value
+    return Patch(
+        kind=kind,
+        tensors=_read_tensors(path),
+        base_fingerprint=_parse_json(path, file_meta, "erase.base_fingerprint"),
+        method=_parse_json(path, file_meta, "erase.method"),
+        config=_parse_json(path, file_meta, "erase.config"),
+        concepts=_parse_json(path, file_meta, "erase.concepts"),
+        lora_config=lora_config,
+        shapes=_parse_json(path, file_meta, "erase.shapes", {}) if kind == "sparse" else {},
+        notes=_parse_json(path, file_meta, "erase.notes", {}),
+        versions=_parse_json(path, file_meta, "erase.versions", {}),
+        format_version=version,
+        source=str(path),
+    )
