@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.shapes.clip import WEIGHTS_DIR, ClipTrainConfig, save_clip, train_clip
-
-DEFAULT_SEEDS = {"guide": 1, "judge": 2}  # different seeds: different initial weights and training images
+from pipelines.shapes.clip import WEIGHTS_DIR, default_clip_config, save_clip, train_clip
 
 
 def train_world(
@@ -40,9 +38,8 @@ def train_world(
         raise OSError(f"cannot create the output folder {out} ({err.strerror}): pass a writable folder with --out") from None
     results = {}
     for kind in only or ["guide", "judge"]:
-        given = {"steps": steps, "batch_size": batch_size, "pool_size": pool_size, "threads": threads}
-        overrides = {k: v for k, v in given.items() if v is not None}
-        config = ClipTrainConfig(kind=kind, seed=DEFAULT_SEEDS[kind] if seed is None else seed, **overrides)
+        given = {"steps": steps, "batch_size": batch_size, "pool_size": pool_size, "threads": threads, "seed": seed}
+        config = default_clip_config(kind, **{k: v for k, v in given.items() if v is not None})
         model, facts = train_clip(config, progress=progress)
         seen = facts.pop("seen_token_ids")
         path = out / f"clip_{kind}.safetensors"

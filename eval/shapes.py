@@ -48,3 +48,61 @@ def world_accuracy(scorer, n: int = 600, seed: int = 0) -> dict:
         "synonyms": synonyms,
         "synonyms_min": {a: min(s[a] for s in synonyms) for a in ATTRIBUTES},
     }
+
+
+def prompt_grid(synonym_index: int | None = None, template: str = "a {colour} {style} {shape}") -> list[dict]:
+    """Every colour x shape x style combination as a prompt naming all three (canonical words, or each class's
+    ``synonym_index``-th synonym), with the attributes it asks for."""
+    vocab = load_shapes_vocab()
+
+    def word(attribute, name):
+        options = vocab.words(attribute, name)
+        return options[0] if synonym_index is None else options[1 + synonym_index % (len(options) - 1)]
+
+    return [
+        {"prompt": template.format(colour=word("colour", c), style=word("style", f), shape=word("shape", s)),
+         "colour": c, "shape": s, "style": f}
+        for c in vocab.colours for s in vocab.shapes for f in vocab.styles
+    ]
+
+
+def judge_prompted(scorer, images, asked: list[dict]) -> dict:
+    """Share of images whose judged colour / shape / style is the one their prompt asked for."""
+    embeddings = scorer.encode_image(images)
+    out = {}
+    for attribute, classifier in attribute_classifiers(scorer).items():
+        predicted = classifier.predict(embeddings)
+        out[attribute] = float(np.mean([p == a[attribute] for p, a in zip(predicted, asked)]))
+    return out
+
+
+def pipeline_accuracy(pipe, scorer, seeds_per_prompt: int = 4, seed: int = 0, steps: int = 25, guidance: float = 5.0,
+                      synonym_index: int | None = None, progress: bool = False) -> dict:
+    """Generate every colour x shape x style prompt ``seeds_per_prompt`` times and judge the images."""
+    from pipelines.sampling import generate_images
+
+    grid = prompt_grid(synonym_index)
+    asked = [g for g in grid for _ in range(seeds_per_prompt)]
+    seeds = [seed * 1000 + k for _ in grid for k in range(seeds_per_prompt)]
+    images = generate_images(pipe, [a["prompt"] for a in asked], seeds, steps=steps, guidance=guidance,
+                             height=32, width=32, progress=progress)
+    return {"n": len(images), "steps": steps, "guidance": guidance, **judge_prompted(scorer, images, asked)}
+
+
+def gan_coverage(generator, scorer, n: int = 1000, seed: int = 0) -> dict:
+    """Mode coverage of a GAN: the judged colour distribution over ``n`` samples, and the share of samples whose
+    top shape probability (softmax over ``100 x cosine``) exceeds 0.5."""
+    from pipelines.sampling import sample_gan
+
+    images = sample_gan(generator, n, seed)
+    embeddings = scorer.encode_image(images)
+    classifiers = attribute_classifiers(scorer)
+    colours = classifiers["colour"].predict(embeddings)
+    shape_confidence = classifiers["shape"].probabilities(embeddings).max(dim=-1).values
+    vocab = load_shapes_vocab()
+    return {
+        "n": n,
+        "colour_share": {c: colours.count(c) / n for c in vocab.colours},
+        "shape_share": {s: v / n for s, v in zip(*np.unique(classifiers["shape"].predict(embeddings), return_counts=True))},
+        "confident_shape": float((shape_confidence > 0.5).float().mean()),
+    }

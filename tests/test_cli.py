@@ -50,7 +50,7 @@ def test_world_train_at_toy_size_writes_a_loadable_clip(tmp_path, capsys):
     model = load_clip(path)
     assert model.context_length == 32
     meta = read_clip_metadata(path)
-    assert '"steps": 3' in meta["erase.config"] and '"n": 30' in meta["erase.accuracy"]
+    assert meta["erase.config"]["steps"] == 3 and meta["erase.accuracy"]["n"] == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_judge.safetensors"]  # no temp files left
 
 

