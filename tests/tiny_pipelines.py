@@ -9,6 +9,9 @@ The shapes mimic each family at toy width:
 - ``sd1``: epsilon prediction, ``cross_attention_dim`` equal to the text encoder width, conv projections.
 - ``sd2``: v-prediction, linear projections in the transformer blocks and a cross-attention width (64) that is
   twice SD1's, standing in for SD 2.x's 1024-wide OpenCLIP encoder.
+- ``sd2_1024``: ``sd2`` at SD 2.x's real cross-attention width: a one-layer, 1024-wide text encoder (16 heads of
+  64, as OpenCLIP ViT-H) feeding a ``cross_attention_dim=1024`` UNet that is otherwise as tiny as ``sd2``. The
+  49,408 x 1024 token table makes it ~59 M parameters (~240 MB saved), so only the parity tests use it.
 - ``sdxl``: two text encoders (the second with a projection), ``addition_embed_type="text_time"``.
 """
 
@@ -28,17 +31,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from pipelines.tokenizer import clip_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
+SD2_1024 = "sd2_1024"
 IMAGE_SIZE = 16  # 8x8 latents
 
 
-def _text_config(hidden: int, projection_dim: int | None = None) -> CLIPTextConfig:
+def _text_config(hidden: int, projection_dim: int | None = None, layers: int = 2, heads: int = 2) -> CLIPTextConfig:
     extra = {"projection_dim": projection_dim} if projection_dim else {}
     return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_attention_heads=2,
-        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
         max_position_embeddings=77,
         bos_token_id=49406,
         eos_token_id=49407,
@@ -89,9 +93,9 @@ def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
-def _text_encoder(hidden: int) -> CLIPTextModel:
+def _text_encoder(hidden: int, layers: int = 2, heads: int = 2) -> CLIPTextModel:
     torch.manual_seed(0)
-    return CLIPTextModel(_text_config(hidden)).eval()
+    return CLIPTextModel(_text_config(hidden, layers=layers, heads=heads)).eval()
 
 
 def tiny_sd1() -> StableDiffusionPipeline:
@@ -116,6 +120,21 @@ def tiny_sd2() -> StableDiffusionPipeline:
         text_encoder=_text_encoder(64),
         tokenizer=clip_tokenizer(),
         unet=_unet(64, attention_head_dim=(4, 8), use_linear_projection=True),
+        scheduler=_scheduler("v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sd2_1024() -> StableDiffusionPipeline:
+    """``tiny_sd2`` at SD 2.x's cross-attention width: 1-layer 1024-wide text encoder, 1024-wide UNet context."""
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(1024, layers=1, heads=16),
+        tokenizer=clip_tokenizer(),
+        unet=_unet(1024, attention_head_dim=(4, 8), use_linear_projection=True),
         scheduler=_scheduler("v_prediction"),
         safety_checker=None,
         feature_extractor=None,
@@ -156,8 +175,8 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
 
 
 def tiny_pipeline(arch: str):
-    """Build the tiny pipeline of one architecture: ``"sd1"``, ``"sd2"`` or ``"sdxl"``."""
-    builders = {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
+    """Build the tiny pipeline of one architecture: ``"sd1"``, ``"sd2"``, ``"sd2_1024"`` or ``"sdxl"``."""
+    builders = {"sd1": tiny_sd1, "sd2": tiny_sd2, SD2_1024: tiny_sd2_1024, "sdxl": tiny_sdxl}
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(builders)}")
     pipe = builders[arch]()

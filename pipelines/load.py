@@ -1,0 +1,185 @@
+"""Load base diffusers pipelines from local folders and single checkpoint files, offline.
+
+Supported: Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), from
+
+- a diffusers folder (``save_pretrained`` layout): the class comes from ``model_index.json``'s ``_class_name``;
+- a single ``.safetensors`` checkpoint (A1111/LDM keys): the family is inferred from its keys and shapes, and the
+  component configs come from a local diffusers folder (``config=``) or from the Hugging Face cache;
+- a single pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) only with ``trust_remote_code=True``.
+
+Nothing is downloaded: every load is ``local_files_only=True``, and a single file whose configs are not cached is
+refused before diffusers would fall back to the network (its ``from_single_file`` does so even with
+``local_files_only=True`` when the configs are missing). Every problem is a one-line `FileNotFoundError` or
+`ValueError` naming the path and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SHAPES = "shapes"  # the Shapes world's pipeline (a later issue); see `load_pipeline`
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# diffusers' single-file model types (``infer_diffusers_model_type``) that map onto the supported pipelines.
+SINGLE_FILE_TYPES = {
+    "v1": "StableDiffusionPipeline",
+    "v2": "StableDiffusionPipeline",
+    "xl_base": "StableDiffusionXLPipeline",
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The files diffusers itself fetches for a single-file config (diffusers.loaders.single_file).
+_CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    config: str | os.PathLike | None = None,
+):
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a local folder or a single checkpoint file.
+
+    Args:
+        model (`str` or `os.PathLike`): a diffusers pipeline folder (with ``model_index.json``), a single
+            ``.safetensors`` checkpoint, or (with ``trust_remote_code``) a pickled ``.ckpt``/``.pt`` checkpoint.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): the dtype of the loaded weights.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): allow pickled single files. Unpickling can run
+            code (diffusers restricts it with ``weights_only=True``, but the switch stays explicit); use trusted
+            files only, or convert them to ``.safetensors``.
+        config (`str` or `os.PathLike`, *optional*): single files only: a local diffusers folder of the same
+            architecture whose component configs are used. Default: diffusers' reference repository for the
+            checkpoint's family, which must already be in the Hugging Face cache.
+
+    Returns:
+        `StableDiffusionPipeline` or `StableDiffusionXLPipeline`.
+    """
+    if str(model) == SHAPES:
+        # Hook for the Shapes world's own pipeline, which arrives with its own issue; a local folder named "shapes"
+        # stays reachable as "./shapes".
+        raise ValueError(
+            "the Shapes pipeline is not shipped yet; pass a local diffusers folder (or ./shapes for a folder of "
+            "that name)"
+        )
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if config is not None:
+            raise ValueError(f"{path}: config= applies to single checkpoint files only; drop it for a folder")
+        return _load_folder(path, dtype)
+    if path.is_file():
+        return _load_single_file(path, dtype, trust_remote_code, config)
+    raise FileNotFoundError(
+        f"{model}: no such folder or file; pass a local diffusers pipeline folder (with model_index.json) or a "
+        ".safetensors checkpoint (Hub ids are not fetched: download the model and pass its folder)"
+    )
+
+
+@contextmanager
+def _torch_dtype_accepted():
+    """Silence only diffusers' ``torch_dtype`` deprecation while loading.
+
+    diffusers renamed ``torch_dtype`` to ``dtype`` late (huggingface/diffusers#14205) and older releases in this
+    project's range reject ``dtype``, so the loaders pass ``torch_dtype``, which every release accepts.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        yield
+
+
+def _pipeline_class(name: str, where: Path):
+    """The diffusers pipeline class called ``name``; anything unsupported is a one-line error."""
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(
+            f"{where}: pipeline class {name!r} is not supported; expected StableDiffusionPipeline (SD 1.x/2.x) or "
+            "StableDiffusionXLPipeline (SDXL)"
+        )
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{path}: not a diffusers pipeline folder (no model_index.json); pass a folder written by "
+            "save_pretrained, or a single .safetensors checkpoint"
+        )
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{index}: not a valid model_index.json; re-save the pipeline") from None
+    cls = _pipeline_class(str(class_name), path)
+    # Folders holding .bin weights are read by diffusers/transformers with torch.load(weights_only=True), which
+    # refuses arbitrary objects, so no trust switch is needed here.
+    with _torch_dtype_accepted():
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's keys with shape-only (meta) tensors: enough for diffusers' family detection, no data read."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: not a readable .safetensors file ({error}); re-download it") from None
+    else:
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{path}: not a readable torch checkpoint ({reason}); re-download it") from None
+        while isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoints nest the weights
+            state = state["state_dict"]
+        shapes = {k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def _cached_config(path: Path, repo: str) -> str:
+    """The cached config folder of ``repo`` (what diffusers would download); refuse instead of going online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, local_files_only=True, allow_patterns=_CONFIG_PATTERNS)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: single files need the component configs of {repo}, which are not in the local Hugging Face "
+            f"cache; pass config=<a local diffusers folder of the same architecture> (erase: --config), or "
+            f"download them once: hf download {repo} --include '*.json' '*.txt'"
+        ) from None
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, trust_remote_code: bool, config: str | os.PathLike | None):
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not trust_remote_code:
+        raise ValueError(
+            f"{path}: {suffix} checkpoints are pickles and unpickling can run code; convert it to .safetensors, or "
+            "pass trust_remote_code=True (erase: --trust-remote-code) if you trust the file"
+        )
+    if suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ValueError(f"{path}: unknown checkpoint type {suffix or '(no suffix)'}; pass a .safetensors file")
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type
+
+    shapes = _checkpoint_shapes(path)
+    model_type = infer_diffusers_model_type(shapes)
+    if model_type not in SINGLE_FILE_TYPES:
+        raise ValueError(
+            f"{path}: a {model_type!r} checkpoint; single files must be SD 1.x, SD 2.x or SDXL base checkpoints"
+        )
+    cls = _pipeline_class(SINGLE_FILE_TYPES[model_type], path)
+    if config is None:
+        config = _cached_config(path, fetch_diffusers_config(shapes)["pretrained_model_name_or_path"])
+    elif not (Path(config) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{config}: not a diffusers pipeline folder (no model_index.json); pass one as config")
+    with _torch_dtype_accepted():
+        return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
