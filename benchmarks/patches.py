@@ -89,8 +89,10 @@ def main() -> None:
     targeted = tuned_weights(unet, 1.0)
     fp32_bytes = sum(t.numel() * 4 for t in targeted.values())
     n_params = sum(p.numel() for p in unet.parameters())
-    print(f"UNet {n_params / 1e6:.1f}M params; {len(targeted)} targeted tensors, {fp32_bytes / 1e6:.2f} MB fp32; "
-          f"one forward {forward * 1e3:.1f} ms")
+    print(
+        f"UNet {n_params / 1e6:.1f}M params; {len(targeted)} targeted tensors, {fp32_bytes / 1e6:.2f} MB fp32; "
+        f"one forward {forward * 1e3:.1f} ms"
+    )
     print(f"{'kind':<18}{'file MB':>9}{'size/fp32':>11}{'apply/fwd':>11}{'remove/fwd':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, patch in patches(unet, args.lora_rank).items():

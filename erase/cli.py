@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from erase.patch import Patch
 
 
+WORLD_MODELS = ("guide", "judge", "sd", "gan")
+
+
 class CliError(Exception):
     """A user error on the command line; printed as one line."""
 
@@ -30,19 +33,33 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    world = commands.add_parser("world", help="the Shapes world: train its models")
+    world = commands.add_parser("world", help="the Shapes world: train or export its models")
     world_commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", parser_class=_Parser)
     world_commands.required = True
     train = world_commands.add_parser("train", help="train the Shapes world's models and write them as safetensors")
-    train.add_argument("--only", choices=["guide", "judge"], action="append", help="train only these (repeatable)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps per CLIP (default: the config's)")
+    train.add_argument("--only", choices=list(WORLD_MODELS), action="append", help="train only these (repeatable)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps of each CLIP, the UNet and the GAN")
     train.add_argument("--batch-size", type=int, default=None, help="images per step (default: the config's)")
     train.add_argument("--pool-size", type=int, default=None, help="distinct world images per CLIP")
     train.add_argument("--threads", type=int, default=None, help="torch threads while training (default: 2)")
     train.add_argument("--seed", type=int, default=None, help="override the seed (default: guide 1, judge 2)")
+    train.add_argument("--vae-steps", type=int, default=None, help="optimizer steps of the Shapes VAE")
     train.add_argument("--eval-n", type=int, default=600, help="held-out images for the accuracy table (0: skip)")
     train.add_argument("--out", default=None, help="output folder (default: the package's shipped weights folder)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    export_world = world_commands.add_parser("export", help="write the Shapes pipeline as a standard diffusers folder")
+    export_world.add_argument("out", metavar="DIR", help="a new (or empty) folder")
+
+    generate = commands.add_parser("generate", help="generate images from a pipeline or a GAN")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="M", help="'shapes' or a local diffusers folder")
+    source.add_argument("--gan", metavar="G", help="'shapes' (the Shapes world's GAN)")
+    generate.add_argument("--prompt", help="text prompt (required with --model)")
+    generate.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    generate.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    generate.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
+    generate.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png")
 
     demo = commands.add_parser("demo", help="run the main job on the Shapes world and write an HTML report")
     demo.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")
@@ -105,6 +122,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.steps is not None and args.steps < 1:
             raise CliError("--steps must be at least 1")
+        if args.vae_steps is not None and args.vae_steps < 1:
+            raise CliError("--vae-steps must be at least 1")
         if args.eval_n < 0:
             raise CliError("--eval-n must be 0 or more")
         train_world(
@@ -114,11 +133,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             pool_size=args.pool_size,
             threads=args.threads,
             seed=args.seed,
+            vae_steps=args.vae_steps,
             eval_n=args.eval_n,
             out=args.out,
             progress=not args.quiet,
         )
         return 0
+    if args.command == "world" and args.world_command == "export":
+        from erase.world import export_world
+
+        print(f"wrote {export_world(args.out)}")
+        return 0
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "demo":
         from erase.demo import run_demo
 
@@ -235,7 +262,7 @@ def _apply(args: argparse.Namespace) -> int:
     patches = [load_patch(p) for p in args.patch]  # every patch is validated before the slow model load
 
     from pipelines.apply import save_patched_pipeline, stack_patches
-    from pipelines.load import load_pipeline
+    from pipelines.loading import load_pipeline
 
     pipe = load_pipeline(args.model, trust_remote_code=args.trust_remote_code, config=args.config)
     stack_patches(pipe, patches, scales, force=args.force)
@@ -280,6 +307,29 @@ def _export(args: argparse.Namespace) -> int:
     else:
         lora_to_kohya(patch, out)
     print(f"wrote {out} ({args.to})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from erase.world import generate_to_folder
+
+    if args.n < 1 or args.steps < 1:
+        raise CliError("--n and --steps must be at least 1")
+    if args.model is not None and (args.prompt is None or not args.prompt.strip()):
+        raise CliError("--model needs a non-empty --prompt")
+    if args.gan is not None and args.prompt is not None:
+        raise CliError("--prompt does not apply to --gan (a GAN takes no text)")
+    written = generate_to_folder(
+        args.out,
+        model=args.model,
+        gan=args.gan,
+        prompt=args.prompt,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
+    print(f"wrote {len(written) - 1} images and {written[-1]}")
     return 0
 
 

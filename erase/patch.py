@@ -384,8 +384,7 @@ def _fingerprints(base: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping
     missing = [f"{c}.{n}" for c, ns in names.items() for n in ns if n not in base.get(c, {})]
     if missing:
         raise PatchError(
-            f"patch: base weights lack {first_offenders(missing)}; "
-            "pass the base model the patch was made for"
+            f"patch: base weights lack {first_offenders(missing)}; pass the base model the patch was made for"
         )
     return {c: fingerprint({n: base[c][n] for n in ns}) for c, ns in names.items()}
 
@@ -409,8 +408,7 @@ def _changed(
                 deltas.setdefault(component, {})[name] = diff
     if bad:
         raise PatchError(
-            f"patch: tuned weights missing from the base or mis-shaped: {first_offenders(bad)}; "
-            "check names"
+            f"patch: tuned weights missing from the base or mis-shaped: {first_offenders(bad)}; check names"
         )
     if not deltas:
         raise PatchError("patch: the tuned weights equal the base; nothing to patch")
@@ -614,8 +612,7 @@ def _parse_json(path: Path, file_meta: Mapping[str, str], key: str, default: Any
         return json.loads(file_meta[key])
     except json.JSONDecodeError:
         raise PatchError(
-            f"{path}: header value {key} is not valid JSON; "
-            "the header is corrupt, re-export it"
+            f"{path}: header value {key} is not valid JSON; the header is corrupt, re-export it"
         ) from None
 
 
@@ -641,14 +638,12 @@ def load_patch(path: str | os.PathLike) -> Patch:
     if "erase.format_version" not in file_meta:
         hint = " (a plain LoRA: load it with pipe.load_lora_weights)" if LORA_METADATA_KEY in file_meta else ""
         raise PatchError(
-            f"{path}: not an erase patch, its header has no erase.format_version{hint}; "
-            "pass an erase patch"
+            f"{path}: not an erase patch, its header has no erase.format_version{hint}; pass an erase patch"
         )
     version = _parse_json(path, file_meta, "erase.format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:  # refuse before interpreting anything else
         raise PatchError(
-            f"{path}: unknown format version {version} (this erase reads up to {FORMAT_VERSION}); "
-            "upgrade"
+            f"{path}: unknown format version {version} (this erase reads up to {FORMAT_VERSION}); upgrade"
         )
     kind = _parse_json(path, file_meta, "erase.kind")
     if kind not in KINDS:

@@ -14,6 +14,9 @@ import torch
 
 from pipelines.shapes.clip import WEIGHTS_DIR, default_clip_config, save_clip, train_clip
 
+SD_FILE, GAN_FILE = "sd_shapes.safetensors", "gan_shapes.safetensors"
+EVAL_GUIDANCE = 5.0  # classifier-free guidance used for the shipped pipeline's accuracy table
+
 
 def train_world(
     only: list[str] | None = None,
@@ -22,35 +25,191 @@ def train_world(
     pool_size: int | None = None,
     threads: int | None = None,
     seed: int | None = None,
+    vae_steps: int | None = None,
     eval_n: int = 600,
     out: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train the Shapes CLIPs (``guide`` and ``judge``) and write ``clip_<kind>.safetensors`` into ``out``.
+    """Train the Shapes world's models and write them into ``out`` (default: the shipped weights folder).
 
-    Returns ``{kind: {"path", "config", "facts", "accuracy"}}``; the accuracy table (zero-shot on ``eval_n``
-    held-out images) is measured on the file as reloaded, and is also stored in the file's metadata.
+    ``only`` picks among ``guide``, ``judge`` (CLIPs), ``sd`` (the text-to-image pipeline) and ``gan``; all four by
+    default, in that order (the generators are judged by the judge CLIP found in ``out`` or shipped).
+    Returns ``{kind: {"path", "config", "facts", "accuracy"}}``; each accuracy table is measured on the file as
+    reloaded, and is also stored in the file's metadata. ``eval_n=0`` skips the tables.
     """
     out = Path(out) if out is not None else WEIGHTS_DIR
     try:  # fail before training, not after
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"cannot create the output folder {out} ({err.strerror}): pass a writable folder with --out") from None
+        raise OSError(
+            f"cannot create the output folder {out} ({err.strerror}): pass a writable folder with --out"
+        ) from None
+    given = {"batch_size": batch_size, "pool_size": pool_size, "threads": threads, "seed": seed}
+    given = {k: v for k, v in given.items() if v is not None}
     results = {}
-    for kind in only or ["guide", "judge"]:
-        given = {"steps": steps, "batch_size": batch_size, "pool_size": pool_size, "threads": threads, "seed": seed}
-        config = default_clip_config(kind, **{k: v for k, v in given.items() if v is not None})
-        model, facts = train_clip(config, progress=progress)
-        seen = facts.pop("seen_token_ids")
-        path = out / f"clip_{kind}.safetensors"
-        meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
-        save_clip(model, path, kind, seen, meta)
-        accuracy = _accuracy(path, eval_n) if eval_n else None
-        if accuracy is not None:  # rewrite with the measured table so the file documents itself
-            save_clip(model, path, kind, seen, {**meta, "accuracy": accuracy})
-        results[kind] = {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": accuracy}
+    for kind in only or ["guide", "judge", "sd", "gan"]:
+        if kind in ("guide", "judge"):
+            results[kind] = _train_clip(kind, out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
+        elif kind == "sd":
+            results[kind] = _train_sd(out, given, steps, vae_steps, eval_n, progress)
+        elif kind == "gan":
+            results[kind] = _train_gan(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
+        else:
+            raise ValueError(f"unknown Shapes world model {kind!r}: use guide, judge, sd or gan")
         print(json.dumps({kind: {k: v for k, v in results[kind].items() if k != "config"}}, indent=1))
     return results
+
+
+def _train_clip(kind: str, out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
+    config = default_clip_config(kind, **overrides)
+    model, facts = train_clip(config, progress=progress)
+    seen = facts.pop("seen_token_ids")
+    path = out / f"clip_{kind}.safetensors"
+    meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
+    save_clip(model, path, kind, seen, meta)
+    accuracy = _accuracy(path, eval_n) if eval_n else None
+    if accuracy is not None:  # rewrite with the measured table so the file documents itself
+        save_clip(model, path, kind, seen, {**meta, "accuracy": accuracy})
+    return {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": accuracy}
+
+
+def _judge_for(out: Path):
+    from eval.clip import ShapesClipScorer
+
+    local = out / "clip_judge.safetensors"
+    return ShapesClipScorer(str(local) if local.is_file() else "judge")
+
+
+def _train_sd(out: Path, given: dict, steps: int | None, vae_steps: int | None, eval_n: int, progress: bool) -> dict:
+    from pipelines.shapes.diffusion import DiffusionTrainConfig, load_pipeline_file, save_pipeline, train_pipeline
+
+    renamed = {"batch_size": "unet_batch_size"}
+    overrides = {renamed.get(k, k): v for k, v in given.items()}
+    if steps:
+        overrides["unet_steps"] = steps
+    if vae_steps:
+        overrides["vae_steps"] = vae_steps
+    config = DiffusionTrainConfig(**overrides)
+    pipe, facts = train_pipeline(config, progress=progress)
+    seen = facts.pop("seen_token_ids")
+    path = out / SD_FILE
+    meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
+    save_pipeline(pipe, path, seen, meta)
+    accuracy = None
+    if eval_n:
+        accuracy = _pipeline_accuracy(load_pipeline_file(path), _judge_for(out), eval_n, progress)
+        save_pipeline(pipe, path, seen, {**meta, "accuracy": accuracy})
+    return {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": accuracy}
+
+
+def _pipeline_accuracy(pipe, judge, eval_n: int, progress: bool) -> dict:
+    """Judge accuracy on every colour x shape x style prompt (about ``eval_n`` images per word set)."""
+    from eval.shapes import pipeline_accuracy, prompt_grid
+
+    per_prompt = max(1, round(eval_n / len(prompt_grid())))
+    table = {"plain": pipeline_accuracy(pipe, judge, per_prompt, guidance=EVAL_GUIDANCE, progress=progress)}
+    for k in range(2):
+        table[f"synonyms_{k + 1}"] = pipeline_accuracy(
+            pipe, judge, per_prompt, seed=k + 1, guidance=EVAL_GUIDANCE, synonym_index=k, progress=progress
+        )
+    return table
+
+
+def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
+    from eval.shapes import gan_coverage
+    from pipelines.shapes.gan import GanTrainConfig, load_generator_file, save_generator, train_gan
+
+    config = GanTrainConfig(**overrides)
+    generator, facts = train_gan(config, progress=progress)
+    path = out / GAN_FILE
+    meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
+    save_generator(generator, path, meta)
+    coverage = gan_coverage(load_generator_file(path), _judge_for(out), n=max(eval_n, 1000)) if eval_n else None
+    if coverage is not None:
+        save_generator(generator, path, {**meta, "accuracy": coverage})
+    return {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": coverage}
+
+
+def export_world(directory: str | Path) -> Path:
+    """Write the shipped Shapes pipeline as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained``
+    loads it without this package). The tokenizer folder also gets ``vocab.json``/``merges.txt`` for stacks whose
+    `CLIPTokenizer` cannot read the ``tokenizer.json`` that transformers 5 writes."""
+    import pipelines
+    from pipelines.tokenizer import write_clip_tokenizer_files
+
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"{directory} exists and is not an empty folder: pass a new folder")
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe = pipelines.load("shapes")
+    pipe.save_pretrained(tmp)
+    write_clip_tokenizer_files(tmp / "tokenizer")
+    if directory.exists():
+        directory.rmdir()
+    tmp.rename(directory)
+    return directory
+
+
+def generate_to_folder(
+    out: str | Path,
+    *,
+    model: str | None,
+    gan: str | None,
+    prompt: str | None,
+    n: int,
+    seed: int,
+    steps: int = 25,
+    guidance: float = 5.0,
+) -> list[Path]:
+    """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written."""
+    import numpy as np
+    from PIL import Image
+
+    import pipelines
+    from eval.report import save_grid
+    from pipelines.sampling import generate_images, sample_gan
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(
+            f"cannot create the output folder {out} ({err.strerror}): pass a writable folder with --out"
+        ) from None
+    if gan is not None:
+        images = sample_gan(pipelines.load_gan(gan), n, seed)
+    else:
+        pipe = pipelines.load(model)
+        images = generate_images(
+            pipe,
+            prompt,
+            [seed + k for k in range(n)],
+            steps=steps,
+            guidance=guidance,
+            progress=True,
+            **_size_kwargs(pipe),
+        )
+    written = []
+    for k, image in enumerate(images):
+        path = out / f"{seed + k:06d}.png"
+        tmp = out / f".{path.name}.tmp.png"
+        Image.fromarray(np.asarray(image)).save(tmp)
+        tmp.replace(path)
+        written.append(path)
+    written.append(save_grid(images, out / "grid.png", cols=min(8, n), scale=max(1, 128 // images.shape[1])))
+    return written
+
+
+def _size_kwargs(pipe) -> dict:
+    # the Shapes pipeline samples at 32x32; real pipelines use their own default size
+    size = getattr(pipe.unet.config, "sample_size", None)
+    return (
+        {"height": size * pipe.vae_scale_factor, "width": size * pipe.vae_scale_factor} if size and size <= 16 else {}
+    )
 
 
 def _accuracy(path: Path, n: int) -> dict:

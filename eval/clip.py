@@ -31,7 +31,10 @@ class ShapesClipScorer:
     @torch.no_grad()
     def encode_image(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``uint8 [N, H, W, 3]`` -> unnormalised image embeddings ``[N, D]``."""
-        chunks = [self.model.encode_image(to_clip_input(images[i : i + self.batch_size])) for i in range(0, len(images), self.batch_size)]
+        chunks = [
+            self.model.encode_image(to_clip_input(images[i : i + self.batch_size]))
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(chunks)
 
     @torch.no_grad()

@@ -32,8 +32,14 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_grid(images: np.ndarray, path: str | Path, labels: list[str] | None = None, cols: int = 8, scale: int = 4,
-              label_colours: list[str] | None = None) -> Path:
+def save_grid(
+    images: np.ndarray,
+    path: str | Path,
+    labels: list[str] | None = None,
+    cols: int = 8,
+    scale: int = 4,
+    label_colours: list[str] | None = None,
+) -> Path:
     """Tile ``uint8 [N, H, W, 3]`` images into one PNG, upscaled ``scale`` times, with an optional label under each."""
     n, h, w, _ = images.shape
     rows = (n + cols - 1) // cols
@@ -61,16 +67,27 @@ def svg_bar_chart(values: dict[str, float], title: str, threshold: float | None 
     bar_h, label_w, pad = 22, 150, 6
     height = pad * 2 + 20 + bar_h * len(values)
     span = width - label_w - 60
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-             f'<text x="{pad}" y="16" font-weight="bold">{html.escape(title)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<text x="{pad}" y="16" font-weight="bold">{html.escape(title)}</text>',
+    ]
     for i, (name, value) in enumerate(values.items()):
         y = pad + 20 + i * bar_h
         parts.append(f'<text x="{pad}" y="{y + 15}">{html.escape(name)}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{span * max(0.0, min(1.0, value)):.1f}" height="{bar_h - 6}" fill="#4c78a8"/>')
-        parts.append(f'<text x="{label_w + span * max(0.0, min(1.0, value)) + 4:.1f}" y="{y + 15}">{100 * value:.1f}%</text>')
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 3}" width="{span * max(0.0, min(1.0, value)):.1f}" '
+            f'height="{bar_h - 6}" fill="#4c78a8"/>'
+        )
+        parts.append(
+            f'<text x="{label_w + span * max(0.0, min(1.0, value)) + 4:.1f}" y="{y + 15}">{100 * value:.1f}%</text>'
+        )
     if threshold is not None:
         x = label_w + span * threshold
-        parts.append(f'<line x1="{x:.1f}" y1="{pad + 18}" x2="{x:.1f}" y2="{height - pad}" stroke="#e45756" stroke-dasharray="4 3"/>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{pad + 18}" x2="{x:.1f}" y2="{height - pad}" '
+            'stroke="#e45756" stroke-dasharray="4 3"/>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -86,12 +103,17 @@ def write_html(path: str | Path, title: str, sections: list[tuple[str, str]]) ->
 
     Images must be given as paths relative to the page's folder (see `referenced_files`).
     """
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "th{background:#f3f3f3}img{image-rendering:pixelated;max-width:100%}")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "th{background:#f3f3f3}img{image-rendering:pixelated;max-width:100%}"
+    )
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{inner}\n" for h, inner in sections)
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>" \
-           f"<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n"
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n"
+    )
     return atomic_write_bytes(path, page.encode())
 
 

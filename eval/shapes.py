@@ -60,9 +60,15 @@ def prompt_grid(synonym_index: int | None = None, template: str = "a {colour} {s
         return options[0] if synonym_index is None else options[1 + synonym_index % (len(options) - 1)]
 
     return [
-        {"prompt": template.format(colour=word("colour", c), style=word("style", f), shape=word("shape", s)),
-         "colour": c, "shape": s, "style": f}
-        for c in vocab.colours for s in vocab.shapes for f in vocab.styles
+        {
+            "prompt": template.format(colour=word("colour", c), style=word("style", f), shape=word("shape", s)),
+            "colour": c,
+            "shape": s,
+            "style": f,
+        }
+        for c in vocab.colours
+        for s in vocab.shapes
+        for f in vocab.styles
     ]
 
 
@@ -76,16 +82,32 @@ def judge_prompted(scorer, images, asked: list[dict]) -> dict:
     return out
 
 
-def pipeline_accuracy(pipe, scorer, seeds_per_prompt: int = 4, seed: int = 0, steps: int = 25, guidance: float = 5.0,
-                      synonym_index: int | None = None, progress: bool = False) -> dict:
+def pipeline_accuracy(
+    pipe,
+    scorer,
+    seeds_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    synonym_index: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Generate every colour x shape x style prompt ``seeds_per_prompt`` times and judge the images."""
     from pipelines.sampling import generate_images
 
     grid = prompt_grid(synonym_index)
     asked = [g for g in grid for _ in range(seeds_per_prompt)]
     seeds = [seed * 1000 + k for _ in grid for k in range(seeds_per_prompt)]
-    images = generate_images(pipe, [a["prompt"] for a in asked], seeds, steps=steps, guidance=guidance,
-                             height=32, width=32, progress=progress)
+    images = generate_images(
+        pipe,
+        [a["prompt"] for a in asked],
+        seeds,
+        steps=steps,
+        guidance=guidance,
+        height=32,
+        width=32,
+        progress=progress,
+    )
     return {"n": len(images), "steps": steps, "guidance": guidance, **judge_prompted(scorer, images, asked)}
 
 
@@ -103,6 +125,8 @@ def gan_coverage(generator, scorer, n: int = 1000, seed: int = 0) -> dict:
     return {
         "n": n,
         "colour_share": {c: colours.count(c) / n for c in vocab.colours},
-        "shape_share": {s: v / n for s, v in zip(*np.unique(classifiers["shape"].predict(embeddings), return_counts=True))},
+        "shape_share": {
+            s: v / n for s, v in zip(*np.unique(classifiers["shape"].predict(embeddings), return_counts=True))
+        },
         "confident_shape": float((shape_confidence > 0.5).float().mean()),
     }

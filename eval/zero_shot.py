@@ -22,7 +22,12 @@ class ZeroShotClassifier:
         templates (`list[str]`): prompt templates with one ``{}`` for the class word.
     """
 
-    def __init__(self, encode_text: Callable[[list[str]], torch.Tensor], class_words: dict[str, Sequence[str]], templates: Sequence[str]):
+    def __init__(
+        self,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        class_words: dict[str, Sequence[str]],
+        templates: Sequence[str],
+    ):
         if not class_words:
             raise ValueError("a zero-shot classifier needs at least one class")
         if not templates or any("{}" not in t for t in templates):

@@ -85,13 +85,11 @@ def _components(target: object, patch: Patch, component: str | None) -> dict[str
         return {chosen: target}
     if not _is_pipeline(target):
         raise PatchError(
-            f"{patch.where}: cannot patch a {type(target).__name__}; "
-            "pass a diffusers pipeline or nn.Module"
+            f"{patch.where}: cannot patch a {type(target).__name__}; pass a diffusers pipeline or nn.Module"
         )
     if "generator" in patch.targets:
         raise PatchError(
-            f"{patch.where}: a generator patch applies to an nn.Module, not to a pipeline; "
-            "pass the module"
+            f"{patch.where}: a generator patch applies to an nn.Module, not to a pipeline; pass the module"
         )
     wanted = [component] if component else patch.targets
     missing = [c for c in wanted if not isinstance(getattr(target, c, None), nn.Module)]
@@ -206,8 +204,7 @@ def _check_lora_modules(patch: Patch, components: dict[str, nn.Module]) -> None:
                 bad.append(f"{component}.{name} ({type(layer).__name__})")
     if bad:
         raise PatchError(
-            f"{patch.where}: LoRA targets must be Linear or Conv2d layers: {_list(bad)}; "
-            "use a delta patch"
+            f"{patch.where}: LoRA targets must be Linear or Conv2d layers: {_list(bad)}; use a delta patch"
         )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SHAPES = "shapes"  # the Shapes world's pipeline (a later issue); see `load_pipeline`
+SHAPES = "shapes"  # the Shapes world's shipped pipeline; see `load_pipeline`
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 # diffusers' single-file model types (``infer_diffusers_model_type``) that map onto the supported pipelines.
 SINGLE_FILE_TYPES = {
@@ -60,13 +60,8 @@ def load_pipeline(
     Returns:
         `StableDiffusionPipeline` or `StableDiffusionXLPipeline`.
     """
-    if str(model) == SHAPES:
-        # Hook for the Shapes world's own pipeline, which arrives with its own issue; a local folder named "shapes"
-        # stays reachable as "./shapes".
-        raise ValueError(
-            "the Shapes pipeline is not shipped yet; pass a local diffusers folder (or ./shapes for a folder of "
-            "that name)"
-        )
+    if str(model) == SHAPES:  # the Shapes world's shipped pipeline; a local folder of that name is "./shapes"
+        return _load_shapes(dtype)
     path = Path(model).expanduser()
     if path.is_dir():
         if config is not None:
@@ -183,3 +178,13 @@ def _load_single_file(path: Path, dtype: torch.dtype, trust_remote_code: bool, c
         raise FileNotFoundError(f"{config}: not a diffusers pipeline folder (no model_index.json); pass one as config")
     with _torch_dtype_accepted():
         return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
+
+
+def _load_shapes(dtype: torch.dtype):
+    from pipelines.shapes.clip import WEIGHTS_DIR
+    from pipelines.shapes.diffusion import load_pipeline_file
+
+    path = WEIGHTS_DIR / "sd_shapes.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'")
+    return load_pipeline_file(path).to(dtype=dtype)

@@ -38,7 +38,9 @@ def _read_merges() -> list[str]:
     lines = gzip.decompress(data).decode("utf-8").split("\n")
     merges = lines[1 : 1 + _N_MERGES]  # line 0 is a version header
     if len(merges) != _N_MERGES:
-        raise RuntimeError(f"open_clip's BPE file has {len(merges)} merges, expected {_N_MERGES}: reinstall open-clip-torch")
+        raise RuntimeError(
+            f"open_clip's BPE file has {len(merges)} merges, expected {_N_MERGES}: reinstall open-clip-torch"
+        )
     return merges
 
 

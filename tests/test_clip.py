@@ -28,14 +28,20 @@ def test_shipped_clips_load_in_one_call_and_document_themselves(kind):
     assert features.shape == (4, 64) and torch.isfinite(features).all()
     meta = read_clip_metadata(f"pipelines/shapes/weights/clip_{kind}.safetensors")
     assert meta["erase.kind"] == kind
-    assert meta["erase.accuracy"]["n"] >= 600 and meta["erase.config"]["kind"] == kind and "train_seconds" in meta["erase.facts"]
+    assert (
+        meta["erase.accuracy"]["n"] >= 600
+        and meta["erase.config"]["kind"] == kind
+        and "train_seconds" in meta["erase.facts"]
+    )
 
 
 def test_guide_and_judge_are_independent_models():
     guide, judge = load_clip("guide"), load_clip("judge")
     assert type(guide.visual) is not type(judge.visual)
-    assert read_clip_metadata("pipelines/shapes/weights/clip_guide.safetensors")["erase.config"] != \
-        read_clip_metadata("pipelines/shapes/weights/clip_judge.safetensors")["erase.config"]
+    assert (
+        read_clip_metadata("pipelines/shapes/weights/clip_guide.safetensors")["erase.config"]
+        != read_clip_metadata("pipelines/shapes/weights/clip_judge.safetensors")["erase.config"]
+    )
 
 
 def test_shipped_judge_recognises_the_world():
@@ -57,7 +63,10 @@ def test_multi_positive_loss_matches_a_hand_written_formula():
     assert torch.allclose(multi_positive_clip_loss(logits, pos), expected, atol=1e-6)
     # with one positive each it is CLIP's usual symmetric cross-entropy
     eye = torch.eye(5, dtype=torch.bool)
-    clip_loss = (torch.nn.functional.cross_entropy(logits, torch.arange(5)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))) / 2
+    clip_loss = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(5))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))
+    ) / 2
     assert torch.allclose(multi_positive_clip_loss(logits, eye), clip_loss, atol=1e-6)
 
 

@@ -15,7 +15,9 @@ def test_top_level_packages_resolve_to_this_project(name):
     assert Path(spec.origin).resolve().is_relative_to(ROOT), f"{name} resolves to {spec.origin}"
 
 
-@pytest.mark.parametrize("module", ["erase", "erase.cli", "pipelines", "pipelines.shapes", "prompts", "eval", "eval.shapes"])
+@pytest.mark.parametrize(
+    "module", ["erase", "erase.cli", "pipelines", "pipelines.shapes", "prompts", "eval", "eval.shapes"]
+)
 def test_each_package_imports_alone_in_a_fresh_interpreter(module):
     # catches import cycles that a shared test process would hide
     result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)

@@ -1,4 +1,5 @@
-"""``erase inspect``, ``erase apply`` and ``erase export`` on tiny SD 1.x patches, and `pipelines.load.load_pipeline`.
+"""``erase inspect``, ``erase apply`` and ``erase export`` on tiny SD 1.x patches, and
+`pipelines.loading.load_pipeline`.
 
 Single checkpoint files are covered by their refusal paths only: a positive ``from_single_file`` test would need a
 diffusers-to-LDM key converter for the tiny pipelines, which the project does not ship.
@@ -23,7 +24,7 @@ from tiny_pipelines import generate, tiny_pipeline
 from erase.cli import main
 from erase.patch import Patch, load_patch, make_delta_patch, make_lora_patch, save_patch
 from pipelines.apply import stack_patches
-from pipelines.load import load_pipeline
+from pipelines.loading import load_pipeline
 
 TEXT_K = "encoder.layers.0.self_attn.k_proj"
 
@@ -245,7 +246,7 @@ def test_bad_input_is_one_line_status_2_and_changes_nothing(work, capsys, argv, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pipelines.load
+# pipelines.loading
 
 
 def test_load_pipeline_from_folder_with_dtype(work):
@@ -263,8 +264,6 @@ def test_load_pipeline_detects_sdxl_from_model_index(tmp_path):
 
 
 def test_load_pipeline_refusals(work, tmp_path):
-    with pytest.raises(ValueError, match="the Shapes pipeline is not shipped yet; pass a local diffusers folder"):
-        load_pipeline("shapes")
     with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder or file; pass a local diffusers"):
         load_pipeline(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no model_index.json"):

@@ -27,7 +27,9 @@ def test_known_ids(tok, prompt, ids):
     assert tok(prompt).input_ids == ids
 
 
-@pytest.mark.parametrize("prompt", ["Hello, World! naïve café 123", "a polka-dot three-sided shape with spots", "☃ émoji ✓"])
+@pytest.mark.parametrize(
+    "prompt", ["Hello, World! naïve café 123", "a polka-dot three-sided shape with spots", "☃ émoji ✓"]
+)
 def test_matches_open_clip_bpe(tok, prompt):
     reference = open_clip.tokenizer.SimpleTokenizer()
     assert tok(prompt).input_ids == [reference.sot_token_id, *reference.encode(prompt), reference.eot_token_id]

@@ -16,18 +16,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.model import CLIP
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipelines.shapes.io import json_header, load_weights, prune_rows, read_metadata, save_weights
+from pipelines.shapes.training import cosine_with_warmup, tail_mean, torch_threads
 from pipelines.shapes.world import ShapesWorld
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -73,8 +73,10 @@ class ClipTrainConfig:
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 for a contrastive loss, got {self.batch_size}")
         if self.pool_size < self.batch_size:
-            raise ValueError(f"pool_size ({self.pool_size}) must be at least batch_size ({self.batch_size}): "
-                             "raise the pool size or lower the batch size")
+            raise ValueError(
+                f"pool_size ({self.pool_size}) must be at least batch_size ({self.batch_size}): "
+                "raise the pool size or lower the batch size"
+            )
 
 
 def default_clip_config(kind: str, **overrides) -> ClipTrainConfig:
@@ -149,20 +151,15 @@ def multi_positive_clip_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.T
 
 def train_clip(config: ClipTrainConfig, progress: bool = True) -> tuple[CLIP, dict]:
     """Train one Shapes CLIP from scratch. Returns the model and a dict of training facts (timings, losses)."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train(config, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
     start = time.perf_counter()
     world = ShapesWorld()
     rng = np.random.default_rng(config.seed)
-    attrs = world.random_attributes(config.pool_size, rng)
-    images = np.concatenate([world.draw(attrs[i : i + 1024], rng) for i in range(0, config.pool_size, 1024)])
+    attrs, images = world.draw_pool(config.pool_size, rng)
     pixels = to_clip_input(images)
     draw_seconds = time.perf_counter() - start
 
@@ -175,7 +172,9 @@ def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
         lr=config.lr,
         betas=(0.9, 0.98),
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, config.warmup, config.steps)
+    )
     tokens = _TokenCache(model.context_length)
     losses = []
     for _step in tqdm(range(config.steps), desc=f"train {config.kind} CLIP", disable=not progress):
@@ -198,17 +197,10 @@ def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
         "draw_seconds": round(draw_seconds, 1),
         "train_seconds": round(time.perf_counter() - start - draw_seconds, 1),
         "first_loss": round(losses[0], 4),
-        "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 10) :])), 4),  # mean of the last 10%
+        "final_loss": tail_mean(losses),
         "seen_token_ids": tokens.seen_token_ids(),
     }
     return model, facts
-
-
-def _cosine_with_warmup(step: int, config: ClipTrainConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -241,7 +233,9 @@ def load_clip(kind_or_path: str | Path = "judge") -> CLIP:
         if not path.exists():
             raise FileNotFoundError(f"the shipped Shapes CLIP {path} is missing: run 'erase world train' to make it")
     elif not path.is_file():
-        raise FileNotFoundError(f"no Shapes CLIP file at {path}: pass 'guide', 'judge' or an existing .safetensors path")
+        raise FileNotFoundError(
+            f"no Shapes CLIP file at {path}: pass 'guide', 'judge' or an existing .safetensors path"
+        )
     state, meta = load_weights(path, CLIP_FORMAT)
     model = CLIP(**json.loads(meta["erase.model_cfg"]))
     model.load_state_dict(state, strict=True)
@@ -254,7 +248,12 @@ def export_open_clip_dir(model: CLIP, kind: str, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_config(kind),
-        "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
     }
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

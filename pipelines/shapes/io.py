@@ -59,12 +59,16 @@ def load_weights(path: str | Path, expected_format: str) -> tuple[dict[str, torc
     """Read a Shapes world weight file, checking its ``erase.format``; pruned tables are restored."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no Shapes world weight file at {path}: run 'erase world train' or pass an existing path")
+        raise FileNotFoundError(
+            f"no Shapes world weight file at {path}: run 'erase world train' or pass an existing path"
+        )
     try:
         meta = read_metadata(path)
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): re-create it with 'erase world train'") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): re-create it with 'erase world train'"
+        ) from None
     if meta.get("erase.format") != expected_format:
         raise ValueError(f"{path} is not a {expected_format!r} file (format {meta.get('erase.format')!r})")
     return unprune_rows(state), meta

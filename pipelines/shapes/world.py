@@ -52,7 +52,9 @@ class ShapesWorld:
         """Draw ``n`` attribute triples uniformly; keyword arguments (``colour="red"``) pin an attribute."""
         for attribute, value in fixed.items():
             if value not in self.vocab.classes(attribute):
-                raise ValueError(f"unknown {attribute} {value!r}: use one of {', '.join(self.vocab.classes(attribute))}")
+                raise ValueError(
+                    f"unknown {attribute} {value!r}: use one of {', '.join(self.vocab.classes(attribute))}"
+                )
         columns = {}
         for attribute in ("colour", "shape", "style"):
             classes = self.vocab.classes(attribute)
@@ -105,10 +107,19 @@ class ShapesWorld:
         gy = (py % period) - period / 2
         dots = gx**2 + gy**2 <= (0.28 * period) ** 2
         kinds = np.array(styles)
-        return np.where((kinds == "solid")[:, None, None], True, np.where((kinds == "striped")[:, None, None], stripes, dots))
+        return np.where(
+            (kinds == "solid")[:, None, None], True, np.where((kinds == "striped")[:, None, None], stripes, dots)
+        )
+
+    def draw_pool(self, n: int, rng: np.random.Generator, chunk: int = 1024) -> tuple[list[Attributes], np.ndarray]:
+        """``n`` random attribute triples and their images, drawn in chunks (the training pool of every trainer)."""
+        attrs = self.random_attributes(n, rng)
+        return attrs, np.concatenate([self.draw(attrs[i : i + chunk], rng) for i in range(0, n, chunk)])
 
     # ------------------------------------------------------------------------------------------------ captions
-    def caption(self, attributes: Attributes, rng: np.random.Generator, synonym_rate: float = 0.5) -> tuple[str, tuple]:
+    def caption(
+        self, attributes: Attributes, rng: np.random.Generator, synonym_rate: float = 0.5
+    ) -> tuple[str, tuple]:
         """A random caption for ``attributes`` and the attributes it names (a subset of colour/shape/style).
 
         Each word is the canonical one with probability ``1 - synonym_rate``, otherwise a random synonym.

@@ -1,0 +1,72 @@
+"""Seeded, batched sampling from diffusers pipelines and GAN generators, as ``uint8 [N, H, W, 3]`` arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """NCHW images in ``value_range`` -> ``uint8 [N, H, W, 3]``."""
+    low, high = value_range
+    x = ((images.detach().float() - low) / (high - low)).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: list[str] | str,
+    seeds: list[int] | int,
+    *,
+    steps: int = 25,
+    guidance: float = 5.0,
+    batch_size: int = 32,
+    progress: bool = False,
+    **call_kwargs,
+) -> np.ndarray:
+    """One image per (prompt, seed) pair, each from its own ``torch.Generator(seed)``, so that an image does not
+    depend on the batch it was made in. A single prompt or seed is broadcast against the other list."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if len(prompts) == 1:
+        prompts = prompts * len(seeds)
+    if len(seeds) == 1:
+        seeds = seeds * len(prompts)
+    if len(prompts) != len(seeds):
+        raise ValueError(
+            f"got {len(prompts)} prompts and {len(seeds)} seeds: pass one seed per prompt, or one of either"
+        )
+    if any(not p.strip() for p in prompts):
+        raise ValueError("empty prompt: give each image a non-empty prompt")
+    chunks = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+        generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
+        out = pipe(
+            prompts[i : i + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="np",
+            **call_kwargs,
+        ).images
+        chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(chunks)
+
+
+@torch.no_grad()
+def sample_gan(
+    generator: torch.nn.Module,
+    n: int,
+    seed: int,
+    *,
+    batch_size: int = 256,
+    truncation: float = 1.0,
+    latent_dim: int | None = None,
+) -> np.ndarray:
+    """``n`` images from a generator ``G(z) -> NCHW in [-1, 1]`` with ``z ~ N(0, I)`` drawn from ``seed``."""
+    latent_dim = latent_dim or generator.z_dim
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    kwargs = {"truncation": truncation} if truncation != 1.0 else {}
+    return np.concatenate([to_uint8(generator(z[i : i + batch_size], **kwargs)) for i in range(0, n, batch_size)])
