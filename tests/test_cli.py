@@ -38,13 +38,51 @@ def test_bad_commands_give_one_line_errors(capsys, argv, expected):
 def test_unwritable_output_is_a_one_line_error(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert main(["world", "train", "--only", "judge", "--steps", "1", "--batch-size", "8", "--pool-size", "32", "--eval-n", "0",
-                 "--quiet", "--out", str(blocker / "sub")]) == 2
+    assert (
+        main(
+            [
+                "world",
+                "train",
+                "--only",
+                "judge",
+                "--steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--pool-size",
+                "32",
+                "--eval-n",
+                "0",
+                "--quiet",
+                "--out",
+                str(blocker / "sub"),
+            ]
+        )
+        == 2
+    )
     assert "cannot create the output folder" in _one_line_error(capsys)
 
 
 def test_world_train_at_toy_size_writes_a_loadable_clip(tmp_path, capsys):
-    argv = ["world", "train", "--only", "judge", "--steps", "3", "--batch-size", "16", "--pool-size", "64", "--threads", "1", "--eval-n", "30", "--quiet", "--out", str(tmp_path)]
+    argv = [
+        "world",
+        "train",
+        "--only",
+        "judge",
+        "--steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--pool-size",
+        "64",
+        "--threads",
+        "1",
+        "--eval-n",
+        "30",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     path = tmp_path / "clip_judge.safetensors"
     model = load_clip(path)
@@ -60,3 +98,36 @@ def test_console_script_and_module_entry_point():
     assert result.stderr.count("\n") == 1 and "invalid choice: 'nope'" in result.stderr
     help_text = subprocess.run([sys.executable, "-m", "erase", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "world" in help_text.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["generate", "--model", "no-such-model", "--prompt", "a red circle", "--out", "OUT"], "no-such-model"),
+        (["generate", "--model", "shapes", "--prompt", "   ", "--out", "OUT"], "--model needs a non-empty --prompt"),
+        (["generate", "--model", "shapes", "--out", "OUT"], "--model needs a non-empty --prompt"),
+        (
+            ["generate", "--gan", "shapes", "--prompt", "a red circle", "--out", "OUT"],
+            "--prompt does not apply to --gan",
+        ),
+        (["generate", "--gan", "mystery", "--out", "OUT"], "unknown GAN 'mystery'"),
+        (["generate", "--model", "shapes", "--gan", "shapes", "--out", "OUT"], "not allowed with argument"),
+        (["generate", "--prompt", "a red circle", "--out", "OUT"], "one of the arguments --model --gan is required"),
+        (
+            ["generate", "--model", "shapes", "--prompt", "a", "--n", "0", "--out", "OUT"],
+            "--n and --steps must be at least 1",
+        ),
+    ],
+)
+def test_generate_bad_input_gives_one_line_errors(capsys, tmp_path, argv, expected):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generate_to_an_unwritable_folder_is_a_one_line_error(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["generate", "--gan", "shapes", "--n", "2", "--out", str(blocker / "sub")]) == 2
+    assert "cannot create the output folder" in _one_line_error(capsys)
