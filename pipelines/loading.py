@@ -187,4 +187,5 @@ def _load_shapes(dtype: torch.dtype):
     path = WEIGHTS_DIR / "sd_shapes.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'")
-    return load_pipeline_file(path).to(dtype=dtype)
+    pipe = load_pipeline_file(path)  # float32, as trained
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
