@@ -120,13 +120,12 @@ def gan_coverage(generator, scorer, n: int = 1000, seed: int = 0) -> dict:
     embeddings = scorer.encode_image(images)
     classifiers = attribute_classifiers(scorer)
     colours = classifiers["colour"].predict(embeddings)
+    shapes = classifiers["shape"].predict(embeddings)
     shape_confidence = classifiers["shape"].probabilities(embeddings).max(dim=-1).values
     vocab = load_shapes_vocab()
     return {
         "n": n,
         "colour_share": {c: colours.count(c) / n for c in vocab.colours},
-        "shape_share": {
-            s: v / n for s, v in zip(*np.unique(classifiers["shape"].predict(embeddings), return_counts=True))
-        },
+        "shape_share": {s: shapes.count(s) / n for s in vocab.shapes},
         "confident_shape": float((shape_confidence > 0.5).float().mean()),
     }

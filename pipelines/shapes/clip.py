@@ -23,7 +23,6 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.model import CLIP
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipelines.shapes.io import json_header, load_weights, prune_rows, read_metadata, save_weights
@@ -256,6 +255,5 @@ def export_open_clip_dir(model: CLIP, kind: str, directory: str | Path) -> Path:
         },
     }
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "open_clip_model.safetensors"))
+    save_weights(directory / "open_clip_model.safetensors", dict(model.state_dict()), {"format": "pt"})
     return directory
