@@ -65,11 +65,18 @@ def _train_clip(kind: str, out: Path, overrides: dict, eval_n: int, progress: bo
     model, facts = train_clip(config, progress=progress)
     seen = facts.pop("seen_token_ids")
     path = out / f"clip_{kind}.safetensors"
+    measure = (lambda: _accuracy(path, eval_n)) if eval_n else None
+    return _save_measured(path, config, facts, lambda meta: save_clip(model, path, kind, seen, meta), measure)
+
+
+def _save_measured(path: Path, config, facts: dict, save, measure) -> dict:
+    """Save a trained model with its config, facts and versions; then, when ``measure`` is given, measure the
+    file as saved and save again with the table, so that every shipped file documents its own accuracy."""
     meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
-    save_clip(model, path, kind, seen, meta)
-    accuracy = _accuracy(path, eval_n) if eval_n else None
-    if accuracy is not None:  # rewrite with the measured table so the file documents itself
-        save_clip(model, path, kind, seen, {**meta, "accuracy": accuracy})
+    save(meta)
+    accuracy = measure() if measure else None
+    if accuracy is not None:
+        save({**meta, "accuracy": accuracy})
     return {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": accuracy}
 
 
@@ -93,13 +100,10 @@ def _train_sd(out: Path, given: dict, steps: int | None, vae_steps: int | None, 
     pipe, facts = train_pipeline(config, progress=progress)
     seen = facts.pop("seen_token_ids")
     path = out / SD_FILE
-    meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
-    save_pipeline(pipe, path, seen, meta)
-    accuracy = None
-    if eval_n:
-        accuracy = _pipeline_accuracy(load_pipeline_file(path), _judge_for(out), eval_n, progress)
-        save_pipeline(pipe, path, seen, {**meta, "accuracy": accuracy})
-    return {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": accuracy}
+    measure = (
+        (lambda: _pipeline_accuracy(load_pipeline_file(path), _judge_for(out), eval_n, progress)) if eval_n else None
+    )
+    return _save_measured(path, config, facts, lambda meta: save_pipeline(pipe, path, seen, meta), measure)
 
 
 def _pipeline_accuracy(pipe, judge, eval_n: int, progress: bool) -> dict:
@@ -122,12 +126,10 @@ def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
     config = GanTrainConfig(**overrides)
     generator, facts = train_gan(config, progress=progress)
     path = out / GAN_FILE
-    meta = {"config": config.__dict__, "facts": facts, "versions": _versions()}
-    save_generator(generator, path, meta)
-    coverage = gan_coverage(load_generator_file(path), _judge_for(out), n=max(eval_n, 1000)) if eval_n else None
-    if coverage is not None:
-        save_generator(generator, path, {**meta, "accuracy": coverage})
-    return {"path": str(path), "config": config.__dict__, "facts": facts, "accuracy": coverage}
+    measure = (
+        (lambda: gan_coverage(load_generator_file(path), _judge_for(out), n=max(eval_n, 1000))) if eval_n else None
+    )
+    return _save_measured(path, config, facts, lambda meta: save_generator(generator, path, meta), measure)
 
 
 def export_world(directory: str | Path) -> Path:
@@ -166,11 +168,9 @@ def generate_to_folder(
     guidance: float = 5.0,
 ) -> list[Path]:
     """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written."""
-    import numpy as np
-    from PIL import Image
 
     import pipelines
-    from eval.report import save_grid
+    from eval.report import save_grid, save_png
     from pipelines.sampling import generate_images, sample_gan
 
     out = Path(out)
@@ -196,10 +196,7 @@ def generate_to_folder(
     written = []
     for k, image in enumerate(images):
         path = out / f"{seed + k:06d}.png"
-        tmp = out / f".{path.name}.tmp.png"
-        Image.fromarray(np.asarray(image)).save(tmp)
-        tmp.replace(path)
-        written.append(path)
+        written.append(save_png(image, path))
     written.append(save_grid(images, out / "grid.png", cols=min(8, n), scale=max(1, 128 // images.shape[1])))
     return written
 

@@ -28,6 +28,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Write an image (PIL, or ``uint8 [H, W, 3]``) as PNG, atomically."""
+    import io
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_json(path: str | Path, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
@@ -54,12 +65,7 @@ def save_grid(
         if labels:
             colour = label_colours[i] if label_colours else "black"
             draw.multiline_text((x, y + h * scale + 1), labels[i], fill=colour, font=font, spacing=2)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(tmp)
-    tmp.replace(path)
-    return path
+    return save_png(canvas, path)
 
 
 def svg_bar_chart(values: dict[str, float], title: str, threshold: float | None = None, width: int = 420) -> str:
