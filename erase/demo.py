@@ -57,7 +57,7 @@ def run_demo(out: str | Path = "out/demo", n: int = 48, eval_n: int = 600, seed:
         "seconds": round(time.perf_counter() - start, 1),
     }
     sections = _sections(metrics, n_right, n)
-    metrics["generated"], more = _generated(out, judge, seed)
+    metrics["generated"], more = _generated(out, judge, classifiers, seed)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "metrics.json", metrics)
     write_html(out / "report.html", "erase demo: the Shapes world and its judge", sections + more)
@@ -92,10 +92,10 @@ def _sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
     ]
 
 
-def _verdict_labels(judge, images, asked: list[dict] | None) -> tuple[list[str], list[str], float]:
+def _verdict_labels(judge, classifiers, images, asked: list[dict] | None) -> tuple[list[str], list[str], float]:
     """Judge labels for a grid; green where every asked attribute matches (``asked=None``: no colouring)."""
     embeddings = judge.encode_image(images)
-    predicted = {a: c.predict(embeddings) for a, c in attribute_classifiers(judge).items()}
+    predicted = {a: c.predict(embeddings) for a, c in classifiers.items()}
     labels = ["\n".join(predicted[a][i] for a in ATTRIBUTES) for i in range(len(images))]
     if asked is None:
         return labels, ["black"] * len(images), float("nan")
@@ -103,7 +103,7 @@ def _verdict_labels(judge, images, asked: list[dict] | None) -> tuple[list[str],
     return labels, ["#1a7f37" if r else "#cf222e" for r in right], sum(right) / len(right)
 
 
-def _generated(out: Path, judge, seed: int) -> tuple[dict, list[tuple[str, str]]]:
+def _generated(out: Path, judge, classifiers, seed: int) -> tuple[dict, list[tuple[str, str]]]:
     """Pipeline grids for `DEMO_PROMPTS` and a GAN grid, with the judge's verdicts."""
     import pipelines
     from pipelines.sampling import generate_images, sample_gan
@@ -112,14 +112,14 @@ def _generated(out: Path, judge, seed: int) -> tuple[dict, list[tuple[str, str]]
     metrics, html = {}, []
     for i, prompt in enumerate(DEMO_PROMPTS):
         images = generate_images(pipe, prompt, [seed * 1000 + k for k in range(8)], height=32, width=32)
-        labels, colours, share = _verdict_labels(judge, images, [_asked_from_words(prompt)] * len(images))
+        labels, colours, share = _verdict_labels(judge, classifiers, images, [_asked_from_words(prompt)] * len(images))
         save_grid(images, out / f"generated_{i}.png", labels=labels, label_colours=colours, cols=8, scale=3)
         metrics[prompt] = share
         html.append(
             f'<h3>{prompt!s} ({100 * share:.0f}% judged as asked)</h3><img src="generated_{i}.png" alt="{prompt}">'
         )
     gan_images = sample_gan(pipelines.load_gan("shapes"), 32, seed)
-    labels, colours, _ = _verdict_labels(judge, gan_images, None)
+    labels, colours, _ = _verdict_labels(judge, classifiers, gan_images, None)
     save_grid(gan_images, out / "gan.png", labels=labels, label_colours=colours, cols=8, scale=3)
     sections = [
         (

@@ -98,14 +98,14 @@ def _text_encoder(hidden: int, layers: int = 2, heads: int = 2) -> CLIPTextModel
     return CLIPTextModel(_text_config(hidden, layers=layers, heads=heads)).eval()
 
 
-def tiny_sd1() -> StableDiffusionPipeline:
-    """A tiny SD 1.x-shaped pipeline (epsilon prediction, 32-wide cross-attention)."""
+def _sd(text_encoder: CLIPTextModel, unet, scheduler) -> StableDiffusionPipeline:
+    """An SD 1.x/2.x pipeline around the given text encoder, UNet and scheduler (no safety checker)."""
     return StableDiffusionPipeline(
         vae=_vae(),
-        text_encoder=_text_encoder(32),
+        text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
-        unet=_unet(32, attention_head_dim=8),
-        scheduler=_scheduler(),
+        unet=unet,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
@@ -113,33 +113,24 @@ def tiny_sd1() -> StableDiffusionPipeline:
     )
 
 
+def tiny_sd1() -> StableDiffusionPipeline:
+    """A tiny SD 1.x-shaped pipeline (epsilon prediction, 32-wide cross-attention)."""
+    return _sd(_text_encoder(32), _unet(32, attention_head_dim=8), _scheduler())
+
+
 def tiny_sd2() -> StableDiffusionPipeline:
     """A tiny SD 2.x-shaped pipeline (v-prediction, linear projections, 64-wide cross-attention)."""
-    return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=_text_encoder(64),
-        tokenizer=clip_tokenizer(),
-        unet=_unet(64, attention_head_dim=(4, 8), use_linear_projection=True),
-        scheduler=_scheduler("v_prediction"),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
+    return _sd(
+        _text_encoder(64), _unet(64, attention_head_dim=(4, 8), use_linear_projection=True), _scheduler("v_prediction")
     )
 
 
 def tiny_sd2_1024() -> StableDiffusionPipeline:
     """``tiny_sd2`` at SD 2.x's cross-attention width: 1-layer 1024-wide text encoder, 1024-wide UNet context."""
-    return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=_text_encoder(1024, layers=1, heads=16),
-        tokenizer=clip_tokenizer(),
-        unet=_unet(1024, attention_head_dim=(4, 8), use_linear_projection=True),
-        scheduler=_scheduler("v_prediction"),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
+    return _sd(
+        _text_encoder(1024, layers=1, heads=16),
+        _unet(1024, attention_head_dim=(4, 8), use_linear_projection=True),
+        _scheduler("v_prediction"),
     )
 
 
