@@ -6,11 +6,17 @@ The data lives in ``prompts/data/shapes_world.json``; this module only reads it 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
 ATTRIBUTES = ("colour", "shape", "style")
+
+
+def fix_articles(text: str) -> str:
+    """Fix the indefinite article before a vowel ("a amber disc" -> "an amber disc")."""
+    return re.sub(r"\ba (?=[aeiouAEIOU])", "an ", text)
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,11 @@ Drawing is vectorised over a batch with numpy and is deterministic for a given `
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from prompts.shapes import ShapesVocab, load_shapes_vocab
+from prompts.shapes import ShapesVocab, fix_articles, load_shapes_vocab
 
 SUPERSAMPLE = 3  # shapes are rasterised at 3x and averaged down, which anti-aliases their edges
 
@@ -132,7 +131,7 @@ class ShapesWorld:
             "style": self._pick(self.vocab.words("style", attributes.style), rng, synonym_rate),
             "style_post": self._pick(self.vocab.style_postfixes(attributes.style), rng, 1.0),
         }
-        return _articles(template["text"].format(**words)), tuple(template["uses"])
+        return fix_articles(template["text"].format(**words)), tuple(template["uses"])
 
     @staticmethod
     def _pick(words: list[str], rng: np.random.Generator, synonym_rate: float) -> str:
@@ -147,11 +146,6 @@ class ShapesWorld:
         images = self.draw(attributes, rng)
         pairs = [self.caption(a, rng) for a in attributes]
         return images, attributes, [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _articles(text: str) -> str:
-    """Fix the indefinite article before a vowel ("a amber disc" -> "an amber disc")."""
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
 def _shape_mask(name: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
