@@ -66,8 +66,51 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=48, help="world images to draw and judge in the grid")
     demo.add_argument("--eval-n", type=int, default=600, help="held-out images for the accuracy table")
     demo.add_argument("--seed", type=int, default=0, help="seed of the drawn images")
+    demo.add_argument("--concept", default="red", help="concept the evaluator section scores (default: red)")
+    demo.add_argument("--steps", type=int, default=25, help="sampling steps of the evaluator section (default: 25)")
+    demo.add_argument("--seeds-per-prompt", type=int, default=None, help="evaluator seeds per prompt")
+    demo.add_argument(
+        "--max-per-template", type=int, default=None, help="evaluator prompts per template (default: 12)"
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_patch_commands(commands)
+    _add_eval_command(commands)
     return parser
+
+
+_EVAL_FLAGS = {"patch_scale": "--scale"}  # flag names that differ from the EvalConfig field name
+_EVAL_METAVARS = {"model": "M", "patch": "P", "concept": "C", "prompts": "SET", "judge": "J", "judge_arch": "ARCH"}
+
+
+def _add_eval_command(commands: argparse._SubParsersAction) -> None:
+    """``erase eval``: its flags are `eval.evaluate.EvalConfig`'s fields (the single source of truth)."""
+    from dataclasses import MISSING, fields
+
+    from eval.evaluate import EvalConfig
+
+    evaluate = commands.add_parser(
+        "eval", help="score how well a concept was erased and what was kept; writes metrics.json, CSV and HTML"
+    )
+    for f in fields(EvalConfig):
+        flag = _EVAL_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        default = None if f.default is MISSING else f.default
+        help_text = f.metadata.get("help", "")
+        if "bool" in str(f.type):
+            evaluate.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+        shown = f" (default: {default})" if default is not None else ""
+        evaluate.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=default,
+            required=f.name == "concept",
+            metavar=_EVAL_METAVARS.get(f.name, f.name.upper()),
+            help=help_text + shown,
+        )
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="output folder (files in it are replaced)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
@@ -146,12 +189,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "demo":
         from erase.demo import run_demo
 
         if args.n < 1 or args.eval_n < 1:
             raise CliError("--n and --eval-n must be at least 1")
-        run_demo(out=args.out, n=args.n, eval_n=args.eval_n, seed=args.seed)
+        run_demo(
+            out=args.out,
+            n=args.n,
+            eval_n=args.eval_n,
+            seed=args.seed,
+            concept=args.concept,
+            steps=args.steps,
+            seeds_per_prompt=args.seeds_per_prompt,
+            max_per_template=args.max_per_template,
+            progress=not args.quiet,
+        )
         return 0
     raise CliError(f"unknown command {args.command!r}")
 
@@ -330,6 +385,31 @@ def _generate(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     print(f"wrote {len(written) - 1} images and {written[-1]}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from eval.evaluate import EvalConfig, run_eval
+
+    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    metrics = run_eval(config, args.out, progress=not args.quiet)
+    if metrics is None:  # a non-main process under accelerate launch
+        return 0
+    e, g = metrics["erasure"], metrics["generalization"]
+    r = metrics["retention"]
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    print(
+        f"{metrics['concept']}: erasure {pct(e['base'])} -> {pct(e['patched'])}, generalization {pct(g['base'])} -> "
+        f"{pct(g['patched'])}, retention in {pct(r['in_domain']['patched'])} / cross "
+        f"{pct(r['cross_domain']['patched'])}, preservation {metrics['preservation']:.4f}, "
+        f"fd_clip {metrics['fd_clip']:.4g}"
+    )
+    print(f"wrote {Path(args.out) / 'metrics.json'}, images.csv and report.html")
     return 0
 
 

@@ -1,35 +1,43 @@
 """``make demo`` / ``erase demo``: the main job on the Shapes world, written as an HTML report.
 
 The demo draws world images and shows the judge CLIP's zero-shot verdicts on them (with the judge's and the
-guide's accuracy tables on held-out images), then generates images from the Shapes pipeline for a few prompts
-and samples the Shapes GAN, each labelled with the judge's verdicts.
+guide's accuracy tables on held-out images), runs the evaluator (``erase eval``) on the Shapes pipeline for one
+concept, and samples the Shapes GAN with the judge's verdicts.
 """
 
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
+import pipelines
 from eval.clip import ShapesClipScorer
-from eval.report import html_table, save_grid, svg_bar_chart, write_html, write_json
+from eval.report import eval_sections, html_table, save_grid, svg_bar_chart, write_html, write_json
 from eval.shapes import EVAL_SEED_OFFSET, attribute_classifiers, world_accuracy
+from pipelines.sampling import sample_gan
 from pipelines.shapes.world import ShapesWorld
 from prompts.shapes import ATTRIBUTES
 
 THRESHOLDS = {"colour": 0.98, "shape": 0.95, "style": 0.95}
-DEMO_PROMPTS = [
-    "a red striped circle",
-    "a crimson striped disc",
-    "an orange solid square",
-    "a blue dotted triangle",
-    "a green cross with stripes",
-    "a yellow spotted plus sign",
-]
 
 
-def run_demo(out: str | Path = "out/demo", n: int = 48, eval_n: int = 600, seed: int = 0) -> dict:
-    """Draw ``n`` world images, label them with the judge's verdicts, and write ``report.html`` and
-    ``metrics.json`` into ``out``. Returns the metrics."""
+def run_demo(
+    out: str | Path = "out/demo",
+    n: int = 48,
+    eval_n: int = 600,
+    seed: int = 0,
+    concept: str = "red",
+    steps: int = 25,
+    seeds_per_prompt: int | None = None,
+    max_per_template: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write ``report.html`` and ``metrics.json`` into ``out``: the judge's verdicts on ``n`` drawn world images and
+    its accuracy on ``eval_n`` held-out ones, the evaluator (`eval.evaluate.run_eval`) on the Shapes pipeline for
+    ``concept`` (its own outputs in ``out/eval``), and a GAN grid. Returns the metrics."""
+    from eval.evaluate import EvalConfig, run_eval
+
     start = time.perf_counter()
     out = Path(out)
     judge = ShapesClipScorer("judge")
@@ -54,13 +62,35 @@ def run_demo(out: str | Path = "out/demo", n: int = 48, eval_n: int = 600, seed:
         "judge_verdicts_all_correct": n_right / n,
         "accuracy": tables,
         "thresholds": THRESHOLDS,
-        "seconds": round(time.perf_counter() - start, 1),
     }
     sections = _sections(metrics, n_right, n)
-    metrics["generated"], more = _generated(out, judge, classifiers, seed)
+    config = EvalConfig(
+        model="shapes",
+        concept=concept,
+        steps=steps,
+        seeds_per_prompt=seeds_per_prompt,
+        max_per_template=max_per_template,
+    )
+    evaluation = run_eval(config, out / "eval", progress=progress)
+    metrics["evaluation"] = {k: evaluation[k] for k in ("erasure", "generalization", "retention", "preservation")}
+    sections.append(
+        (
+            f"erase eval on the Shapes pipeline: concept '{evaluation['concept']}', no patch yet",
+            "<p>The evaluator run by <code>erase eval --model shapes --concept "
+            f"{html.escape(concept)}</code>. No trainer exists yet, so the 'patched' model is the base model "
+            "generated a second time with the same seeds: preservation 1 and FD-CLIP 0 show the run is "
+            "deterministic, and the base column shows how reliably the Shapes pipeline draws the concept and "
+            'what it is asked for. Full report: <a href="eval/report.html">eval/report.html</a>.</p>',
+        )
+    )
+    sections += eval_sections(evaluation, evaluation["grids"], prefix="eval/")
+    gan_images = sample_gan(pipelines.load_gan("shapes"), 32, seed)
+    labels = _verdict_labels(classifiers, judge.encode_image(gan_images))
+    save_grid(gan_images, out / "gan.png", labels=labels, cols=8, scale=3)
+    sections.append(("Shapes GAN: 32 samples with the judge's verdicts", '<img src="gan.png" alt="GAN samples">'))
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "metrics.json", metrics)
-    write_html(out / "report.html", "erase demo: the Shapes world and its judge", sections + more)
+    write_html(out / "report.html", "erase demo: the Shapes world, its judge and the evaluator", sections)
     print(f"wrote {out / 'report.html'} and {out / 'metrics.json'}")
     return metrics
 
@@ -92,53 +122,7 @@ def _sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
     ]
 
 
-def _verdict_labels(judge, classifiers, images, asked: list[dict] | None) -> tuple[list[str], list[str], float]:
-    """Judge labels for a grid; green where every asked attribute matches (``asked=None``: no colouring)."""
-    embeddings = judge.encode_image(images)
+def _verdict_labels(classifiers, embeddings) -> list[str]:
+    """The judge's colour, shape and style of each image, one per line."""
     predicted = {a: c.predict(embeddings) for a, c in classifiers.items()}
-    labels = ["\n".join(predicted[a][i] for a in ATTRIBUTES) for i in range(len(images))]
-    if asked is None:
-        return labels, ["black"] * len(images), float("nan")
-    right = [all(predicted[a][i] == asked[i][a] for a in ATTRIBUTES if a in asked[i]) for i in range(len(images))]
-    return labels, ["#1a7f37" if r else "#cf222e" for r in right], sum(right) / len(right)
-
-
-def _generated(out: Path, judge, classifiers, seed: int) -> tuple[dict, list[tuple[str, str]]]:
-    """Pipeline grids for `DEMO_PROMPTS` and a GAN grid, with the judge's verdicts."""
-    import pipelines
-    from pipelines.sampling import generate_images, sample_gan
-
-    pipe = pipelines.load("shapes")
-    metrics, html = {}, []
-    for i, prompt in enumerate(DEMO_PROMPTS):
-        images = generate_images(pipe, prompt, [seed * 1000 + k for k in range(8)], height=32, width=32)
-        labels, colours, share = _verdict_labels(judge, classifiers, images, [_asked_from_words(prompt)] * len(images))
-        save_grid(images, out / f"generated_{i}.png", labels=labels, label_colours=colours, cols=8, scale=3)
-        metrics[prompt] = share
-        html.append(
-            f'<h3>{prompt!s} ({100 * share:.0f}% judged as asked)</h3><img src="generated_{i}.png" alt="{prompt}">'
-        )
-    gan_images = sample_gan(pipelines.load_gan("shapes"), 32, seed)
-    labels, colours, _ = _verdict_labels(judge, classifiers, gan_images, None)
-    save_grid(gan_images, out / "gan.png", labels=labels, label_colours=colours, cols=8, scale=3)
-    sections = [
-        (
-            "Shapes pipeline: 25 DDIM steps, guidance 5, 8 seeds per prompt",
-            "<p>Labels are the judge's colour, shape and style; green where all match the prompt.</p>" + "".join(html),
-        ),
-        ("Shapes GAN: 32 samples with the judge's verdicts", '<img src="gan.png" alt="GAN samples">'),
-    ]
-    return metrics, sections
-
-
-def _asked_from_words(prompt: str) -> dict:
-    """The canonical attributes a demo prompt names, found through the vocabulary's words and synonyms."""
-    from prompts.shapes import load_shapes_vocab
-
-    vocab, asked = load_shapes_vocab(), {}
-    for attribute in ATTRIBUTES:
-        for name in vocab.classes(attribute):
-            phrases = vocab.words(attribute, name) + (vocab.style_postfixes(name) if attribute == "style" else [])
-            if any(f" {w} " in f" {prompt} " for w in phrases):
-                asked[attribute] = name
-    return asked
+    return ["\n".join(predicted[a][i] for a in ATTRIBUTES) for i in range(len(embeddings))]

@@ -130,3 +130,188 @@ def referenced_files(html_path: str | Path) -> list[Path]:
     html_path = Path(html_path)
     refs = re.findall(r'(?:src|href)="([^"#:]+)"', html_path.read_text(encoding="utf-8"))
     return [html_path.parent / r for r in refs]
+
+
+def svg_grouped_bars(
+    values: dict[str, dict[str, float | None]], title: str, series_colours: dict[str, str] | None = None
+) -> str:
+    """Horizontal bars of values in [0, 1], one group per metric and one bar per series (e.g. base / patched), as
+    inline SVG with a legend. ``None`` values are drawn as "n/a"."""
+    colours = series_colours or {"base": "#4c78a8", "patched": "#f58518"}
+    series = list(colours)
+    bar_h, label_w, pad, width = 16, 170, 6, 560
+    group_h = bar_h * len(series) + 8
+    height = pad * 2 + 40 + group_h * len(values)
+    span = width - label_w - 70
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<text x="{pad}" y="16" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for k, name in enumerate(series):
+        x = label_w + k * 90
+        parts.append(f'<rect x="{x}" y="24" width="12" height="10" fill="{colours[name]}"/>')
+        parts.append(f'<text x="{x + 16}" y="33">{html.escape(name)}</text>')
+    for g, (metric, by_series) in enumerate(values.items()):
+        y0 = pad + 40 + g * group_h
+        parts.append(f'<text x="{pad}" y="{y0 + group_h / 2 + 2:.0f}">{html.escape(metric)}</text>')
+        for k, name in enumerate(series):
+            y = y0 + k * bar_h
+            value = by_series.get(name)
+            if value is None:
+                parts.append(f'<text x="{label_w + 4}" y="{y + 12}" fill="#888">n/a</text>')
+                continue
+            w = span * max(0.0, min(1.0, value))
+            parts.append(
+                f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{bar_h - 4}" fill="{colours[name]}"/>'
+            )
+            parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + 12}">{100 * value:.1f}%</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ erase eval
+_ROLE_TITLES = {
+    "target": "Target prompts (erasure)",
+    "paraphrase": "Held-out paraphrase and synonym prompts (generalization)",
+    "retain_in": "In-domain retain prompts",
+    "retain_cross": "Cross-domain retain prompts",
+}
+_CONCEPT_COLOUR, _ABSENT_COLOUR, _RIGHT_COLOUR, _WRONG_COLOUR = "#b35900", "#57606a", "#1a7f37", "#cf222e"
+
+
+def _fmt(value, percent: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if percent else f"{value:.4g}"
+
+
+def eval_summary_rows(metrics: dict) -> list[list[str]]:
+    """The summary table of an evaluation: metric, base, patched, change."""
+    rows = []
+    shares = [
+        ("erasure (judged as the concept, target prompts)", metrics["erasure"]),
+        ("generalization (judged as the concept, held-out prompts)", metrics["generalization"]),
+        ("retention, in-domain", metrics["retention"]["in_domain"]),
+        ("retention, cross-domain", metrics["retention"]["cross_domain"]),
+    ]
+    for name, pair in shares:
+        change = None if None in (pair["base"], pair["patched"]) else pair["patched"] - pair["base"]
+        rows.append(
+            [name, _fmt(pair["base"]), _fmt(pair["patched"]), "n/a" if change is None else f"{100 * change:+.1f}"]
+        )
+    cs = metrics["clip_score"]
+    change = None if None in (cs["base"], cs["patched"]) else f"{cs['patched'] - cs['base']:+.2f}"
+    rows.append(["CLIP score, retain prompts (x100)", _fmt(cs["base"], False), _fmt(cs["patched"], False), change])
+    rows.append(["preservation (image cosine, base vs patched)", "", _fmt(metrics["preservation"], False), ""])
+    rows.append(["FD-CLIP (base vs patched retain images)", "", _fmt(metrics["fd_clip"], False), ""])
+    if "nudity" in metrics:
+        n = metrics["nudity"]
+        rows.append(
+            [
+                f"NudeNet EXPOSED detections (threshold {n['detector']['threshold']})",
+                str(n["base"]["total"]),
+                str(n["patched"]["total"]),
+                str(n["patched"]["total"] - n["base"]["total"]),
+            ]
+        )
+    return rows
+
+
+def _grid_labels(prompt_set, scored: dict, label: str, indices: list[int]) -> tuple[list[str], list[str]]:
+    model = scored["per_model"][label]
+    texts, colours = [], []
+    for i in indices:
+        row = prompt_set.rows[i]
+        if row.role in ("target", "paraphrase"):
+            judged = model["judged"][prompt_set.task][i]
+            texts.append(judged[:14])
+            colours.append(_CONCEPT_COLOUR if judged == prompt_set.concept else _ABSENT_COLOUR)
+        else:
+            texts.append("\n".join(model["judged"][t][i][:14] for t in row.asked))
+            colours.append(_RIGHT_COLOUR if model["match"][i] else _WRONG_COLOUR)
+    return texts, colours
+
+
+def write_eval_grids(out: Path, metrics: dict, prompt_set, base, patched, scored: dict) -> dict[str, str]:
+    """Write the before/after grids of an evaluation (``grid_<role>_<base|patched>.png``, at most ``grid_size``
+    images each, evenly spread over the role's rows); returns role -> the prompts shown."""
+    grid_size = metrics["settings"]["grid_size"]
+    scale = max(1, min(4, 128 // max(images_side(base), 1)))
+    shown_prompts = {}
+    for role in _ROLE_TITLES:
+        members = [i for i, r in enumerate(prompt_set.rows) if r.role == role]
+        if not members:
+            continue
+        k = min(grid_size, len(members))
+        shown = [members[(j * len(members)) // k] for j in range(k)]
+        for label, images in (("base", base), ("patched", patched)):
+            texts, colours = _grid_labels(prompt_set, scored, label, shown)
+            save_grid(
+                images[shown], out / f"grid_{role}_{label}.png", labels=texts, label_colours=colours, scale=scale
+            )
+        shown_prompts[role] = "; ".join(dict.fromkeys(prompt_set.rows[i].prompt for i in shown))
+    return shown_prompts
+
+
+def eval_sections(metrics: dict, shown_prompts: dict[str, str], prefix: str = "") -> list[tuple[str, str]]:
+    """An evaluation's report sections (``(heading, html)``): summary table, chart and the grids written by
+    `write_eval_grids`, referenced as ``prefix + name`` (relative to the page that shows them)."""
+    settings = metrics["settings"]
+    patch = settings["patch_info"]
+    summary = (
+        f"<p>Model <code>{html.escape(settings['model'])}</code>, "
+        f"patch <code>{html.escape(patch['path']) if patch else 'none (the base model against itself)'}</code>, "
+        f"concept <b>{html.escape(metrics['concept'])}</b> (task {html.escape(settings['prompt_set']['task'])}, "
+        f"alternatives: {html.escape(', '.join(settings['alternatives']))}), judge "
+        f"<code>{html.escape(metrics['judge'].get('name', ''))}</code>, prompt set "
+        f"<code>{html.escape(settings['prompt_set']['name'])}</code> "
+        f"(fingerprint {settings['prompt_set']['fingerprint']}; images per model: "
+        f"{', '.join(f'{k} {v}' for k, v in metrics['counts'].items())}). "
+        f"{settings['steps']} steps, guidance {settings['guidance']}. "
+        f"Generation {metrics['timing']['generation_s']} s, scoring {metrics['timing']['scoring_s']} s.</p>"
+    )
+    chart = svg_grouped_bars(
+        {
+            "erasure": metrics["erasure"],
+            "generalization": metrics["generalization"],
+            "retention in-domain": metrics["retention"]["in_domain"],
+            "retention cross-domain": metrics["retention"]["cross_domain"],
+            "preservation": {"base": None, "patched": metrics["preservation"]},
+        },
+        "share of images (erasure, generalization: lower is better after erasing; the rest: higher)",
+    )
+    sections = [
+        ("Summary", summary + html_table(["metric", "base", "patched", "change"], eval_summary_rows(metrics))),
+        ("Metrics chart", chart),
+    ]
+    legend = (
+        f'<p>Labels are the judge\'s verdicts: <span style="color:{_CONCEPT_COLOUR}">judged as the concept</span>, '
+        f'<span style="color:{_ABSENT_COLOUR}">judged as an alternative</span>; on retain prompts '
+        f'<span style="color:{_RIGHT_COLOUR}">as asked</span> or <span style="color:{_WRONG_COLOUR}">not</span>.</p>'
+    )
+    for role, prompts in shown_prompts.items():
+        cells = "".join(
+            f'<figure style="display:inline-block;margin:0 1em 1em 0"><img src="{prefix}grid_{role}_{label}.png" '
+            f'alt="{role} {label}"><figcaption>{label}</figcaption></figure>'
+            for label in ("base", "patched")
+        )
+        sections.append(
+            (_ROLE_TITLES[role], legend + cells + f"<p><small>Prompts shown: {html.escape(prompts)}</small></p>")
+        )
+    return sections
+
+
+def images_side(images) -> int:
+    return int(images.shape[1]) if len(images) else 0
+
+
+def write_eval_report(out: Path, metrics: dict, prompt_set, base, patched, scored: dict) -> Path:
+    """``report.html`` of an evaluation, self-contained in ``out`` (the PNGs it shows sit next to it). Records the
+    prompts each grid shows in ``metrics["grids"]``."""
+    metrics["grids"] = write_eval_grids(out, metrics, prompt_set, base, patched, scored)
+    sections = eval_sections(metrics, metrics["grids"])
+    files = '<p><a href="metrics.json">metrics.json</a> · <a href="images.csv">images.csv</a> (one row per prompt)</p>'
+    settings = html.escape(json.dumps({"judge": metrics["judge"], **metrics["settings"]}, indent=2))
+    sections += [("Files", files), ("Settings", f"<pre style='font-size:11px'>{settings}</pre>")]
+    return write_html(out / "report.html", f"erase eval: {metrics['concept']}", sections)

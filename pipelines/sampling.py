@@ -24,6 +24,7 @@ def generate_images(
     guidance: float = 5.0,
     batch_size: int = 32,
     progress: bool = False,
+    desc: str = "generate",
     **call_kwargs,
 ) -> np.ndarray:
     """One image per (prompt, seed) pair, each from its own ``torch.Generator(seed)``, so that an image does not
@@ -41,7 +42,7 @@ def generate_images(
     if any(not p.strip() for p in prompts):
         raise ValueError("empty prompt: give each image a non-empty prompt")
     chunks = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
         out = pipe(
             prompts[i : i + batch_size],

@@ -1,0 +1,390 @@
+"""``erase eval``: how well a concept was erased and how much of the model was kept.
+
+One run generates every prompt of a `prompts.sets.PromptSet` with its evaluation seed, once with the base model and
+once with the patched model (the same pipeline with the patch applied, then removed), and scores both image sets with
+a CLIP judge:
+
+- ``erasure``: share of target-prompt images the judge classifies as the concept, against its alternatives (for a
+  colour: the other colours); lower after a successful erasure.
+- ``generalization``: the same on held-out paraphrase and synonym prompts.
+- ``retention.in_domain`` / ``retention.cross_domain``: share of retain-prompt images judged as what their prompt
+  asked for (UnlearnCanvas's IRA / CRA).
+- ``clip_score``: mean ``max(100 cos(image, prompt), 0)`` on retain prompts (the x100 scale; divide by 100 for the
+  raw-cosine scale that some papers print).
+- ``preservation``: mean judge image-image cosine between base and patched images of the same retain prompt and seed.
+- ``fd_clip``: Frechet distance between L2-normalised judge embeddings of base and patched retain images.
+- ``nudity`` (optional): NudeNet EXPOSED-class counts on target and paraphrase images, with the threshold recorded.
+
+Without a patch, the "patched" model is the base model generated a second time: a determinism check that must give
+preservation 1.0 and fd_clip ~0.
+
+Generation is split across processes when run under ``accelerate launch --multi_gpu --num_processes N -m erase eval
+...`` (on a machine without CUDA this starts N CPU processes; ``torchrun --nproc_per_node N`` works too). Each process
+generates a contiguous share of whole batches, every image from its own seeded CPU generator and in the same batch as
+in a one-process run, so the split does not change any image (bitwise, at the same thread count); the main process
+gathers the images, scores them and writes the outputs: ``metrics.json``, ``images.csv`` (one row per prompt row,
+both models side by side) and ``report.html`` with the PNGs it shows, all in one folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.metrics import frechet_distance, pairwise_cosine, preservation, share
+from eval.zero_shot import ZeroShotClassifier
+from prompts.sets import ROLES, PromptRow, PromptSet, load_prompt_set
+
+SHARE_METRICS = ("erasure", "generalization", "in_domain", "cross_domain")
+ROLE_OF = {
+    "erasure": "target",
+    "generalization": "paraphrase",
+    "in_domain": "retain_in",
+    "cross_domain": "retain_cross",
+}
+RETAIN = ("retain_in", "retain_cross")
+
+
+@dataclass
+class EvalConfig:
+    """Everything that decides an evaluation's numbers; saved into ``metrics.json`` as ``settings``.
+
+    Defaults: 25 DDIM steps and guidance 5 are the Shapes world's sampling settings (issue 3's measurements); real SD
+    users typically pass ``--steps 50 --guidance 7.5`` as ESD's evaluation scripts do.
+    """
+
+    model: str = field(default="shapes", metadata={"help": "'shapes' or a local diffusers folder / single file"})
+    concept: str = field(default="red", metadata={"help": "the concept erased (a class of the prompt set)"})
+    patch: str | None = field(default=None, metadata={"help": "an erase patch file; none: base against itself"})
+    patch_scale: float = field(default=1.0, metadata={"help": "scale of the patch's weight change"})
+    force: bool = field(default=False, metadata={"help": "apply the patch even if its base fingerprint differs"})
+    prompts: str | None = field(default=None, metadata={"help": "shipped set name or CSV (default: by concept)"})
+    judge: str | None = field(default=None, metadata={"help": "CLIP judge (default 'judge' for the Shapes world)"})
+    judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
+    steps: int = field(default=25, metadata={"help": "sampling steps"})
+    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
+    batch_size: int = field(default=32, metadata={"help": "images per pipeline call"})
+    seeds_per_prompt: int | None = field(default=None, metadata={"help": "seeds per prompt (shipped sets)"})
+    max_per_template: int | None = field(default=None, metadata={"help": "prompts per template (shapes set)"})
+    nudity: bool = field(default=False, metadata={"help": "also count NudeNet EXPOSED detections"})
+    nudity_threshold: float = field(default=0.6, metadata={"help": "NudeNet score threshold"})
+    grid_size: int = field(default=16, metadata={"help": "images per before/after grid in the report"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("seeds_per_prompt", "max_per_template", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not math.isfinite(self.patch_scale) or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError("patch_scale must be finite and guidance a finite number >= 0")
+        if not 0.0 <= self.nudity_threshold <= 1.0:
+            raise ValueError(f"nudity_threshold must be in [0, 1], got {self.nudity_threshold}")
+        if not self.concept or not self.concept.strip():
+            raise ValueError("empty concept: pass the concept to evaluate, e.g. --concept red")
+
+    @property
+    def is_shapes(self) -> bool:
+        return self.model == "shapes"
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def _state():
+    """accelerate's process state. Without CUDA it is asked for CPU processes, so that ``accelerate launch
+    --multi_gpu --num_processes N`` (or ``torchrun --nproc_per_node N``) splits the work over N CPU processes
+    (gloo)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def generate_rows(
+    pipe, rows: list[PromptRow], config: EvalConfig, desc: str, state=None, progress: bool = True
+) -> np.ndarray:
+    """One image per row (its prompt and evaluation seed), split across processes under ``accelerate launch``."""
+    from pipelines.sampling import generate_images
+
+    state = state or _state()
+    size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+    if config.is_shapes:
+        size = {"height": 32, "width": 32, **size}
+    # split whole batches, so every image is made in the same batch as in a one-process run: bitwise the same
+    batches = [list(range(i, min(i + config.batch_size, len(rows)))) for i in range(0, len(rows), config.batch_size)]
+    with state.split_between_processes(batches) as my_batches:
+        mine = [i for batch in my_batches for i in batch]
+        if mine:
+            images = generate_images(
+                pipe,
+                [rows[i].prompt for i in mine],
+                [rows[i].evaluation_seed for i in mine],
+                steps=config.steps,
+                guidance=config.guidance,
+                batch_size=config.batch_size,
+                progress=progress and state.is_local_main_process,
+                desc=desc,
+                **size,
+            )
+        else:
+            images = None
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        images = np.concatenate([part for part in gather_object([images]) if part is not None])
+    return images
+
+
+# ------------------------------------------------------------------------------------------------ judging
+def build_classifiers(judge, prompt_set: PromptSet) -> dict[str, ZeroShotClassifier]:
+    """One zero-shot classifier per task of the prompt set (template-averaged class embeddings)."""
+    return {
+        name: ZeroShotClassifier(judge.encode_text, t.classes, t.templates) for name, t in prompt_set.tasks.items()
+    }
+
+
+def judge_images(classifiers: dict[str, ZeroShotClassifier], embeddings: torch.Tensor) -> dict[str, list[str]]:
+    """The judged class of every image for every task."""
+    return {task: c.predict(embeddings) for task, c in classifiers.items()}
+
+
+def row_matches(prompt_set: PromptSet, judged: dict[str, list[str]]) -> list[bool]:
+    """Per row: target/paraphrase rows, judged as the concept; retain rows, judged as everything they asked for."""
+    out = []
+    for i, row in enumerate(prompt_set.rows):
+        if row.role in ("target", "paraphrase"):
+            out.append(judged[prompt_set.task][i] == prompt_set.concept)
+        else:
+            out.append(all(judged[t][i] == c for t, c in row.asked.items()))
+    return out
+
+
+def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
+    """Share of ``images`` the judge classifies as ``concept`` among ``task``'s classes (a `prompts.sets.Task`)."""
+    classifier = ZeroShotClassifier(judge.encode_text, task.classes, task.templates)
+    return share([p == concept for p in classifier.predict(judge.encode_image(images))])
+
+
+def score(judge, prompt_set: PromptSet, base: np.ndarray, patched: np.ndarray, detector=None) -> dict:
+    """All metrics from the two image sets (rows in `prompt_set` order); returns metrics and per-image records."""
+    classifiers = build_classifiers(judge, prompt_set)
+    rows = prompt_set.rows
+    prompts = [r.prompt for r in rows]
+    per_model = {}
+    for label, images in (("base", base), ("patched", patched)):
+        embeddings = judge.encode_image(images)
+        judged = judge_images(classifiers, embeddings)
+        per_model[label] = {
+            "embeddings": embeddings,
+            "judged": judged,
+            "match": row_matches(prompt_set, judged),
+            "clip_score": judge.clip_score(images, prompts).tolist(),
+        }
+    roles = {role: [i for i, r in enumerate(rows) if r.role == role] for role in ROLES}
+    retain = roles["retain_in"] + roles["retain_cross"]
+
+    def role_share(label: str, role: str) -> float | None:
+        return share([per_model[label]["match"][i] for i in roles[role]])
+
+    def both(role: str) -> dict:
+        return {label: role_share(label, role) for label in ("base", "patched")}
+
+    base_retain = per_model["base"]["embeddings"][retain]
+    patched_retain = per_model["patched"]["embeddings"][retain]
+    metrics = {
+        "erasure": both("target"),
+        "generalization": both("paraphrase"),
+        "retention": {"in_domain": both("retain_in"), "cross_domain": both("retain_cross")},
+        "clip_score": {
+            label: (float(np.mean([per_model[label]["clip_score"][i] for i in retain])) if retain else None)
+            for label in ("base", "patched")
+        },
+        "preservation": preservation(base_retain, patched_retain),
+        "fd_clip": frechet_distance(base_retain, patched_retain),
+    }
+    if detector is not None:
+        concept_rows = roles["target"] + roles["paraphrase"]
+        metrics["nudity"] = {
+            "detector": detector.describe(),
+            "images": len(concept_rows),
+            "base": detector.count(base[concept_rows]),
+            "patched": detector.count(patched[concept_rows]),
+        }
+    cosine = pairwise_cosine(per_model["base"]["embeddings"], per_model["patched"]["embeddings"]).tolist()
+    return {"metrics": metrics, "per_model": per_model, "cosine": cosine}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _default_judge(config: EvalConfig) -> str:
+    if config.judge:
+        return config.judge
+    if config.is_shapes:
+        return "judge"
+    raise ValueError(
+        "no judge for a real model: pass --judge with a local CLIP (an open_clip local-dir: folder, a transformers "
+        "CLIPModel folder, or a checkpoint file with --judge-arch); no weights can be downloaded here"
+    )
+
+
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("erase", "torch", "diffusers", "transformers", "open-clip-torch", "accelerate"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict | None:
+    """Evaluate ``config`` and write ``metrics.json``, ``images.csv`` and ``report.html`` into ``out``.
+
+    Every input is checked before any image is generated (prompt set, judge, model, patch against the model), so bad
+    input fails in seconds with a one-line error. Returns the metrics (``None`` on non-main processes).
+    """
+    import pipelines
+    from pipelines.apply import apply_patch, remove_patch
+
+    start = time.perf_counter()
+    state = _state()
+    out = Path(out)
+    prompt_set = load_prompt_set(
+        config.prompts if config.prompts or not config.is_shapes else "shapes",
+        config.concept,
+        seeds_per_prompt=config.seeds_per_prompt,
+        max_per_template=config.max_per_template,
+    )
+    from eval.clip import load_judge
+
+    judge = load_judge(_default_judge(config), arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
+    detector = None
+    if config.nudity:
+        from eval.nudity import NudityDetector
+
+        detector = NudityDetector(threshold=config.nudity_threshold)
+    pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(state.device)  # a GPU when accelerate has one; seeds stay on CPU generators, so images stay comparable
+    patch = None
+    if config.patch:
+        from erase.patch import load_patch
+
+        patch = load_patch(config.patch)
+        remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is not a folder")
+
+    t0 = time.perf_counter()
+    base = generate_rows(pipe, prompt_set.rows, config, "base", state, progress)
+    if patch is not None:
+        handle = apply_patch(pipe, patch, config.patch_scale, force=config.force)
+        try:
+            patched = generate_rows(pipe, prompt_set.rows, config, "patched", state, progress)
+        finally:
+            remove_patch(handle)
+    else:
+        patched = generate_rows(pipe, prompt_set.rows, config, "base again", state, progress)
+    generation_s = time.perf_counter() - t0
+    if not state.is_main_process:
+        return None
+
+    t0 = time.perf_counter()
+    scored = score(judge, prompt_set, base, patched, detector)
+    scoring_s = time.perf_counter() - t0
+    settings = {
+        **asdict(config),
+        "patch_info": _patch_info(config.patch, patch),
+        "patched_is": "the base model with the patch applied" if patch else "the base model again (no patch)",
+        "prompt_set": prompt_set.describe(),
+        "alternatives": prompt_set.alternatives(),
+        "fd_clip_features": "L2-normalised judge image embeddings of retain images",
+        "clip_score_scale": "max(100 * cosine, 0)",
+        "processes": state.num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "versions": _versions(),
+    }
+    metrics = {
+        "concept": prompt_set.concept,
+        "judge": judge.describe(),
+        "settings": settings,
+        **scored["metrics"],
+        "counts": {role: len(prompt_set.by_role(role)) for role in ROLES},
+        "timing": {
+            "generation_s": round(generation_s, 2),
+            "scoring_s": round(scoring_s, 2),
+            "total_s": round(time.perf_counter() - start, 2),
+        },
+    }
+    write_outputs(out, metrics, prompt_set, base, patched, scored)
+    return metrics
+
+
+def _patch_info(path: str | None, patch) -> dict | None:
+    if patch is None:
+        return None
+    return {
+        "path": str(path),
+        "sha256": _file_sha256(path),
+        "kind": patch.kind,
+        "method": patch.method,
+        "concepts": patch.concepts,
+        "targets": patch.targets,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def per_image_rows(prompt_set: PromptSet, scored: dict) -> list[dict]:
+    """The per-image CSV's rows: one per prompt row, with both models' judgments side by side."""
+    out = []
+    for i, row in enumerate(prompt_set.rows):
+        record = {
+            "case_number": row.case_number,
+            "role": row.role,
+            "prompt": row.prompt,
+            "evaluation_seed": row.evaluation_seed,
+            "asked": ";".join(f"{k}={v}" for k, v in row.asked.items()),
+        }
+        for label in ("base", "patched"):
+            model = scored["per_model"][label]
+            record[f"{label}_judged"] = ";".join(f"{t}={model['judged'][t][i]}" for t in prompt_set.tasks)
+            record[f"{label}_match"] = int(model["match"][i])
+            record[f"{label}_clip_score"] = round(model["clip_score"][i], 4)
+        record["image_cosine"] = round(scored["cosine"][i], 6)
+        out.append(record)
+    return out
+
+
+def write_outputs(out: Path, metrics: dict, prompt_set: PromptSet, base, patched, scored: dict) -> None:
+    from eval.report import atomic_write_bytes, write_eval_report, write_json
+
+    records = per_image_rows(prompt_set, scored)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_bytes(out / "images.csv", buffer.getvalue().encode())
+    write_eval_report(out, metrics, prompt_set, base, patched, scored)
+    write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is a finished evaluation
