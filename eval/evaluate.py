@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from eval.metrics import frechet_distance, pairwise_cosine, preservation, share
 from eval.zero_shot import ZeroShotClassifier
@@ -176,13 +177,15 @@ def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
     return share([p == concept for p in classifier.predict(judge.encode_image(images))])
 
 
-def score(judge, prompt_set: PromptSet, base: np.ndarray, patched: np.ndarray, detector=None) -> dict:
+def score(
+    judge, prompt_set: PromptSet, base: np.ndarray, patched: np.ndarray, detector=None, progress: bool = False
+) -> dict:
     """All metrics from the two image sets (rows in `prompt_set` order); returns metrics and per-image records."""
     classifiers = build_classifiers(judge, prompt_set)
     rows = prompt_set.rows
     prompts = [r.prompt for r in rows]
     per_model = {}
-    for label, images in (("base", base), ("patched", patched)):
+    for label, images in tqdm([("base", base), ("patched", patched)], desc="score", disable=not progress):
         embeddings = judge.encode_image(images)
         judged = judge_images(classifiers, embeddings)
         per_model[label] = {
@@ -312,7 +315,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         return None
 
     t0 = time.perf_counter()
-    scored = score(judge, prompt_set, base, patched, detector)
+    scored = score(judge, prompt_set, base, patched, detector, progress)
     scoring_s = time.perf_counter() - t0
     settings = {
         **asdict(config),

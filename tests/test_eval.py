@@ -236,3 +236,30 @@ def test_bad_numbers_are_refused(capsys, tmp_path):
     assert "steps" in err
     err = _one_line_error(capsys, ["eval", "--concept", "red", "--nudity-threshold", "1.5"], tmp_path)
     assert "nudity_threshold" in err
+
+
+# ------------------------------------------------------------------------------------------------ real architectures
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_eval_runs_on_real_model_architectures_with_a_transformers_judge_and_nudenet(arch, tmp_path):
+    """The real-model path end to end on tiny SD 1.x / SDXL pipelines saved as diffusers folders, a tiny
+    transformers CLIPModel folder as judge and the Imagenette starter set (the numbers mean nothing at this size;
+    the run, the files and their shapes are what is checked)."""
+    pytest.importorskip("nudenet")
+    from test_judges import _tiny_clip_config
+    from tiny_pipelines import tiny_pipeline
+    from transformers import CLIPModel
+
+    model_dir, judge_dir, out = tmp_path / arch, tmp_path / "clip", tmp_path / "out"
+    tiny_pipeline(arch).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    CLIPModel(_tiny_clip_config()).save_pretrained(judge_dir)
+    argv = ["eval", "--model", str(model_dir), "--judge", str(judge_dir), "--concept", "church"]
+    assert main([*argv, "--steps", "2", "--nudity", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["judge"]["backend"] == "transformers"
+    assert metrics["settings"]["prompt_set"]["name"] == "imagenette"
+    assert metrics["nudity"]["detector"]["threshold"] == 0.6 and metrics["nudity"]["base"]["total"] >= 0
+    assert metrics["preservation"] == pytest.approx(1.0, abs=1e-6)
+    rows = list(csv.DictReader((out / "images.csv").open()))
+    assert len(rows) == sum(metrics["counts"].values()) == 29
+    assert all(r.is_file() for r in referenced_files(out / "report.html"))
