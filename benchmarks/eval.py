@@ -81,8 +81,11 @@ def main() -> None:
     )
     print(f"  generation {timing['generation_s']:7.1f} s  {timing['generation_s'] / total:6.1%}")
     print(f"  scoring    {timing['scoring_s']:7.1f} s  {timing['scoring_s'] / total:6.1%}")
-    rest = total - timing["generation_s"] - timing["scoring_s"]
-    print(f"  other      {rest:7.1f} s  {rest / total:6.1%}  (loading, prompt set, report files)")
+    print(
+        f"  writing    {timing['writing_s']:7.1f} s  {timing['writing_s'] / total:6.1%}  (images.csv, grids, report)"
+    )
+    rest = total - timing["generation_s"] - timing["scoring_s"] - timing["writing_s"]
+    print(f"  loading    {rest:7.1f} s  {rest / total:6.1%}  (model, judge, prompt set)")
 
 
 if __name__ == "__main__":

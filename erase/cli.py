@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"erase: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as err:  # ImportError: a missing optional extra
         print(f"erase: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
@@ -403,11 +403,14 @@ def _eval(args: argparse.Namespace) -> int:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
+    def num(x, spec):  # a metric with nothing to measure (e.g. no retain prompts) is None
+        return "n/a" if x is None else format(x, spec)
+
     print(
         f"{metrics['concept']}: erasure {pct(e['base'])} -> {pct(e['patched'])}, generalization {pct(g['base'])} -> "
         f"{pct(g['patched'])}, retention in {pct(r['in_domain']['patched'])} / cross "
-        f"{pct(r['cross_domain']['patched'])}, preservation {metrics['preservation']:.4f}, "
-        f"fd_clip {metrics['fd_clip']:.4g}"
+        f"{pct(r['cross_domain']['patched'])}, preservation {num(metrics['preservation'], '.4f')}, "
+        f"fd_clip {num(metrics['fd_clip'], '.4g')}"
     )
     print(f"wrote {Path(args.out) / 'metrics.json'}, images.csv and report.html")
     return 0

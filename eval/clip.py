@@ -331,7 +331,7 @@ class OpenClipJudge(_ClipJudge):
 def _open_clip_folder(spec: str) -> Path | None:
     """The folder of a ``local-dir:`` spec or of a plain path holding ``open_clip_config.json``; else None."""
     if spec.startswith("local-dir:"):
-        folder = Path(spec[len("local-dir:") :])
+        folder = Path(spec[len("local-dir:") :]).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"judge folder {folder} not found: {_JUDGE_HINT}")
         if not (folder / "open_clip_config.json").is_file():
@@ -385,7 +385,14 @@ class HFClipJudge(_ClipJudge):
             )
         if self.weights.suffix != ".json":  # a sharded index names safetensors shards
             _check_not_pickled(self.weights, trust_remote_code)
-        self.model = CLIPModel.from_pretrained(str(self.folder), local_files_only=True).float().eval()
+        try:
+            model = CLIPModel.from_pretrained(str(self.folder), local_files_only=True)
+        except (RuntimeError, OSError, ValueError, SafetensorError) as err:
+            raise ValueError(
+                f"could not load {self.folder} as a transformers CLIPModel ({_one_line(err)}): "
+                "check that config.json matches the weights, or re-save it with save_pretrained"
+            ) from None
+        self.model = model.float().eval()
         self.processor = self._image_processor()
         self.tokenizer = self._tokenizer()
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
@@ -493,6 +500,8 @@ def load_judge(
     Every bad input raises a one-line `FileNotFoundError` or `ValueError` that names the path and the fix.
     """
     spec = str(spec)
+    if not spec.startswith("local-dir:") and spec not in SHAPES_SPECS:
+        spec = str(Path(spec).expanduser())
     if spec in SHAPES_SPECS:
         if arch:
             raise ValueError(f"the shipped Shapes CLIP {spec!r} carries its own config: leave out arch / --judge-arch")

@@ -74,7 +74,7 @@ class EvalConfig:
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
-    batch_size: int = field(default=32, metadata={"help": "images per pipeline call"})
+    batch_size: int | None = field(default=None, metadata={"help": "images per pipeline call (shapes 32, else 4)"})
     seeds_per_prompt: int | None = field(default=None, metadata={"help": "seeds per prompt (shipped sets)"})
     max_per_template: int | None = field(default=None, metadata={"help": "prompts per template (shapes set)"})
     nudity: bool = field(default=False, metadata={"help": "also count NudeNet EXPOSED detections"})
@@ -83,10 +83,12 @@ class EvalConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grid_size"):
+        if self.batch_size is None:  # the Shapes pipeline batches cheaply; SD at 512-1024 px needs small batches
+            self.batch_size = 32 if self.is_shapes else 4
+        for name in ("steps", "grid_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("seeds_per_prompt", "max_per_template", "height", "width"):
+        for name in ("batch_size", "seeds_per_prompt", "max_per_template", "height", "width"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -96,6 +98,10 @@ class EvalConfig:
             raise ValueError(f"nudity_threshold must be in [0, 1], got {self.nudity_threshold}")
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to evaluate, e.g. --concept red")
+        for name in ("model", "patch", "prompts"):  # "~/models/sd" works as in a shell, also when quoted
+            value = getattr(self, name)
+            if value and value.startswith("~"):
+                setattr(self, name, str(Path(value).expanduser()))
 
     @property
     def is_shapes(self) -> bool:
@@ -177,13 +183,19 @@ def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
     return share([p == concept for p in classifier.predict(judge.encode_image(images))])
 
 
+def clip_scores(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Per-pair ``max(100 * cos(image, prompt), 0)`` from embeddings already computed (the judges' ``clip_score``
+    on images and prompts, without encoding the images a second time)."""
+    return (100 * torch.nn.functional.cosine_similarity(image_embeddings, text_embeddings, dim=-1)).clamp_min(0)
+
+
 def score(
     judge, prompt_set: PromptSet, base: np.ndarray, patched: np.ndarray, detector=None, progress: bool = False
 ) -> dict:
     """All metrics from the two image sets (rows in `prompt_set` order); returns metrics and per-image records."""
     classifiers = build_classifiers(judge, prompt_set)
     rows = prompt_set.rows
-    prompts = [r.prompt for r in rows]
+    text = judge.encode_text([r.prompt for r in rows])  # each prompt once, for both models
     per_model = {}
     for label, images in tqdm([("base", base), ("patched", patched)], desc="score", disable=not progress):
         embeddings = judge.encode_image(images)
@@ -192,7 +204,7 @@ def score(
             "embeddings": embeddings,
             "judged": judged,
             "match": row_matches(prompt_set, judged),
-            "clip_score": judge.clip_score(images, prompts).tolist(),
+            "clip_score": clip_scores(embeddings, text).tolist(),
         }
     roles = {role: [i for i, r in enumerate(rows) if r.role == role] for role in ROLES}
     retain = roles["retain_in"] + roles["retain_cross"]
@@ -289,6 +301,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(state.device)  # a GPU when accelerate has one; seeds stay on CPU generators, so images stay comparable
+    _check_size(pipe, config)
     patch = None
     if config.patch:
         from erase.patch import load_patch
@@ -296,9 +309,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         patch = load_patch(config.patch)
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not out.is_dir():
-            raise NotADirectoryError(f"--out {out} is not a folder")
+        _clear_previous(out)
 
     t0 = time.perf_counter()
     base = generate_rows(pipe, prompt_set.rows, config, "base", state, progress)
@@ -335,14 +346,42 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         "settings": settings,
         **scored["metrics"],
         "counts": {role: len(prompt_set.by_role(role)) for role in ROLES},
-        "timing": {
-            "generation_s": round(generation_s, 2),
-            "scoring_s": round(scoring_s, 2),
-            "total_s": round(time.perf_counter() - start, 2),
-        },
+        "timing": {"generation_s": round(generation_s, 2), "scoring_s": round(scoring_s, 2)},
     }
+    t0 = time.perf_counter()
     write_outputs(out, metrics, prompt_set, base, patched, scored)
+    metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
+    metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)  # with loading model, judge, prompts
+    from eval.report import write_json
+
+    write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is a finished evaluation
     return metrics
+
+
+def _check_size(pipe, config: EvalConfig) -> None:
+    """Refuse an image size the pipeline cannot make before any image is generated."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    for name in ("height", "width"):
+        value = getattr(config, name)
+        if value is not None and value % factor:
+            raise ValueError(f"--{name} {value} is not a multiple of {factor}, as this pipeline's VAE needs: round it")
+
+
+OUTPUT_FILES = ("metrics.json", "images.csv", "report.html")
+
+
+def _clear_previous(out: Path) -> None:
+    """Make ``out`` and remove an earlier evaluation's files from it, so that a run that fails half-way never leaves
+    new files next to an old ``metrics.json`` (or old grids of roles this run does not have)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
+    for path in [
+        *(out / name for name in OUTPUT_FILES),
+        *out.glob("grid_*_base.png"),
+        *out.glob("grid_*_patched.png"),
+    ]:
+        path.unlink(missing_ok=True)
 
 
 def _patch_info(path: str | None, patch) -> dict | None:
@@ -381,7 +420,8 @@ def per_image_rows(prompt_set: PromptSet, scored: dict) -> list[dict]:
 
 
 def write_outputs(out: Path, metrics: dict, prompt_set: PromptSet, base, patched, scored: dict) -> None:
-    from eval.report import atomic_write_bytes, write_eval_report, write_json
+    """``images.csv``, the grids and ``report.html`` (``metrics.json`` is written last, by `run_eval`)."""
+    from eval.report import atomic_write_bytes, write_eval_report
 
     records = per_image_rows(prompt_set, scored)
     buffer = io.StringIO()
@@ -390,4 +430,3 @@ def write_outputs(out: Path, metrics: dict, prompt_set: PromptSet, base, patched
     writer.writerows(records)
     atomic_write_bytes(out / "images.csv", buffer.getvalue().encode())
     write_eval_report(out, metrics, prompt_set, base, patched, scored)
-    write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is a finished evaluation

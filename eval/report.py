@@ -201,7 +201,7 @@ def eval_summary_rows(metrics: dict) -> list[list[str]]:
             [name, _fmt(pair["base"]), _fmt(pair["patched"]), "n/a" if change is None else f"{100 * change:+.1f}"]
         )
     cs = metrics["clip_score"]
-    change = None if None in (cs["base"], cs["patched"]) else f"{cs['patched'] - cs['base']:+.2f}"
+    change = "n/a" if None in (cs["base"], cs["patched"]) else f"{cs['patched'] - cs['base']:+.2f}"
     rows.append(["CLIP score, retain prompts (x100)", _fmt(cs["base"], False), _fmt(cs["patched"], False), change])
     rows.append(["preservation (image cosine, base vs patched)", "", _fmt(metrics["preservation"], False), ""])
     rows.append(["FD-CLIP (base vs patched retain images)", "", _fmt(metrics["fd_clip"], False), ""])
@@ -237,7 +237,10 @@ def write_eval_grids(out: Path, metrics: dict, prompt_set, base, patched, scored
     """Write the before/after grids of an evaluation (``grid_<role>_<base|patched>.png``, at most ``grid_size``
     images each, evenly spread over the role's rows); returns role -> the prompts shown."""
     grid_size = metrics["settings"]["grid_size"]
-    scale = max(1, min(4, 128 // max(images_side(base), 1)))
+    side = max(images_side(base), 1)
+    scale = max(1, min(4, 128 // side))
+    if side > GRID_CELL:  # large SD images: shrink each cell so that a grid stays a few MB, not tens
+        base, patched = _shrink(base, GRID_CELL), _shrink(patched, GRID_CELL)
     shown_prompts = {}
     for role in _ROLE_TITLES:
         members = [i for i, r in enumerate(prompt_set.rows) if r.role == role]
@@ -300,6 +303,16 @@ def eval_sections(metrics: dict, shown_prompts: dict[str, str], prefix: str = ""
             (_ROLE_TITLES[role], legend + cells + f"<p><small>Prompts shown: {html.escape(prompts)}</small></p>")
         )
     return sections
+
+
+GRID_CELL = 192  # largest cell side (px) of an evaluation grid
+
+
+def _shrink(images: np.ndarray, side: int) -> np.ndarray:
+    """Resize ``uint8 [N, H, W, 3]`` images so their longer side is ``side`` (Lanczos, aspect kept)."""
+    h, w = images.shape[1:3]
+    size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
+    return np.stack([np.asarray(Image.fromarray(x).resize(size, Image.LANCZOS)) for x in images])
 
 
 def images_side(images) -> int:

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
 import zlib
@@ -126,9 +127,12 @@ class PromptSet:
         for r in self.rows:
             writer.writerow([r.case_number, r.prompt, r.evaluation_seed, r.role, _format_asked(r.asked)])
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(buffer.getvalue(), encoding="utf-8")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
 
@@ -154,8 +158,24 @@ def _domain_task(name: str) -> Task:
 
 
 def _domain_names(d: dict) -> dict[str, list[str]]:
-    """Class -> every word that names it in a shipped domain (alternative names and judge words)."""
-    return {c: [*v.get("words", []), *v.get("judge_words", [])] for c, v in d["classes"].items()}
+    """Class -> every word that names it in a shipped domain (aliases, paraphrase words and judge words)."""
+    return {
+        c: [*v.get("aliases", []), *v.get("words", []), *v.get("judge_words", [])] for c, v in d["classes"].items()
+    }
+
+
+def _task_names(set_name: str) -> dict[str, dict[str, list[str]]]:
+    """Task -> class -> every word naming it, over a shipped set's tasks (its own and its cross domain's)."""
+    if set_name == "shapes":
+        vocab = load_shapes_vocab()
+        return {
+            a: {c: vocab.words(a, c) + (vocab.style_postfixes(c) if a == "style" else []) for c in vocab.classes(a)}
+            for a in ATTRIBUTES
+        }
+    out = {}
+    for name in filter(None, (set_name, _domain(set_name).get("cross_domain"))):
+        out[_domain(name)["task"]] = _domain_names(_domain(name))
+    return out
 
 
 def _resolve(concept: str, names: dict[str, list[str]]) -> str | None:
@@ -373,10 +393,13 @@ def read_prompt_csv(path: str | Path) -> list[dict]:
 
 
 def _int(text: str, path: Path, line: int, column: str) -> int:
-    try:
-        return int(float(text)) if re.fullmatch(r"-?\d+(\.0*)?", text) else int(text)
-    except ValueError:
-        raise ValueError(f"prompt CSV {path} line {line}: {column} {text!r} is not an integer") from None
+    match = re.fullmatch(r"(-?\d+)(\.0*)?", text)
+    if match is None:
+        raise ValueError(f"prompt CSV {path} line {line}: {column} {text!r} is not an integer")
+    value = int(match.group(1))
+    if column == "evaluation_seed" and not 0 <= value < 2**63:
+        raise ValueError(f"prompt CSV {path} line {line}: evaluation_seed {value} is outside 0 .. 2**63-1")
+    return value
 
 
 def _role(text: str | None, path: Path, line: int) -> str | None:
@@ -402,8 +425,9 @@ def csv_prompt_set(path: str | Path, concept: str) -> PromptSet:
 
     - a row with ``asked`` uses it; otherwise a row with a class column asks for that class, and a row with neither
       asks for ``concept``;
-    - a row with ``role`` uses it; otherwise it is ``target`` when it asks for the concept and ``retain_in``
-      when it asks for another class of the concept's task.
+    - class names resolve through the shipped set's words ("crimson" is red, "chapel" is church);
+    - a row with ``role`` uses it; otherwise it is ``target`` when it asks for the concept, ``retain_in`` when it
+      asks for another class of the concept's task, and ``retain_cross`` when it asks only about other tasks.
 
     Judge tasks: when a shipped set knows the concept (e.g. "Van Gogh", "church", "nudity", "red"), its tasks are
     used, extended by any class the CSV adds; otherwise one task named ``class`` over the CSV's classes, with
@@ -414,6 +438,7 @@ def csv_prompt_set(path: str | Path, concept: str) -> PromptSet:
     if found:
         base = shapes_prompt_set(found[1]) if found[0] == "shapes" else domain_prompt_set(found[0], found[1])
         tasks, task, name = dict(base.tasks), base.task, base.concept
+        names = _task_names(found[0])
     else:
         classes = list(dict.fromkeys(r["class"] for r in raw if r["class"]))
         name = _resolve(concept, {c: [] for c in classes})
@@ -425,9 +450,17 @@ def csv_prompt_set(path: str | Path, concept: str) -> PromptSet:
             )
         task = "class"
         tasks = {task: Task(task, {c: [c] for c in classes}, list(CSV_TEMPLATES))}
+        names = {task: {c: [] for c in classes}}
+
+    def canonical(t: str, c: str) -> str:  # "crimson" -> "red", "chapel" -> "church"; unknown classes stay as given
+        return _resolve(c, names.get(t, {})) or c
+
     rows = []
     for r in raw:
-        asked = r["asked"] or {task: (_resolve(r["class"], tasks[task].classes) or r["class"]) if r["class"] else name}
+        if r["asked"]:
+            asked = {t: canonical(t, c) for t, c in r["asked"].items()}
+        else:
+            asked = {task: canonical(task, r["class"]) if r["class"] else name}
         for t, c in asked.items():
             if t not in tasks:
                 raise ValueError(
@@ -435,8 +468,8 @@ def csv_prompt_set(path: str | Path, concept: str) -> PromptSet:
                 )
             if c not in tasks[t].classes:  # a class only the CSV knows: the judge learns its name
                 tasks[t] = Task(t, {**tasks[t].classes, c: [c]}, tasks[t].templates)
-        role = r["role"] or ("target" if asked.get(task) == name else "retain_in")
-        rows.append(PromptRow(r["case_number"], r["prompt"], r["evaluation_seed"], role, asked))
+        default_role = "target" if asked.get(task) == name else "retain_in" if task in asked else "retain_cross"
+        rows.append(PromptRow(r["case_number"], r["prompt"], r["evaluation_seed"], r["role"] or default_role, asked))
     return PromptSet(str(path), name, task, rows, tasks)
 
 
@@ -466,8 +499,8 @@ def load_prompt_set(
         result = shapes_prompt_set(concept, seeds_per_prompt, max_per_template)
     elif name_or_path in SHIPPED_SETS:
         result = domain_prompt_set(name_or_path, concept, seeds_per_prompt)
-    elif str(name_or_path).lower().endswith(".csv") or Path(name_or_path).exists():
-        result = csv_prompt_set(name_or_path, concept)
+    elif str(name_or_path).lower().endswith(".csv") or Path(name_or_path).expanduser().exists():
+        result = csv_prompt_set(Path(name_or_path).expanduser(), concept)
     else:
         raise ValueError(
             f"unknown prompt set {name_or_path!r}: use one of {', '.join(SHIPPED_SETS)} or the path of a .csv file"

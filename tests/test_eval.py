@@ -44,15 +44,22 @@ def test_judgments_match_drawn_attributes_on_1000_world_images(judge):
     judged = judge_images(build_classifiers(judge, prompt_set), judge.encode_image(images))
     accuracy = {a: np.mean([p == x.get(a) for p, x in zip(judged[a], attrs)]) for a in ("colour", "shape", "style")}
     # issue 2's judge accuracies on 600 held-out images: colour 99.8%, shape 100%, style 100%
-    assert accuracy["colour"] >= 0.99 and accuracy["shape"] >= 0.99 and accuracy["style"] >= 0.99, accuracy
+    assert min(accuracy.values()) >= 0.995, accuracy
 
 
-@pytest.mark.parametrize(("attribute", "concept", "others"), [("colour", "red", ["blue", "orange", "green"])])
+@pytest.mark.parametrize(
+    ("attribute", "concept", "others"),
+    [
+        ("colour", "red", ["blue", "orange", "green"]),
+        ("shape", "circle", ["square", "triangle", "cross"]),
+        ("style", "striped", ["solid", "dotted", "solid"]),
+    ],
+)
 def test_a_synthetic_set_with_a_known_share_returns_that_share(judge, attribute, concept, others):
     world = ShapesWorld()
     parts = [world.sample(60, EVAL_SEED_OFFSET + 40, **{attribute: concept})[0]]
     parts += [world.sample(60, EVAL_SEED_OFFSET + 41 + k, **{attribute: o})[0] for k, o in enumerate(others)]
-    images = np.concatenate(parts)  # exactly 25% red, one in four of them the red/orange near pair
+    images = np.concatenate(parts)  # exactly 25% the concept (for colour, one in four others is the near pair)
     measured = concept_share(judge, images, shapes_tasks()[attribute], concept)
     assert abs(measured - 0.25) <= 0.01, measured
 
@@ -263,3 +270,35 @@ def test_eval_runs_on_real_model_architectures_with_a_transformers_judge_and_nud
     rows = list(csv.DictReader((out / "images.csv").open()))
     assert len(rows) == sum(metrics["counts"].values()) == 29
     assert all(r.is_file() for r in referenced_files(out / "report.html"))
+
+
+def test_a_csv_of_target_prompts_only(capsys, tmp_path):
+    """No retain rows: retention, preservation and fd_clip are absent (None / n/a), not 0, and nothing crashes;
+    an earlier run's files in the folder are replaced, not mixed in."""
+    path = tmp_path / "mine.csv"
+    path.write_text("prompt,evaluation_seed,class\na red circle,1,red\na crimson disc,2,crimson\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid_retain_in_base.png").write_bytes(b"old")
+    (out / "metrics.json").write_text("{}")
+    assert (
+        main(["eval", "--concept", "red", "--prompts", str(path), "--steps", "4", "--out", str(out), "--quiet"]) == 0
+    )
+    assert "preservation n/a, fd_clip n/a" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["counts"] == {"target": 2, "paraphrase": 0, "retain_in": 0, "retain_cross": 0}  # crimson is red
+    assert metrics["generalization"] == {"base": None, "patched": None} and metrics["preservation"] is None
+    assert metrics["erasure"]["base"] == 1.0
+    assert not (out / "grid_retain_in_base.png").exists()
+    assert all(r.is_file() for r in referenced_files(out / "report.html"))
+
+
+def test_nudity_without_nudenet_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # as if the optional extra were not installed
+    err = _one_line_error(capsys, ["eval", "--concept", "red", "--nudity", *SMALL], tmp_path)
+    assert "erase[nudity]" in err
+
+
+def test_an_image_size_the_vae_cannot_make(capsys, tmp_path):
+    err = _one_line_error(capsys, ["eval", "--concept", "red", "--height", "30", *SMALL], tmp_path)
+    assert "--height 30" in err

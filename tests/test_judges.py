@@ -282,3 +282,23 @@ def test_arch_with_a_self_describing_spec_is_refused(judge_dir):
     for spec in ("judge", str(judge_dir)):
         message = _one_line_error(ValueError, spec, arch="ViT-B-32")
         assert "leave out arch" in message
+
+
+def test_a_transformers_folder_whose_config_does_not_fit_its_weights(tiny_hf, tmp_path):
+    import json
+    import shutil
+
+    _, bare, _ = tiny_hf
+    broken = tmp_path / "broken"
+    shutil.copytree(bare, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["projection_dim"] = 2 * config["projection_dim"]
+    (broken / "config.json").write_text(json.dumps(config))
+    message = _one_line_error(ValueError, str(broken))
+    assert str(broken) in message and "save_pretrained" in message
+
+
+def test_judge_paths_expand_the_home_folder(judge_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(judge_dir.parent))
+    for spec in (f"local-dir:~/{judge_dir.name}", f"~/{judge_dir.name}"):
+        assert isinstance(load_judge(spec), OpenClipJudge)

@@ -79,6 +79,8 @@ def test_real_model_starter_sets_cover_every_class(name):
         assert all(r.asked[s.task] != concept for r in s.by_role("retain_in"))
         for row in s.rows:  # every asked class is one the judge can name
             assert all(c in s.tasks[t].classes for t, c in row.asked.items())
+        for row in s.by_role("paraphrase"):  # held out: never the name a trainer sees
+            assert concept.casefold() not in row.prompt.casefold(), row.prompt
     imagenette = load_prompt_set("imagenette", "church")
     assert imagenette.by_role("target")[0].prompt == "Image of church"  # ESD's object template
     assert len(load_prompt_set("imagenette", "church").tasks["object"].classes) == 10
@@ -160,3 +162,25 @@ def test_bad_csv_files_are_one_line_errors(tmp_path, text, message):
 def test_a_missing_csv_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_prompt_set(str(tmp_path / "none.csv"), "red")
+
+
+def test_csv_classes_resolve_through_the_shipped_words_and_other_tasks_are_cross_domain(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_text(
+        "prompt,evaluation_seed,class,asked\n"
+        "a chapel on a hill,1,chapel,\n"
+        "an old cathedral,2,,object=cathedral\n"
+        "a parachute over a field,3,parachute,\n"
+        "a painting by the painter of The Kiss,4,,artist=Klimt\n"
+    )
+    s = load_prompt_set(str(path), "church")
+    assert [r.role for r in s.rows] == ["target", "target", "retain_in", "retain_cross"]
+    assert [r.asked for r in s.rows][-1] == {"artist": "Gustav Klimt"}
+    assert "chapel" not in s.tasks["object"].classes  # a synonym is not a rival class
+
+
+def test_out_of_range_seeds_are_refused(tmp_path):
+    path = tmp_path / "seeds.csv"
+    path.write_text("prompt,evaluation_seed\na cat,99999999999999999999999\n")
+    with pytest.raises(ValueError, match=r"line 2: evaluation_seed .* is outside 0 \.\. 2\*\*63-1"):
+        read_prompt_csv(path)
