@@ -29,7 +29,6 @@ both models side by side) and ``report.html`` with the PNGs it shows, all in one
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import time
@@ -252,14 +251,6 @@ def _default_judge(config: EvalConfig) -> str:
     )
 
 
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -293,6 +284,11 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     from eval.clip import load_judge
 
     judge = load_judge(_default_judge(config), arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
+    if judge.describe()["backend"] == "shapes" and not config.is_shapes:
+        raise ValueError(
+            f"the Shapes world's CLIP {judge.name!r} only knows 32x32 shapes and cannot judge {config.model}: "
+            "pass --judge with a real CLIP (open_clip local-dir: folder, transformers folder, or file + --judge-arch)"
+        )
     detector = None
     if config.nudity:
         from eval.nudity import NudityDetector
@@ -385,11 +381,13 @@ def _clear_previous(out: Path) -> None:
 
 
 def _patch_info(path: str | None, patch) -> dict | None:
+    from eval.clip import sha256_prefix
+
     if patch is None:
         return None
     return {
         "path": str(path),
-        "sha256": _file_sha256(path),
+        "sha256": sha256_prefix(path),
         "kind": patch.kind,
         "method": patch.method,
         "concepts": patch.concepts,

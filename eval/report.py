@@ -68,16 +68,21 @@ def save_grid(
     return save_png(canvas, path)
 
 
+def _svg_open(width: int, height: int, title: str, pad: int) -> list[str]:
+    """The opening tag and bold title of an inline SVG chart."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<text x="{pad}" y="16" font-weight="bold">{html.escape(title)}</text>',
+    ]
+
+
 def svg_bar_chart(values: dict[str, float], title: str, threshold: float | None = None, width: int = 420) -> str:
     """A horizontal bar chart of values in [0, 1] as inline SVG (no plotting dependency, no external file)."""
     bar_h, label_w, pad = 22, 150, 6
     height = pad * 2 + 20 + bar_h * len(values)
     span = width - label_w - 60
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif" font-size="12">',
-        f'<text x="{pad}" y="16" font-weight="bold">{html.escape(title)}</text>',
-    ]
+    parts = _svg_open(width, height, title, pad)
     for i, (name, value) in enumerate(values.items()):
         y = pad + 20 + i * bar_h
         parts.append(f'<text x="{pad}" y="{y + 15}">{html.escape(name)}</text>')
@@ -143,11 +148,7 @@ def svg_grouped_bars(
     group_h = bar_h * len(series) + 8
     height = pad * 2 + 40 + group_h * len(values)
     span = width - label_w - 70
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif" font-size="12">',
-        f'<text x="{pad}" y="16" font-weight="bold">{html.escape(title)}</text>',
-    ]
+    parts = _svg_open(width, height, title, pad)
     for k, name in enumerate(series):
         x = label_w + k * 90
         parts.append(f'<rect x="{x}" y="24" width="12" height="10" fill="{colours[name]}"/>')

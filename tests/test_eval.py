@@ -236,6 +236,10 @@ def test_a_real_model_without_a_judge(capsys, tmp_path):
     tiny_sd1().save_pretrained(folder)
     err = _one_line_error(capsys, ["eval", "--model", str(folder), "--concept", "church"], tmp_path)
     assert "--judge" in err
+    err = _one_line_error(
+        capsys, ["eval", "--model", str(folder), "--concept", "church", "--judge", "judge"], tmp_path
+    )
+    assert "only knows 32x32 shapes" in err
 
 
 def test_bad_numbers_are_refused(capsys, tmp_path):
