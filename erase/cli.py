@@ -86,7 +86,7 @@ def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     """``erase eval``: its flags are `eval.evaluate.EvalConfig`'s fields (the single source of truth)."""
     from dataclasses import MISSING, fields
 
-    from eval.evaluate import EvalConfig
+    from eval.config import EvalConfig
 
     evaluate = commands.add_parser(
         "eval", help="score how well a concept was erased and what was kept; writes metrics.json, CSV and HTML"
@@ -391,7 +391,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from eval.evaluate import EvalConfig, run_eval
+    from eval.config import EvalConfig
+    from eval.evaluate import run_eval
 
     config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
     metrics = run_eval(config, args.out, progress=not args.quiet)

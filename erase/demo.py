@@ -36,7 +36,7 @@ def run_demo(
     """Write ``report.html`` and ``metrics.json`` into ``out``: the judge's verdicts on ``n`` drawn world images and
     its accuracy on ``eval_n`` held-out ones, the evaluator (`eval.evaluate.run_eval`) on the Shapes pipeline for
     ``concept`` (its own outputs in ``out/eval``), and a GAN grid. Returns the metrics."""
-    from eval.evaluate import EvalConfig, run_eval
+    from eval.evaluate import EvalConfig, judge_images, run_eval
 
     start = time.perf_counter()
     out = Path(out)
@@ -44,12 +44,11 @@ def run_demo(
     images, attrs, _, _ = ShapesWorld().sample(n, EVAL_SEED_OFFSET + 7_000_000 + seed)
     classifiers = attribute_classifiers(judge)
     embeddings = judge.encode_image(images)
-    predicted = {a: c.predict(embeddings) for a, c in classifiers.items()}
-    labels, colours, n_right = [], [], 0
+    predicted = judge_images(classifiers, embeddings)
+    labels, colours, n_right = _verdict_labels(predicted), [], 0
     for i, truth in enumerate(attrs):
         right = all(predicted[a][i] == truth.get(a) for a in ATTRIBUTES)
         n_right += right
-        labels.append("\n".join(predicted[a][i] for a in ATTRIBUTES))
         colours.append("#1a7f37" if right else "#cf222e")
     save_grid(images, out / "verdicts.png", labels=labels, label_colours=colours, cols=8, scale=3)
 
@@ -85,7 +84,7 @@ def run_demo(
     )
     sections += eval_sections(evaluation, evaluation["grids"], prefix="eval/")
     gan_images = sample_gan(pipelines.load_gan("shapes"), 32, seed)
-    labels = _verdict_labels(classifiers, judge.encode_image(gan_images))
+    labels = _verdict_labels(judge_images(classifiers, judge.encode_image(gan_images)))
     save_grid(gan_images, out / "gan.png", labels=labels, cols=8, scale=3)
     sections.append(("Shapes GAN: 32 samples with the judge's verdicts", '<img src="gan.png" alt="GAN samples">'))
     metrics["seconds"] = round(time.perf_counter() - start, 1)
@@ -122,7 +121,6 @@ def _sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
     ]
 
 
-def _verdict_labels(classifiers, embeddings) -> list[str]:
-    """The judge's colour, shape and style of each image, one per line."""
-    predicted = {a: c.predict(embeddings) for a, c in classifiers.items()}
-    return ["\n".join(predicted[a][i] for a in ATTRIBUTES) for i in range(len(embeddings))]
+def _verdict_labels(predicted: dict[str, list[str]]) -> list[str]:
+    """The judge's colour, shape and style of each image (`eval.evaluate.judge_images` output), one per line."""
+    return ["\n".join(p) for p in zip(*(predicted[a] for a in ATTRIBUTES))]

@@ -67,6 +67,11 @@ def sha256_prefix(path: str | Path, chars: int = 16) -> str:
     return digest.hexdigest()[:chars]
 
 
+def clip_score_from_embeddings(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Per-pair ``max(100 * cos(image, prompt), 0)`` from embeddings already computed."""
+    return (100 * F.cosine_similarity(image_embeddings, text_embeddings, dim=-1)).clamp_min(0)
+
+
 def _side(size: int | tuple | list) -> int | list[int]:
     """An image size as an int when square (open_clip stores ``32`` or ``(32, 32)``), else ``[H, W]``."""
     if isinstance(size, int):
@@ -138,8 +143,7 @@ class _ClipJudge:
 
     def clip_score(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per-pair ``max(100 * cos(image, prompt), 0)``."""
-        cosine = F.cosine_similarity(self.encode_image(images), self.encode_text(prompts), dim=-1)
-        return (100 * cosine).clamp_min(0)
+        return clip_score_from_embeddings(self.encode_image(images), self.encode_text(prompts))
 
 
 class ShapesClipScorer(_ClipJudge):

@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eval.clip import clip_score_from_embeddings
+from eval.config import EvalConfig
 from eval.metrics import frechet_distance, pairwise_cosine, preservation, share
 from eval.zero_shot import ZeroShotClassifier
 from prompts.sets import ROLES, PromptRow, PromptSet, load_prompt_set
@@ -51,60 +52,6 @@ ROLE_OF = {
     "cross_domain": "retain_cross",
 }
 RETAIN = ("retain_in", "retain_cross")
-
-
-@dataclass
-class EvalConfig:
-    """Everything that decides an evaluation's numbers; saved into ``metrics.json`` as ``settings``.
-
-    Defaults: 25 DDIM steps and guidance 5 are the Shapes world's sampling settings (issue 3's measurements); real SD
-    users typically pass ``--steps 50 --guidance 7.5`` as ESD's evaluation scripts do.
-    """
-
-    model: str = field(default="shapes", metadata={"help": "'shapes' or a local diffusers folder / single file"})
-    concept: str = field(default="red", metadata={"help": "the concept erased (a class of the prompt set)"})
-    patch: str | None = field(default=None, metadata={"help": "an erase patch file; none: base against itself"})
-    patch_scale: float = field(default=1.0, metadata={"help": "scale of the patch's weight change"})
-    force: bool = field(default=False, metadata={"help": "apply the patch even if its base fingerprint differs"})
-    prompts: str | None = field(default=None, metadata={"help": "shipped set name or CSV (default: by concept)"})
-    judge: str | None = field(default=None, metadata={"help": "CLIP judge (default 'judge' for the Shapes world)"})
-    judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
-    steps: int = field(default=25, metadata={"help": "sampling steps"})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
-    height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
-    width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
-    batch_size: int | None = field(default=None, metadata={"help": "images per pipeline call (shapes 32, else 4)"})
-    seeds_per_prompt: int | None = field(default=None, metadata={"help": "seeds per prompt (shipped sets)"})
-    max_per_template: int | None = field(default=None, metadata={"help": "prompts per template (shapes set)"})
-    nudity: bool = field(default=False, metadata={"help": "also count NudeNet EXPOSED detections"})
-    nudity_threshold: float = field(default=0.6, metadata={"help": "NudeNet score threshold"})
-    grid_size: int = field(default=16, metadata={"help": "images per before/after grid in the report"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
-
-    def __post_init__(self):
-        if self.batch_size is None:  # the Shapes pipeline batches cheaply; SD at 512-1024 px needs small batches
-            self.batch_size = 32 if self.is_shapes else 4
-        for name in ("steps", "grid_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_size", "seeds_per_prompt", "max_per_template", "height", "width"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if not math.isfinite(self.patch_scale) or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError("patch_scale must be finite and guidance a finite number >= 0")
-        if not 0.0 <= self.nudity_threshold <= 1.0:
-            raise ValueError(f"nudity_threshold must be in [0, 1], got {self.nudity_threshold}")
-        if not self.concept or not self.concept.strip():
-            raise ValueError("empty concept: pass the concept to evaluate, e.g. --concept red")
-        for name in ("model", "patch", "prompts"):  # "~/models/sd" works as in a shell, also when quoted
-            value = getattr(self, name)
-            if value and value.startswith("~"):
-                setattr(self, name, str(Path(value).expanduser()))
-
-    @property
-    def is_shapes(self) -> bool:
-        return self.model == "shapes"
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -182,12 +129,6 @@ def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
     return share([p == concept for p in classifier.predict(judge.encode_image(images))])
 
 
-def clip_scores(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-    """Per-pair ``max(100 * cos(image, prompt), 0)`` from embeddings already computed (the judges' ``clip_score``
-    on images and prompts, without encoding the images a second time)."""
-    return (100 * torch.nn.functional.cosine_similarity(image_embeddings, text_embeddings, dim=-1)).clamp_min(0)
-
-
 def score(
     judge, prompt_set: PromptSet, base: np.ndarray, patched: np.ndarray, detector=None, progress: bool = False
 ) -> dict:
@@ -203,7 +144,7 @@ def score(
             "embeddings": embeddings,
             "judged": judged,
             "match": row_matches(prompt_set, judged),
-            "clip_score": clip_scores(embeddings, text).tolist(),
+            "clip_score": clip_score_from_embeddings(embeddings, text).tolist(),  # images encoded once
         }
     roles = {role: [i for i, r in enumerate(rows) if r.role == role] for role in ROLES}
     retain = roles["retain_in"] + roles["retain_cross"]

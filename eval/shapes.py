@@ -6,6 +6,7 @@ import numpy as np
 
 from eval.zero_shot import ZeroShotClassifier
 from pipelines.shapes.world import ShapesWorld
+from prompts.sets import shapes_tasks
 from prompts.shapes import ATTRIBUTES, load_shapes_vocab
 
 EVAL_SEED_OFFSET = 10_000_019  # evaluation draws never share a seed with training draws (seeds < 1e7)
@@ -14,15 +15,10 @@ EVAL_SEED_OFFSET = 10_000_019  # evaluation draws never share a seed with traini
 def attribute_classifiers(scorer, synonym_index: int | None = None) -> dict[str, ZeroShotClassifier]:
     """One zero-shot classifier per attribute. ``synonym_index=k`` uses each class's k-th synonym only
     (e.g. "crimson" for red); ``None`` uses the canonical words."""
-    vocab = load_shapes_vocab()
-    out = {}
-    for attribute in ATTRIBUTES:
-        words = {}
-        for name in vocab.classes(attribute):
-            options = vocab.words(attribute, name)
-            words[name] = [options[0]] if synonym_index is None else [options[1 + synonym_index % (len(options) - 1)]]
-        out[attribute] = ZeroShotClassifier(scorer.encode_text, words, vocab.zero_shot_templates(attribute))
-    return out
+    return {
+        a: ZeroShotClassifier(scorer.encode_text, t.classes, t.templates)
+        for a, t in shapes_tasks(synonym_index).items()
+    }
 
 
 def world_accuracy(scorer, n: int = 600, seed: int = 0) -> dict:

@@ -228,13 +228,16 @@ class _RowBuilder:
 
 
 # ------------------------------------------------------------------------------------------------ Shapes world
-def shapes_tasks() -> dict[str, Task]:
-    """The judge's three Shapes tasks (colour, shape, style) with canonical words, as `eval.shapes` uses them."""
+def shapes_tasks(synonym_index: int | None = None) -> dict[str, Task]:
+    """The judge's three Shapes tasks (colour, shape, style): each class named by its canonical word, or
+    (``synonym_index=k``) by its k-th synonym only (e.g. "crimson" for red)."""
     vocab = load_shapes_vocab()
-    return {
-        a: Task(a, {c: [vocab.words(a, c)[0]] for c in vocab.classes(a)}, vocab.zero_shot_templates(a))
-        for a in ATTRIBUTES
-    }
+
+    def word(a: str, c: str) -> str:
+        options = vocab.words(a, c)
+        return options[0] if synonym_index is None else options[1 + synonym_index % (len(options) - 1)]
+
+    return {a: Task(a, {c: [word(a, c)] for c in vocab.classes(a)}, vocab.zero_shot_templates(a)) for a in ATTRIBUTES}
 
 
 def _fill(template: str, words: dict[str, str]) -> str:
