@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="erase", description="Remove concepts from image generators.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -75,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_patch_commands(commands)
     _add_eval_command(commands)
+    _add_train_command(commands, train_method)
     return parser
 
 
@@ -83,34 +84,51 @@ _EVAL_METAVARS = {"model": "M", "patch": "P", "concept": "C", "prompts": "SET", 
 
 
 def _add_eval_command(commands: argparse._SubParsersAction) -> None:
-    """``erase eval``: its flags are `eval.evaluate.EvalConfig`'s fields (the single source of truth)."""
-    from dataclasses import MISSING, fields
-
+    """``erase eval``: its flags are `eval.config.EvalConfig`'s fields (the single source of truth)."""
+    from erase.config_args import add_config_arguments
     from eval.config import EvalConfig
 
     evaluate = commands.add_parser(
         "eval", help="score how well a concept was erased and what was kept; writes metrics.json, CSV and HTML"
     )
-    for f in fields(EvalConfig):
-        flag = _EVAL_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-        default = None if f.default is MISSING else f.default
-        help_text = f.metadata.get("help", "")
-        if "bool" in str(f.type):
-            evaluate.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-        shown = f" (default: {default})" if default is not None else ""
-        evaluate.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=default,
-            required=f.name == "concept",
-            metavar=_EVAL_METAVARS.get(f.name, f.name.upper()),
-            help=help_text + shown,
-        )
+    add_config_arguments(evaluate, EvalConfig, flags=_EVAL_FLAGS, metavars=_EVAL_METAVARS, required=("concept",))
     evaluate.add_argument("--out", required=True, metavar="DIR", help="output folder (files in it are replaced)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_command(commands: argparse._SubParsersAction, method: str | None) -> None:
+    """``erase train``: generic flags here, the method's own from its config dataclass (``--method`` picks it)."""
+    from erase.registry import list_methods
+
+    specs = list_methods()
+    listing = "; ".join(f"{m.name}: {m.summary}" for m in specs)
+    train = commands.add_parser(
+        "train",
+        help="erase concepts with a method and write a patch (erase train --list shows the methods)",
+        description=f"Erase concepts and write a patch. Methods: {listing}. "
+        "'erase train --method NAME --help' shows a method's settings.",
+    )
+    train.add_argument("--method", choices=[m.name for m in specs], help="the erasure method")
+    train.add_argument("--list", action="store_true", help="list the methods, one line each, and exit")
+    train.add_argument("--out", metavar="PATCH", help="the patch file to write (.safetensors)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    train.add_argument("--config", metavar="FILE.json", help="settings from a JSON file (flags given win)")
+    train.add_argument(
+        "--concepts",
+        dest="concepts_file",
+        metavar="FILE",
+        help="a text file with one concept per line (adds to --concept)",
+    )
+    train.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint folder (default: PATCH.checkpoints)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    if method in {m.name for m in specs}:
+        from erase.config_args import add_config_arguments
+        from erase.registry import get_method
+
+        add_config_arguments(
+            train, get_method(method).CONFIG, flags={"concepts": "--concept"}, metavars={"concepts": "C"}
+        )
 
 
 def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
@@ -141,15 +159,33 @@ def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (``sys.argv[1:]`` by default); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from erase.training.loop import TrainingDiverged
+
     try:
-        args = _build_parser().parse_args(argv)
+        args = _build_parser(_train_method(argv)).parse_args(argv)
         return _dispatch(args)
+    except TrainingDiverged as err:
+        print(f"erase: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except CliError as err:
         print(f"erase: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, OSError, ImportError) as err:  # ImportError: a missing optional extra
         print(f"erase: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _train_method(argv: list[str]) -> str | None:
+    """The ``--method`` of an ``erase train`` command line, so that its config's flags can be added."""
+    if not argv or argv[0] != "train":
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _one_line(err: Exception) -> str:
@@ -191,6 +227,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "train":
+        return _train(args)
     if args.command == "demo":
         from erase.demo import run_demo
 
@@ -389,12 +427,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
+    from erase.config_args import config_from_args
     from eval.config import EvalConfig
     from eval.evaluate import run_eval
 
-    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    config = config_from_args(EvalConfig, args)
     metrics = run_eval(config, args.out, progress=not args.quiet)
     if metrics is None:  # a non-main process under accelerate launch
         return 0
@@ -414,6 +451,50 @@ def _eval(args: argparse.Namespace) -> int:
         f"fd_clip {num(metrics['fd_clip'], '.4g')}"
     )
     print(f"wrote {Path(args.out) / 'metrics.json'}, images.csv and report.html")
+    return 0
+
+
+def _read_concepts(path: str) -> list[str]:
+    file = Path(path).expanduser()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CliError(f"--concepts {file}: no such file; pass a text file with one concept per line") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise CliError(f"--concepts {file}: not a text file; pass a text file with one concept per line") from None
+    concepts = [line.split("#", 1)[0].strip() for line in lines]
+    return [c for c in concepts if c]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from erase.registry import list_methods
+
+    if args.list:
+        for spec in list_methods():
+            print(f"{spec.name:<14}{spec.summary}")
+        return 0
+    if not args.method:
+        raise CliError("--method is required: one of " + ", ".join(m.name for m in list_methods()))
+    if not args.out:
+        raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")
+    from erase.config_args import config_from_args
+    from erase.registry import get_method
+
+    out = Path(args.out).expanduser()
+    _check_out_file(out, args.overwrite or args.resume, out.with_name(out.name + ".source"))
+    cls = get_method(args.method).CONFIG
+    config = config_from_args(cls, args, args.config)
+    if args.concepts_file:
+        config.concepts = list(dict.fromkeys([*config.concepts, *_read_concepts(args.concepts_file)]))
+        config.__post_init__()
+    checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else Path(f"{out}.checkpoints")
+    from erase.training.run import train_patch
+
+    patch = train_patch(
+        args.method, config, out, checkpoint_dir=checkpoint_dir, resume=args.resume, progress=not args.quiet
+    )
+    seconds = patch.notes.get("wall_seconds")
+    print(f"wrote {out} ({args.method}, {patch.kind}, {', '.join(patch.concepts)}; {seconds} s)")
     return 0
 
 

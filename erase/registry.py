@@ -1,0 +1,70 @@
+"""The method registry: ``erase train --method NAME`` finds a trainer here by name.
+
+Registration is one line per method and imports nothing: a method's module (its config dataclass and its trainer,
+in one file next to the paper's equations) is imported only when the method is used, so ``erase --help`` and
+``erase train --list`` stay instant. A method module defines ``CONFIG`` (its config dataclass, the single source of
+truth for its settings) and ``train(context) -> Patch`` (see `erase.training.run`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    Attributes:
+        name (`str`): the name users type (``erase train --method NAME``).
+        module (`str`): the module holding ``CONFIG`` and ``train``.
+        summary (`str`): one line for ``erase train --list``.
+        family (`str`): ``"diffusion"`` (trains on a diffusers pipeline) or ``"gan"`` (on a generator module).
+    """
+
+    name: str
+    module: str
+    summary: str
+    family: str = "diffusion"
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, module: str, summary: str, family: str = "diffusion") -> MethodSpec:
+    """Register a method under ``name`` (its module is imported lazily by `get_method`)."""
+    if family not in ("diffusion", "gan"):
+        raise ValueError(f"method {name!r}: family must be 'diffusion' or 'gan', got {family!r}")
+    if name in _METHODS and _METHODS[name].module != module:
+        raise ValueError(f"method {name!r} is already registered by {_METHODS[name].module}")
+    spec = MethodSpec(name, module, summary, family)
+    _METHODS[name] = spec
+    return spec
+
+
+def list_methods() -> list[MethodSpec]:
+    """Every registered method, in registration order."""
+    return list(_METHODS.values())
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(_METHODS)} (erase train --list)")
+    return _METHODS[name]
+
+
+def get_method(name: str) -> ModuleType:
+    """The method's module (``CONFIG``, ``train``), imported on first use."""
+    return importlib.import_module(method_spec(name).module)
+
+
+register_method(
+    "esd",
+    "erase.methods.esd",
+    "ESD (Gandikota et al. 2023): fine-tune so the concept's prediction becomes negatively guided",
+)
+register_method(
+    "uce", "erase.methods.uce", "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide"
+)

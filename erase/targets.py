@@ -1,0 +1,77 @@
+"""Trainable-parameter presets: named patterns over module names that resolve on SD 1.x, SD 2.x and SDXL alike.
+
+diffusers names every transformer block's cross-attention ``attn2`` (``down_blocks.1.attentions.0.transformer_blocks
+.0.attn2.to_k``) in all three families, so one pattern per preset covers them; SD 1.x's conv ``proj_in`` and SD 2.x /
+SDXL's linear one are both matched by module type, not name.
+
+| preset | component | modules | used by |
+|---|---|---|---|
+| ``xattn-kv`` | unet | ``attn2.to_k``, ``attn2.to_v`` | ESD-x-strict, UCE, DoCo, Concept Ablation |
+| ``xattn`` | unet | every Linear/Conv2d inside ``attn2`` | ESD-x |
+| ``no-xattn`` | unet | every Linear/Conv2d outside ``attn2`` (time embedding, ``conv_in``/``conv_out``) | ESD-u |
+| ``unet`` | unet | every Linear/Conv2d | ESD-all, SalUn (LoRA) |
+| ``unet-full`` | unet | every parameter (norms and biases included) | SalUn, full fine-tuning |
+| ``text-encoder`` | text_encoder(s) | every Linear of the CLIP text transformer | AdvUnlearn-style |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+PRESETS = ("xattn-kv", "xattn", "no-xattn", "unet", "unet-full", "text-encoder")
+_XATTN = re.compile(r"(^|\.)attn2(\.|$)")
+_XATTN_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
+_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a preset trains in one component: module names (LoRA targets) and parameter names (direct training)."""
+
+    component: str
+    modules: list[str]
+    parameters: list[str]
+
+
+def components_of(preset: str, pipe) -> list[str]:
+    """The pipeline components a preset trains."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown trainable-parameter preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if preset == "text-encoder":
+        return [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+    return ["unet"]
+
+
+def resolve(preset: str, component: str, module: nn.Module) -> Target:
+    """The modules and parameters of ``module`` (the component ``component``) that ``preset`` selects.
+
+    Raises `ValueError` when the preset selects nothing (a model without cross-attention, say).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown trainable-parameter preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if preset == "unet-full":
+        names = [n for n, _ in module.named_parameters()]
+        layers = [n for n, m in module.named_modules() if isinstance(m, _LAYERS)]
+        return Target(component, layers, names)
+    layers = []
+    for name, sub in module.named_modules():
+        if not isinstance(sub, _LAYERS):
+            continue
+        in_xattn = bool(_XATTN.search(name))
+        chosen = {
+            "xattn-kv": bool(_XATTN_KV.search(name)),
+            "xattn": in_xattn,
+            "no-xattn": not in_xattn,
+            "unet": True,
+            "text-encoder": isinstance(sub, nn.Linear) and ".layers." in f".{name}",
+        }[preset]
+        if chosen:
+            layers.append(name)
+    if not layers:
+        raise ValueError(f"preset {preset!r} selects no module of the {component}; choose another preset")
+    chosen_layers = set(layers)
+    parameters = [n for n, _ in module.named_parameters() if n.rsplit(".", 1)[0] in chosen_layers]
+    return Target(component, layers, parameters)

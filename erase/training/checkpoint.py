@@ -1,0 +1,137 @@
+"""Resumable training checkpoints: one safetensors file per checkpoint (``checkpoint-000040.safetensors``), written
+atomically, with a JSON header.
+
+A checkpoint holds every trainable tensor of every checkpointed module, every optimizer's state tensors (the rest of
+each optimizer's state and its parameter groups go to the header), the torch CPU RNG state, the step, the method and
+the config. Resuming refuses a checkpoint made with other settings (other than the step count and checkpoint
+interval, which may change). The two newest checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from erase.config_args import config_to_dict
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+_KEEP = 2
+_MAY_CHANGE = ("steps", "checkpoint_every", "threads")
+
+
+def _path(directory: Path, step: int) -> Path:
+    return directory / f"checkpoint-{step:06d}.safetensors"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(directory: Path) -> Path | None:
+    found = list_checkpoints(Path(directory))
+    return found[-1] if found else None
+
+
+def _optimizer_parts(name: str, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{name}.{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "indices": list(state["state"])}
+
+
+def save(directory: Path, step: int, modules: dict, optimizers: dict, config, method: str) -> Path:
+    """Write the checkpoint of ``step`` atomically and drop all but the newest two; returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                tensors[f"module.{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+    optim_meta = {}
+    for name, optimizer in optimizers.items():
+        parts, meta = _optimizer_parts(name, optimizer)
+        tensors.update(parts)
+        optim_meta[name] = meta
+    tensors["rng.torch"] = torch.get_rng_state()
+    header = {
+        "step": step,
+        "method": method,
+        "config": config_to_dict(config),
+        "optimizers": optim_meta,
+    }
+    final = _path(directory, step)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"erase.checkpoint": json.dumps(header)})
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for old in list_checkpoints(directory)[:-_KEEP]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load(path: Path, modules: dict, optimizers: dict, config, method: str) -> int:
+    """Restore modules, optimizers and the RNG from ``path``; returns the checkpoint's step."""
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads((f.metadata() or {}).get("erase.checkpoint", "null") or "null")
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not an erase training checkpoint; remove it or pass another --checkpoint-dir")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if header.get("method") != method:
+        raise ValueError(f"{path} is a checkpoint of method {header.get('method')!r}, not {method!r}")
+    saved, now = header["config"], config_to_dict(config)
+    differ = sorted(k for k in set(saved) | set(now) if k not in _MAY_CHANGE and saved.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in differ[:4])
+        raise ValueError(f"--resume: {path} was made with other settings: {shown}; use the same settings")
+    with torch.no_grad():
+        for name, module in modules.items():
+            for pname, p in module.named_parameters():
+                key = f"module.{name}.{pname}"
+                if p.requires_grad:
+                    if key not in tensors:
+                        raise ValueError(f"--resume: {path} lacks {key}; it was made for another model")
+                    p.copy_(tensors[key])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(_optimizer_state(name, header["optimizers"][name], tensors))
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(header["step"])
+
+
+def _optimizer_state(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict = {}
+    prefix = f"optimizer.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, field = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(index), {})[field] = value
+    for key, value in meta["scalars"].items():
+        index, field = key.split(".", 1)
+        state.setdefault(int(index), {})[field] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,67 @@
+"""`TrainConfig`: the settings every trainer shares (standard library only: the CLI builds its flags from these
+fields without importing torch). A method's config subclasses it and adds its own fields."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+PatchKind = Literal["lora", "delta", "sparse"]
+StorageDtype = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+@dataclass
+class MethodConfig:
+    """Settings shared by every erasure method (closed-form ones too), saved in every patch as ``config``."""
+
+    model: str = field(default="shapes", metadata={"help": "'shapes' or a local diffusers folder / single file"})
+    concepts: list[str] = field(default_factory=list, metadata={"help": "concept(s) to erase"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "prompt set name or CSV the training prompts come from (default: by concept)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of every random draw (timesteps, noise, prompts)"})
+    kind: PatchKind = field(default="delta", metadata={"help": "patch kind written"})
+    dtype: StorageDtype = field(default="fp32", metadata={"help": "storage dtype of delta/sparse values"})
+    threads: int = field(default=1, metadata={"help": "torch threads (1 is fastest and steadiest on small CPUs)"})
+
+    # which kinds a method can write; subclasses narrow it
+    KINDS = ("lora", "delta", "sparse")
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.kind not in self.KINDS:
+            raise ValueError(f"this method writes {' or '.join(self.KINDS)} patches, not {self.kind!r}")
+        if self.dtype == "int8" and self.kind != "sparse":
+            raise ValueError("dtype int8 is for sparse patches; use fp32, fp16 or bf16 for delta")
+        self.concepts = [c.strip() for c in self.concepts if c and c.strip()]
+        if len(set(self.concepts)) != len(self.concepts):
+            raise ValueError(f"a concept is listed twice: {', '.join(self.concepts)}")
+
+
+@dataclass
+class TrainConfig(MethodConfig):
+    """`MethodConfig` plus what every gradient-trained method needs."""
+
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the method's for the model)"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per step"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank (kind lora)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: off)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("steps", "batch_size", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 (off) or more, got {self.checkpoint_every}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number above 0, got {self.lr}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be 0 (off) or a finite positive number, got {self.max_grad_norm}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a finite number above 0, got {self.lora_alpha}")

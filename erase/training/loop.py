@@ -1,0 +1,173 @@
+"""The training loop every gradient-based method shares: accelerate, per-step seeds, checkpoints, resume, a NaN
+guard, progress and timing.
+
+A method supplies ``step_fn(step, generator) -> dict`` that computes its losses, calls ``loop.backward`` and steps its
+optimizers; the loop does the rest:
+
+- **accelerate**: ``accelerate launch --num_processes N -m erase train ...`` gives data-parallel training (gradients
+  all-reduced by DDP; CPU processes use gloo). Each process draws its own samples.
+- **seeds**: every step's randomness comes from a generator seeded by ``(seed, step, process)``, so a step is the
+  same whether the run was resumed or not.
+- **checkpoints** every ``checkpoint_every`` steps (`erase.training.checkpoint`): trainable weights, every
+  optimizer, the step, the config and the torch RNG state; ``resume=True`` continues from the newest one and ends with
+  the same tensors as an uninterrupted run.
+- **NaN guard**: a non-finite loss or weight stops the run with `TrainingDiverged` (one line: step, value, the last
+  good checkpoint) before anything is written, so the last checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from erase.training import checkpoint as ckpt
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a weight became NaN/inf; the message is one line."""
+
+
+def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
+    """The generator of one step: independent of how the run got there (fresh or resumed)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + process * 104_729) % (2**63 - 1))
+
+
+def accelerator_state():
+    """accelerate's process state (CPU processes over gloo when there is no CUDA)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+class TrainingLoop:
+    """Runs ``steps`` optimisation steps of a method.
+
+    Args:
+        config: the method's config dataclass (``seed``, ``steps``, ``checkpoint_every``, ``max_grad_norm``).
+        modules (`dict[str, nn.Module]`): every module with trainable weights to checkpoint (by name).
+        optimizers (`dict[str, torch.optim.Optimizer]`): every optimizer to checkpoint (by name).
+        checkpoint_dir (`Path | None`): where checkpoints go (needed for ``checkpoint_every`` and ``resume``).
+        resume (`bool`): continue from the newest checkpoint in ``checkpoint_dir``.
+        desc (`str`): the progress bar's label.
+        progress (`bool`): show the progress bar.
+    """
+
+    def __init__(
+        self,
+        config,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        *,
+        checkpoint_dir: Path | None = None,
+        resume: bool = False,
+        desc: str = "train",
+        progress: bool = True,
+        method: str = "",
+    ):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.method = method
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        names = list(modules)
+        prepared = self.accelerator.prepare(*modules.values(), *optimizers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.modules = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(optimizers, prepared[len(names) :]))
+        self.raw_modules = modules
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.resume = resume
+        self.desc = desc
+        self.progress = progress
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+        self.stats: dict = {}
+
+    @property
+    def process(self) -> int:
+        return self.accelerator.process_index
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip(self, parameters) -> None:
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
+
+    def _restore(self) -> None:
+        if not self.resume:
+            return
+        if self.checkpoint_dir is None:
+            raise ValueError("--resume needs a checkpoint folder; pass --checkpoint-dir (or the same --out as before)")
+        found = ckpt.latest(self.checkpoint_dir)
+        if found is None:
+            raise ValueError(f"--resume: no checkpoint in {self.checkpoint_dir}; run without --resume to start afresh")
+        self.start_step = ckpt.load(found, self.raw_modules, self.optimizers, self.config, self.method)
+        self.last_checkpoint = found
+
+    def _check_finite(self, step: int, logs: dict[str, float]) -> None:
+        bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+        if not bad:
+            for name, module in self.raw_modules.items():
+                for pname, p in module.named_parameters():
+                    if p.requires_grad and not torch.isfinite(p).all():
+                        bad = {f"{name}.{pname}": float("nan")}
+                        break
+        if bad:
+            what, value = next(iter(bad.items()))
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written (use --checkpoint-every)"
+            )
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {what} is {value}; {where}; lower --lr (or --max-grad-norm) and "
+                "run again (with --resume to continue from the checkpoint)"
+            )
+
+    def run(self, step_fn: Callable[[int, torch.Generator], dict[str, float]]) -> dict:
+        """Run the remaining steps; returns timing statistics (also in ``self.stats``)."""
+        self._restore()
+        steps = self.config.steps
+        started = time.perf_counter()
+        bar = tqdm(
+            total=steps,
+            initial=self.start_step,
+            desc=self.desc,
+            disable=not (self.progress and self.accelerator.is_local_main_process),
+        )
+        step_times = []
+        for step in range(self.start_step + 1, steps + 1):
+            t0 = time.perf_counter()
+            logs = step_fn(step, step_generator(self.config.seed, step, self.process))
+            step_times.append(time.perf_counter() - t0)
+            self._check_finite(step, logs)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            bar.update(1)
+            every = self.config.checkpoint_every
+            if self.checkpoint_dir and every and step % every == 0 and step < steps:
+                self._save(step)
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        self.stats = {
+            "steps": steps,
+            "steps_this_run": steps - self.start_step,
+            "resumed_from_step": self.start_step or None,
+            "train_seconds": round(time.perf_counter() - started, 3),
+            "median_step_seconds": round(sorted(step_times)[len(step_times) // 2], 5) if step_times else None,
+            "processes": self.accelerator.num_processes,
+            "torch_threads": torch.get_num_threads(),
+        }
+        return self.stats
+
+    def _save(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            self.last_checkpoint = ckpt.save(
+                self.checkpoint_dir, step, self.raw_modules, self.optimizers, self.config, self.method
+            )
+        self.accelerator.wait_for_everyone()

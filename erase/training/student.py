@@ -1,0 +1,115 @@
+"""The trainable copy of a model component ("student") beside the frozen original ("teacher"), and the patch it
+becomes.
+
+The user's pipeline is never modified: the student is a deep copy of the trained component (``unet``, a text encoder
+or a GAN ``generator``) whose selected weights train either directly (``delta``/``sparse`` patches) or through a
+PEFT LoRA adapter (``lora`` patches, ``W + (alpha / r) B A``, the layout diffusers' ``load_lora_weights`` reads). The
+original component keeps serving as the frozen teacher, so no second copy of the model is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from erase.patch import Patch, make_delta_patch, make_lora_patch, make_sparse_patch
+from erase.targets import Target
+
+ADAPTER = "erase"
+
+
+class Student:
+    """A trainable copy of ``module`` restricted to ``target``.
+
+    Args:
+        module (`nn.Module`): the frozen original component (left untouched).
+        target (`Target`): the modules/parameters to train (`erase.targets.resolve`).
+        kind (`str`): ``"lora"`` trains a LoRA adapter on ``target.modules``; ``"delta"``/``"sparse"`` train
+            ``target.parameters`` directly.
+        rank (`int`), lora_alpha (`float | None`): LoRA shape (alpha defaults to the rank).
+    """
+
+    def __init__(self, module: nn.Module, target: Target, kind: str, rank: int = 4, lora_alpha: float | None = None):
+        self.original = module
+        self.target = target
+        self.kind = kind
+        self.rank = rank
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else rank)
+        self.module = copy.deepcopy(module)
+        self.module.requires_grad_(False)
+        if kind == "lora":
+            self._add_lora()
+        else:
+            wanted = set(target.parameters)
+            for name, p in self.module.named_parameters():
+                if name in wanted:
+                    p.requires_grad_(True)
+        self.module.train(False)  # no dropout: every step is deterministic for its seed
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.lora_alpha,
+            target_modules=list(self.target.modules),
+            init_lora_weights=True,
+            lora_dropout=0.0,
+        )
+        torch.manual_seed(0)  # LoRA A starts from a seeded Kaiming draw: the same run gives the same adapter
+        inject_adapter_in_model(config, self.module, adapter_name=ADAPTER)
+        for name, p in self.module.named_parameters():
+            p.requires_grad_(f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name)
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.named_trainable().values())
+
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module name -> ``(A, B)`` of the trained adapter."""
+        from peft.tuners.lora import LoraLayer
+
+        factors = {}
+        for name, sub in self.module.named_modules():
+            if isinstance(sub, LoraLayer) and ADAPTER in sub.lora_A:
+                factors[name] = (
+                    sub.lora_A[ADAPTER].weight.detach().clone(),
+                    sub.lora_B[ADAPTER].weight.detach().clone(),
+                )
+        return factors
+
+    def tuned_state(self) -> dict[str, torch.Tensor]:
+        """The directly trained tensors under their base names (kinds ``delta``/``sparse``)."""
+        return {n: p.detach().clone() for n, p in self.named_trainable().items()}
+
+    def to_patch(
+        self,
+        *,
+        dtype: str,
+        method: str,
+        config: Mapping,
+        concepts: list[str],
+        mask: Mapping[str, torch.Tensor] | None = None,
+        notes: Mapping | None = None,
+    ) -> Patch:
+        """The patch that turns the original component into the student."""
+        component = self.target.component
+        base = {component: self.original.state_dict()}
+        common = {"method": method, "config": dict(config), "concepts": list(concepts)}
+        if self.kind == "lora":
+            patch = make_lora_patch(
+                base, {component: self.lora_factors()}, lora_alpha=self.lora_alpha, notes=notes, **common
+            )
+            return patch
+        tuned = self.tuned_state()
+        if mask is not None:  # entries outside the mask never move; make that exact in storage too
+            tuned = {n: torch.where(mask[n], t, base[component][n]) for n, t in tuned.items()}
+        maker = make_sparse_patch if self.kind == "sparse" else make_delta_patch
+        patch = maker(base, {component: tuned}, dtype=dtype, **common)
+        patch.notes.update(dict(notes or {}))
+        return patch

@@ -1,0 +1,247 @@
+"""Diffusion primitives shared by the trainers and the attacks: prompt encodings, UNet calls, ``x̂_0`` and partial
+denoising of a frozen pipeline to a chosen step.
+
+Everything works on Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL pipelines (two text encoders,
+``text_time`` conditioning) through diffusers' public API: ``pipe.encode_prompt`` for the text, the UNet's forward for
+predictions, and ``callback_on_step_end`` to stop the pipeline's own sampling loop after ``k`` steps (diffusers'
+``test_pipeline_interrupt`` locks that behaviour in). Nothing is monkeypatched.
+
+Notation (DDPM): ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` with ``a_t = scheduler.alphas_cumprod[t]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: the cross-attention states, plus SDXL's pooled embedding and time ids."""
+
+    hidden: torch.Tensor  # [N, L, D] encoder_hidden_states
+    pooled: torch.Tensor | None = None  # [N, P] SDXL text_embeds
+    time_ids: torch.Tensor | None = None  # [N, 6] SDXL add_time_ids
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def select(self, index) -> Conditioning:
+        return Conditioning(
+            self.hidden[index],
+            None if self.pooled is None else self.pooled[index],
+            None if self.time_ids is None else self.time_ids[index],
+        )
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        def join(values):
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(
+            torch.cat([p.hidden for p in parts]),
+            join([p.pooled for p in parts]),
+            join([p.time_ids for p in parts]),
+        )
+
+    def added_cond_kwargs(self) -> dict | None:
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def latent_size(pipe) -> tuple[int, int]:
+    """The default latent height and width of the pipeline's UNet."""
+    size = pipe.unet.config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def image_size(pipe) -> tuple[int, int]:
+    h, w = latent_size(pipe)
+    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
+
+
+class PromptEncoder:
+    """Cached text conditioning of a pipeline whose text encoders are frozen: each prompt is encoded once.
+
+    Args:
+        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline.
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.cache: dict[str, Conditioning] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> Conditioning:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            encoded = encode_prompts(self.pipe, missing)
+            for i, prompt in enumerate(missing):
+                self.cache[prompt] = encoded.select(slice(i, i + 1))
+        return Conditioning.cat([self.cache[p] for p in prompts])
+
+
+def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
+    """Text conditioning of ``prompts`` exactly as the pipeline computes it when sampling (no classifier-free copy).
+
+    With the text encoders' gradients enabled, the result is differentiable (text-encoder training, attacks).
+    """
+    device = pipe.unet.device
+    if is_sdxl(pipe):
+        hidden, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        h, w = image_size(pipe)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden.dtype, device=device).repeat(len(prompts), 1)
+        return Conditioning(hidden, pooled, time_ids)
+    hidden, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return Conditioning(hidden)
+
+
+def unet_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The UNet's raw prediction (epsilon, v or sample, as its scheduler's ``prediction_type`` says)."""
+    t = t.to(x_t.device)
+    if t.ndim == 0:
+        t = t.expand(x_t.shape[0])
+    return unet(
+        x_t,
+        t,
+        encoder_hidden_states=cond.hidden.to(x_t.dtype),
+        added_cond_kwargs=cond.added_cond_kwargs(),
+        return_dict=False,
+    )[0]
+
+
+def _alpha(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    a = scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    return a.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, per sample."""
+    a = _alpha(scheduler, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def predicted_x0(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x̂_0`` from a UNet output, per sample from ``alphas_cumprod`` (no scheduler state, no patched scheduler)."""
+    a = _alpha(scheduler, t, x_t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * output
+    if kind == "sample":
+        return output
+    raise ValueError(f"unsupported prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
+
+def predicted_epsilon(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise a UNet output implies (identity for epsilon prediction)."""
+    a = _alpha(scheduler, t, x_t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    if kind == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x_t
+    if kind == "sample":
+        return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unsupported prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output for ``x_t`` made from ``x0`` and ``noise`` (the standard diffusion loss target)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        a = _alpha(scheduler, t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
+
+def sampling_pipeline(pipe, unet=None, steps: int = 50):
+    """A pipeline sharing ``pipe``'s modules (and ``unet`` instead of its own, if given) with a DDIM scheduler built
+    from ``pipe``'s scheduler config, so partial sampling always yields standard ``x_t`` (no sigma scaling)."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    components = {**pipe.components, "scheduler": scheduler}
+    if unet is not None:
+        components["unet"] = unet
+    accepted = inspect.signature(type(pipe).__init__).parameters
+    if "requires_safety_checker" in accepted and components.get("safety_checker") is None:
+        components["requires_safety_checker"] = False
+    sampler = type(pipe)(**{k: v for k, v in components.items() if k in accepted})
+    sampler.set_progress_bar_config(disable=True)
+    sampler.scheduler.set_timesteps(steps)
+    return sampler
+
+
+@torch.no_grad()
+def denoise_to_step(
+    sampler,
+    cond: Conditioning,
+    uncond: Conditioning,
+    stop_after: int,
+    steps: int,
+    guidance: float,
+    generators: list[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample with classifier-free guidance and stop after ``stop_after`` of ``steps`` DDIM steps.
+
+    Returns ``(x_t, t)``: the latents after ``stop_after`` steps and their timestep (``stop_after = 0`` is pure
+    noise at the first timestep). The pipeline's own loop runs, stopped through ``callback_on_step_end`` by setting
+    ``pipe._interrupt`` (later iterations skip the UNet).
+
+    Args:
+        sampler: a pipeline from `sampling_pipeline` (DDIM scheduler).
+        cond (`Conditioning`): one row per sample; ``uncond`` the negative (usually empty-prompt) conditioning.
+        generators (`list[torch.Generator]`): one per sample, for the initial noise.
+    """
+    if not 0 <= stop_after < steps:
+        raise ValueError(f"stop_after must be in [0, {steps}), got {stop_after}")
+    h, w = image_size(sampler)
+    captured = {}
+
+    def stop(pipe, i, t, callback_kwargs):
+        if i == stop_after - 1:
+            captured["latents"] = callback_kwargs["latents"]
+            pipe._interrupt = True
+        return callback_kwargs
+
+    kwargs = {
+        "prompt_embeds": cond.hidden,
+        "negative_prompt_embeds": uncond.hidden,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "generator": generators,
+        "output_type": "latent",
+        "height": h,
+        "width": w,
+    }
+    if cond.pooled is not None:
+        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+    if stop_after == 0:
+        latents = _initial_latents(sampler, len(cond), generators, cond.hidden.dtype)
+    else:
+        sampler(**kwargs, callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents"])
+        latents = captured["latents"]
+    sampler.scheduler.set_timesteps(steps)
+    t = sampler.scheduler.timesteps[stop_after]
+    return latents, torch.full((len(cond),), int(t), dtype=torch.long)
+
+
+def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) -> torch.Tensor:
+    h, w = latent_size(sampler)
+    channels = sampler.unet.config.in_channels
+    noise = [torch.randn((1, channels, h, w), generator=g, dtype=dtype) for g in generators]
+    return torch.cat(noise).to(sampler.unet.device) * sampler.scheduler.init_noise_sigma
