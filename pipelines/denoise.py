@@ -245,3 +245,61 @@ def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) 
     channels = sampler.unet.config.in_channels
     noise = [torch.randn((1, channels, h, w), generator=g, dtype=dtype) for g in generators]
     return torch.cat(noise).to(sampler.unet.device) * sampler.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def sample_trajectories(
+    sampler,
+    cond: Conditioning,
+    uncond: Conditioning,
+    steps: int,
+    guidance: float,
+    generators: list[torch.Generator],
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "trajectories",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole sampling trajectories of a frozen pipeline: every ``x_t`` a run passes through.
+
+    Returns ``(latents, timesteps)`` with ``latents[i, k]`` the state of sample ``i`` after ``k`` of ``steps`` DDIM
+    steps (``k = 0``: the initial noise) and ``timesteps[k]`` its timestep; ``latents[i, k]`` is what `denoise_to_step`
+    returns for ``stop_after = k`` with the same generator (to float rounding: batches differ). A frozen model's
+    trajectories never change, so a trainer can draw ``x_t`` from them instead of sampling afresh every step.
+    """
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for start in tqdm(range(0, len(cond), batch_size), desc=desc, disable=not progress):
+        index = slice(start, start + batch_size)
+        gens = generators[index]
+        copies = [torch.Generator().set_state(g.get_state()) for g in gens]  # the pipeline draws the same noise
+        states = [_initial_latents(sampler, len(gens), copies, cond.hidden.dtype)]
+
+        def keep(pipe, i, t, callback_kwargs):
+            if i < steps - 1:
+                states.append(callback_kwargs["latents"].clone())
+            return callback_kwargs
+
+        sub, neg = cond.select(index), uncond.select(index)
+        h, w = image_size(sampler)
+        kwargs = (
+            {"pooled_prompt_embeds": sub.pooled, "negative_pooled_prompt_embeds": neg.pooled}
+            if sub.pooled is not None
+            else {}
+        )
+        sampler(
+            prompt_embeds=sub.hidden,
+            negative_prompt_embeds=neg.hidden,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="latent",
+            height=h,
+            width=w,
+            callback_on_step_end=keep,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **kwargs,
+        )
+        chunks.append(torch.stack(states, dim=1))
+    sampler.scheduler.set_timesteps(steps)
+    return torch.cat(chunks), sampler.scheduler.timesteps.clone().long()

@@ -17,6 +17,11 @@ when red is erased): a preservation term on prompts that do not name the concept
 
     L = L_ESD + preserve_weight * || eps_theta(x_r, r) - eps*(x_r, r) ||^2.
 
+Sampling cost. The official code runs the frozen sampler to a random step for every training step. The frozen
+model's trajectories never change, so by default (``trajectories=64``) each concept's (and the retain prompts')
+trajectories are sampled once, all their states kept, and every step draws ``(trajectory, step)`` pairs from them: the
+same distribution of ``x_t`` for a fraction of the sampling passes. ``trajectories=0`` is the official behaviour.
+
 Presets (official ``esd_sd.py``): ``esd-x`` every ``attn2`` layer, ``esd-x-strict`` ``attn2.to_k/to_v``, ``esd-u``
 everything but ``attn2``, ``esd-all`` every layer. Several concepts: one concept per step, in turn.
 
@@ -38,8 +43,15 @@ from erase.targets import resolve
 from erase.training.config import TrainConfig
 from erase.training.loop import TrainingLoop
 from erase.training.student import Student
-from pipelines.denoise import Conditioning, PromptEncoder, denoise_to_step, sampling_pipeline, unet_output
-from prompts.training import shared_retain
+from pipelines.denoise import (
+    Conditioning,
+    PromptEncoder,
+    denoise_to_step,
+    sample_trajectories,
+    sampling_pipeline,
+    unet_output,
+)
+from prompts.training import shared_retain, training_seeds
 
 PRESETS = {"esd-x": "xattn", "esd-x-strict": "xattn-kv", "esd-u": "no-xattn", "esd-all": "unet"}
 
@@ -63,6 +75,9 @@ class ESDConfig(TrainConfig):
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance when sampling x_t"})
     sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the sampling (50; shapes 25)"})
     preserve_weight: float = field(default=0.0, metadata={"help": "weight of the preservation term (not ESD; 0: off)"})
+    trajectories: int = field(
+        default=64, metadata={"help": "frozen-model trajectories cached per concept (0: sample afresh every step)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +85,8 @@ class ESDConfig(TrainConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.trajectories < 0:
+            raise ValueError(f"trajectories must be 0 (sample every step) or more, got {self.trajectories}")
         if self.sample_steps is not None and self.sample_steps < 2:
             raise ValueError(f"sample_steps must be at least 2, got {self.sample_steps}")
 
@@ -118,37 +135,27 @@ def train(ctx) -> Patch:
         desc=f"esd: erasing {', '.join(config.concepts)}",
         progress=ctx.progress,
         method="esd",
+        frozen=[pipe.unet],
     )
     trained = loop.modules["student"]
     teacher = pipe.unet
     sampler = sampling_pipeline(pipe, teacher, config.sample_steps)
     encode = PromptEncoder(pipe)
-    n_steps, b = config.sample_steps, config.batch_size
+    draw = _Sampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
+    pools = [draw.pool(c.targets, config.seed + 1 + i, f"trajectories of {c.concept}") for i, c in enumerate(concepts)]
+    retain_pool = draw.pool(retain, config.seed, "trajectories of retain prompts") if retain else None
+    b = config.batch_size
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
         i = (step - 1) % len(concepts)
         concept, anchor = concepts[i], anchors[i]
-        prompts = [concept.targets[j] for j in torch.randint(len(concept.targets), (b,), generator=gen).tolist()]
-        kept = [retain[j] for j in torch.randint(len(retain), (b,), generator=gen).tolist()] if retain else []
-        stop = int(torch.randint(n_steps, (1,), generator=gen))
-        seeds = torch.randint(2**62, (len(prompts) + len(kept),), generator=gen).tolist()
-        cond = encode(prompts + kept)
-        x_t, t = denoise_to_step(
-            sampler,
-            cond,
-            encode([""] * len(cond)),
-            stop,
-            n_steps,
-            config.guidance,
-            [torch.Generator().manual_seed(s) for s in seeds],
-        )
+        prompts, x_c, t_c = draw(pools[i], concept.targets, b, gen)
+        kept, x_r, t_r = draw(retain_pool, retain, b, gen) if retain else ([], x_c[:0], t_c[:0])
+        x_t, t, cond = torch.cat([x_c, x_r]), torch.cat([t_c, t_r]), encode(prompts + kept)
         neutral = encode([neutral_of(concept, p, anchor) for p in prompts])
-        with torch.no_grad():  # one batched frozen pass: concept, neutral (and retain) predictions
+        with torch.no_grad():  # one batched frozen pass: neutral, concept (and retain) predictions
             frozen = unet_output(
-                teacher,
-                torch.cat([x_t[:b], x_t]),
-                torch.cat([t[:b], t]),
-                Conditioning.cat([neutral, cond]),
+                teacher, torch.cat([x_c, x_t]), torch.cat([t_c, t]), Conditioning.cat([neutral, cond])
             )
         e_n, e_c, e_r = frozen[:b], frozen[b : 2 * b], frozen[2 * b :]
         out = unet_output(trained, x_t, t, cond)
@@ -167,3 +174,53 @@ def train(ctx) -> Patch:
 
     ctx.stats.update(loop.run(step_fn))
     return student.to_patch(dtype=config.dtype, method="esd", config={}, concepts=config.concepts, notes={})
+
+
+class _Sampler:
+    """Where ``x_t`` comes from: cached frozen-model trajectories, or (``trajectories=0``) a fresh partial sampling run
+    for every step, as the official code does."""
+
+    def __init__(self, config: ESDConfig, sampler, encode: PromptEncoder, progress: bool):
+        self.config, self.sampler, self.encode, self.progress = config, sampler, encode, progress
+
+    def pool(self, prompts: list[str], seed: int, desc: str):
+        n = self.config.trajectories
+        if n == 0:
+            return None
+        chosen = [prompts[j % len(prompts)] for j in range(n)]  # every prompt, in turn
+        gens = [torch.Generator().manual_seed(s) for s in training_seeds(seed, n)]
+        cond = self.encode(chosen)
+        latents, timesteps = sample_trajectories(
+            self.sampler,
+            cond,
+            self.encode([""] * n),
+            self.config.sample_steps,
+            self.config.guidance,
+            gens,
+            progress=self.progress,
+            desc=desc,
+        )
+        return chosen, latents, timesteps
+
+    def __call__(self, pool, prompts: list[str], b: int, gen: torch.Generator):
+        """``b`` prompts with their ``x_t`` and timesteps."""
+        steps = self.config.sample_steps
+        if pool is not None:
+            chosen, latents, timesteps = pool
+            rows = torch.randint(len(chosen), (b,), generator=gen)
+            ks = torch.randint(steps, (b,), generator=gen)
+            return [chosen[r] for r in rows.tolist()], latents[rows, ks], timesteps[ks]
+        picked = [prompts[j] for j in torch.randint(len(prompts), (b,), generator=gen).tolist()]
+        stop = int(torch.randint(steps, (1,), generator=gen))
+        seeds = torch.randint(2**62, (b,), generator=gen).tolist()
+        cond = self.encode(picked)
+        x_t, t = denoise_to_step(
+            self.sampler,
+            cond,
+            self.encode([""] * b),
+            stop,
+            steps,
+            self.config.guidance,
+            [torch.Generator().manual_seed(s) for s in seeds],
+        )
+        return picked, x_t, t

@@ -44,6 +44,34 @@ def accelerator_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+class PassTimer:
+    """Seconds spent inside model passes: forward hooks on the given modules, plus backward passes timed by the loop.
+
+    It is what ``step / passes`` ratios are made of: everything else in a step is the method's and the loop's overhead.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.seconds = 0.0
+        self._depth = 0
+        self._start = 0.0
+        for module in modules:
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(self._leave)
+
+    def _enter(self, *_):
+        if self._depth == 0:
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _leave(self, *_):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
 class TrainingLoop:
     """Runs ``steps`` optimisation steps of a method.
 
@@ -68,6 +96,7 @@ class TrainingLoop:
         desc: str = "train",
         progress: bool = True,
         method: str = "",
+        frozen: list[torch.nn.Module] | None = None,
     ):
         from accelerate import Accelerator
 
@@ -87,13 +116,16 @@ class TrainingLoop:
         self.start_step = 0
         self.last_checkpoint: Path | None = None
         self.stats: dict = {}
+        self.timer = PassTimer([*modules.values(), *(frozen or [])])
 
     @property
     def process(self) -> int:
         return self.accelerator.process_index
 
     def backward(self, loss: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         self.accelerator.backward(loss)
+        self.timer.add(time.perf_counter() - t0)
 
     def clip(self, parameters) -> None:
         if self.config.max_grad_norm > 0:
@@ -142,6 +174,7 @@ class TrainingLoop:
             disable=not (self.progress and self.accelerator.is_local_main_process),
         )
         step_times = []
+        passes_before = self.timer.seconds
         for step in range(self.start_step + 1, steps + 1):
             t0 = time.perf_counter()
             logs = step_fn(step, step_generator(self.config.seed, step, self.process))
@@ -153,6 +186,7 @@ class TrainingLoop:
             if self.checkpoint_dir and every and step % every == 0 and step < steps:
                 self._save(step)
         bar.close()
+        passes = self.timer.seconds - passes_before
         self.accelerator.wait_for_everyone()
         self.stats = {
             "steps": steps,
@@ -160,6 +194,8 @@ class TrainingLoop:
             "resumed_from_step": self.start_step or None,
             "train_seconds": round(time.perf_counter() - started, 3),
             "median_step_seconds": round(sorted(step_times)[len(step_times) // 2], 5) if step_times else None,
+            "model_pass_seconds": round(passes, 3),
+            "step_over_passes": round(sum(step_times) / passes, 4) if passes > 0 else None,
             "processes": self.accelerator.num_processes,
             "torch_threads": torch.get_num_threads(),
         }
