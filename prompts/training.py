@@ -32,7 +32,7 @@ RETAIN_PER_TEMPLATE = 24
 # erased is used. Measured on "red": the concrete guide "blue" erases to 0%, while the colourless prompt leaves
 # red at chance (about 1 in 6).
 SHAPES_GUIDES = {
-    "red": ["blue", "green", "purple"],
+    "red": ["blue", "green", "yellow", "purple"],
     "orange": ["blue", "purple", "green"],
     "yellow": ["purple", "blue", "green"],
     "green": ["purple", "blue", "orange"],

@@ -88,7 +88,12 @@ def test_resume_after_a_kill_ends_with_the_same_patch(tmp_path, monkeypatch, kin
     monkeypatch.setattr(esd, "esd_target", real)
     pipe = tiny_pipeline("sd1")
     config = ESDConfig(
-        model="tiny", concepts=["red", "circle"], prompts="shapes", kind=kind, checkpoint_every=2, **{**SMALL, "steps": 6}
+        model="tiny",
+        concepts=["red", "circle"],
+        prompts="shapes",
+        kind=kind,
+        checkpoint_every=2,
+        **{**SMALL, "steps": 6},
     )
     resumed = train_patch("esd", config, pipe=pipe, checkpoint_dir=tmp_path / "split", resume=True, progress=False)
     assert resumed.notes["resumed_from_step"] == 4

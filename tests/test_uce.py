@@ -84,6 +84,6 @@ def test_guides_one_per_concept_and_defaults_avoid_erased_classes():
     pipe = tiny_pipeline("sd1")
     config = UCEConfig(model="tiny", concepts=["red", "green", "blue"])
     train_patch("uce", config, pipe=pipe, progress=False)
-    assert config.guide == ["purple", "purple", "yellow"]
+    assert config.guide == ["yellow", "purple", "yellow"]
     with pytest.raises(ValueError, match="one --guide for all concepts or one per concept"):
         train_patch("uce", UCEConfig(model="tiny", concepts=["red", "green"], guide=["a", "b", "c"]), pipe=pipe)
