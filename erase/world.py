@@ -134,10 +134,10 @@ def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
 
 def export_world(directory: str | Path) -> Path:
     """Write the shipped Shapes pipeline as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained``
-    loads it without this package). The tokenizer folder also gets ``vocab.json``/``merges.txt`` for stacks whose
-    `CLIPTokenizer` cannot read the ``tokenizer.json`` that transformers 5 writes."""
+    loads it without this package), in the form transformers 4.x + diffusers 0.30 load with the same weights too
+    (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`)."""
     import pipelines
-    from pipelines.tokenizer import write_clip_tokenizer_files
+    from pipelines.portable import make_portable
 
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -149,7 +149,7 @@ def export_world(directory: str | Path) -> Path:
         shutil.rmtree(tmp)
     pipe = pipelines.load("shapes")
     pipe.save_pretrained(tmp)
-    write_clip_tokenizer_files(tmp / "tokenizer")
+    make_portable(tmp)
     if directory.exists():
         directory.rmdir()
     tmp.rename(directory)
