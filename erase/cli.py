@@ -435,7 +435,7 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = run_eval(config, args.out, progress=not args.quiet)
     if metrics is None:  # a non-main process under accelerate launch
         return 0
-    e, g = metrics["erasure"], metrics["generalization"]
+    e, g, k = metrics["erasure"], metrics["generalization"], metrics["kept_attributes"]
     r = metrics["retention"]
 
     def pct(x):
@@ -446,7 +446,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     print(
         f"{metrics['concept']}: erasure {pct(e['base'])} -> {pct(e['patched'])}, generalization {pct(g['base'])} -> "
-        f"{pct(g['patched'])}, retention in {pct(r['in_domain']['patched'])} / cross "
+        f"{pct(g['patched'])}, kept attributes {pct(k['base'])} -> {pct(k['patched'])}, "
+        f"retention in {pct(r['in_domain']['patched'])} / cross "
         f"{pct(r['cross_domain']['patched'])}, preservation {num(metrics['preservation'], '.4f')}, "
         f"fd_clip {num(metrics['fd_clip'], '.4g')}"
     )
