@@ -60,6 +60,11 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     generate.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
     generate.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png")
+    generate.add_argument(
+        "--patch", action="append", metavar="P", help="apply this erase patch in memory first (repeatable, in order)"
+    )
+    generate.add_argument("--scale", type=float, action="append", metavar="S", help="one per --patch (default 1.0)")
+    generate.add_argument("--force", action="store_true", help="apply even if a patch's base fingerprint differs")
 
     demo = commands.add_parser("demo", help="run the main job on the Shapes world and write an HTML report")
     demo.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")
@@ -412,6 +417,14 @@ def _generate(args: argparse.Namespace) -> int:
         raise CliError("--model needs a non-empty --prompt")
     if args.gan is not None and args.prompt is not None:
         raise CliError("--prompt does not apply to --gan (a GAN takes no text)")
+    patches = args.patch or []
+    if args.scale and not patches:
+        raise CliError("--scale applies to a --patch; pass --patch P (one --scale per --patch)")
+    if args.force and not patches:
+        raise CliError("--force applies to a --patch; drop it or pass --patch P")
+    scales = args.scale or [1.0] * len(patches)
+    if len(scales) != len(patches):
+        raise CliError(f"give one --scale per --patch ({len(patches)} patches, {len(scales)} scales)")
     written = generate_to_folder(
         args.out,
         model=args.model,
@@ -421,8 +434,12 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
+        patches=patches,
+        scales=scales,
+        force=args.force,
     )
-    print(f"wrote {len(written) - 1} images and {written[-1]}")
+    applied = f" with {', '.join(f'{p} x{s:g}' for p, s in zip(patches, scales))}" if patches else ""
+    print(f"wrote {len(written) - 1} images and {written[-1]}{applied}")
     return 0
 
 
@@ -435,7 +452,7 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = run_eval(config, args.out, progress=not args.quiet)
     if metrics is None:  # a non-main process under accelerate launch
         return 0
-    e, g = metrics["erasure"], metrics["generalization"]
+    e, g, k = metrics["erasure"], metrics["generalization"], metrics["kept_attributes"]
     r = metrics["retention"]
 
     def pct(x):
@@ -446,7 +463,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     print(
         f"{metrics['concept']}: erasure {pct(e['base'])} -> {pct(e['patched'])}, generalization {pct(g['base'])} -> "
-        f"{pct(g['patched'])}, retention in {pct(r['in_domain']['patched'])} / cross "
+        f"{pct(g['patched'])}, kept attributes {pct(k['base'])} -> {pct(k['patched'])}, "
+        f"retention in {pct(r['in_domain']['patched'])} / cross "
         f"{pct(r['cross_domain']['patched'])}, preservation {num(metrics['preservation'], '.4f')}, "
         f"fd_clip {num(metrics['fd_clip'], '.4g')}"
     )

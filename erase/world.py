@@ -134,10 +134,10 @@ def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
 
 def export_world(directory: str | Path) -> Path:
     """Write the shipped Shapes pipeline as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained``
-    loads it without this package). The tokenizer folder also gets ``vocab.json``/``merges.txt`` for stacks whose
-    `CLIPTokenizer` cannot read the ``tokenizer.json`` that transformers 5 writes."""
+    loads it without this package), in the form transformers 4.x + diffusers 0.30 load with the same weights too
+    (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`)."""
     import pipelines
-    from pipelines.tokenizer import write_clip_tokenizer_files
+    from pipelines.portable import make_portable
 
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -149,7 +149,7 @@ def export_world(directory: str | Path) -> Path:
         shutil.rmtree(tmp)
     pipe = pipelines.load("shapes")
     pipe.save_pretrained(tmp)
-    write_clip_tokenizer_files(tmp / "tokenizer")
+    make_portable(tmp)
     if directory.exists():
         directory.rmdir()
     tmp.rename(directory)
@@ -166,14 +166,25 @@ def generate_to_folder(
     seed: int,
     steps: int = 25,
     guidance: float = 5.0,
+    patches: list[str | Path] | None = None,
+    scales: list[float] | None = None,
+    force: bool = False,
 ) -> list[Path]:
-    """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written."""
+    """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written.
+
+    ``patches`` (erase patch files, applied in order with one scale each from ``scales``, default 1.0) are applied to
+    the pipeline or GAN generator in memory only, so the images show what the patched model draws without writing a
+    patched model folder. Every patch is read and validated before the model loads.
+    """
 
     import pipelines
+    from erase.patch import load_patch
     from eval.report import save_grid, save_png
+    from pipelines.apply import stack_patches
     from pipelines.sampling import generate_images, sample_gan
 
     out = Path(out)
+    patches = [load_patch(p) for p in patches or []]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -181,9 +192,12 @@ def generate_to_folder(
             f"cannot create the output folder {out} ({err.strerror}): pass a writable folder with --out"
         ) from None
     if gan is not None:
-        images = sample_gan(pipelines.load_gan(gan), n, seed)
+        generator = pipelines.load_gan(gan)
+        stack_patches(generator, patches, scales, force=force)
+        images = sample_gan(generator, n, seed)
     else:
         pipe = pipelines.load(model)
+        stack_patches(pipe, patches, scales, force=force)
         images = generate_images(
             pipe,
             prompt,

@@ -7,6 +7,10 @@ a CLIP judge:
 - ``erasure``: share of target-prompt images the judge classifies as the concept, against its alternatives (for a
   colour: the other colours); lower after a successful erasure.
 - ``generalization``: the same on held-out paraphrase and synonym prompts.
+- ``kept_attributes``: share of target-prompt images that still show everything else their prompt asked for
+  (erasing "red" from "a red striped circle" should leave a striped circle of another colour); prompts that ask for
+  nothing besides the concept ("a red shape") are left out, and with none left the value is ``None``. It exposes an
+  erasure that wipes the whole prompt, which the retention metrics (other prompts) only partly see.
 - ``retention.in_domain`` / ``retention.cross_domain``: share of retain-prompt images judged as what their prompt
   asked for (UnlearnCanvas's IRA / CRA).
 - ``clip_score``: mean ``max(100 cos(image, prompt), 0)`` on retain prompts (the x100 scale; divide by 100 for the
@@ -40,7 +44,7 @@ from tqdm.auto import tqdm
 
 from eval.clip import clip_score_from_embeddings
 from eval.config import EvalConfig
-from eval.metrics import frechet_distance, pairwise_cosine, preservation, share
+from eval.metrics import frechet_distance, kept_other_attributes, pairwise_cosine, preservation, share
 from eval.zero_shot import ZeroShotClassifier
 from prompts.sets import ROLES, PromptRow, PromptSet, load_prompt_set
 
@@ -123,6 +127,17 @@ def row_matches(prompt_set: PromptSet, judged: dict[str, list[str]]) -> list[boo
     return out
 
 
+def row_kept(prompt_set: PromptSet, judged: dict[str, list[str]]) -> list[bool | None]:
+    """Per row: on target rows, whether everything asked for besides the concept's task is judged as asked (``None``
+    when the row asks for nothing else); ``None`` on every other role."""
+    return [
+        kept_other_attributes(row.asked, {t: judged[t][i] for t in row.asked}, prompt_set.task)
+        if row.role == "target"
+        else None
+        for i, row in enumerate(prompt_set.rows)
+    ]
+
+
 def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
     """Share of ``images`` the judge classifies as ``concept`` among ``task``'s classes (a `prompts.sets.Task`)."""
     classifier = ZeroShotClassifier(judge.encode_text, task.classes, task.templates)
@@ -144,6 +159,7 @@ def score(
             "embeddings": embeddings,
             "judged": judged,
             "match": row_matches(prompt_set, judged),
+            "kept": row_kept(prompt_set, judged),
             "clip_score": clip_score_from_embeddings(embeddings, text).tolist(),  # images encoded once
         }
     roles = {role: [i for i, r in enumerate(rows) if r.role == role] for role in ROLES}
@@ -157,9 +173,14 @@ def score(
 
     base_retain = per_model["base"]["embeddings"][retain]
     patched_retain = per_model["patched"]["embeddings"][retain]
+
+    def kept_share(label: str) -> float | None:  # rows asking for nothing besides the concept are not counted
+        return share([k for k in per_model[label]["kept"] if k is not None])
+
     metrics = {
         "erasure": both("target"),
         "generalization": both("paraphrase"),
+        "kept_attributes": {label: kept_share(label) for label in ("base", "patched")},
         "retention": {"in_domain": both("retain_in"), "cross_domain": both("retain_cross")},
         "clip_score": {
             label: (float(np.mean([per_model[label]["clip_score"][i] for i in retain])) if retain else None)
@@ -271,6 +292,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         "patched_is": "the base model with the patch applied" if patch else "the base model again (no patch)",
         "prompt_set": prompt_set.describe(),
         "alternatives": prompt_set.alternatives(),
+        "kept_attributes_images": sum(bool(set(r.asked) - {prompt_set.task}) for r in prompt_set.by_role("target")),
         "fd_clip_features": "L2-normalised judge image embeddings of retain images",
         "clip_score_scale": "max(100 * cosine, 0)",
         "processes": state.num_processes,
@@ -352,6 +374,8 @@ def per_image_rows(prompt_set: PromptSet, scored: dict) -> list[dict]:
             model = scored["per_model"][label]
             record[f"{label}_judged"] = ";".join(f"{t}={model['judged'][t][i]}" for t in prompt_set.tasks)
             record[f"{label}_match"] = int(model["match"][i])
+            kept = model["kept"][i]  # empty where the row is no target or asks for nothing besides the concept
+            record[f"{label}_kept"] = "" if kept is None else int(kept)
             record[f"{label}_clip_score"] = round(model["clip_score"][i], 4)
         record["image_cosine"] = round(scored["cosine"][i], 6)
         out.append(record)

@@ -1,6 +1,9 @@
 """The evaluator's metrics, each a short function of judge outputs.
 
 - ``share``: the fraction of images for which a judgment holds (erasure, generalization, retention).
+- ``kept_other_attributes``: whether an image still shows what its prompt asked for besides the erased concept's
+  attribute ("a red striped circle" with red erased: still a striped circle, of any colour); ``None`` for a prompt
+  that asked for nothing else ("a red shape"), which leaves the share's denominator (``kept_attributes``).
 - ``preservation``: mean cosine between the judge's embeddings of base and patched images made from the same prompt
   and seed (1.0 when nothing changed).
 - ``frechet_distance``: the Frechet distance between Gaussians fitted to two sets of embeddings (FID's formula,
@@ -10,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,19 @@ import torch.nn.functional as F
 def share(flags: Sequence[bool]) -> float | None:
     """Fraction of true flags; ``None`` for no flags (a metric with nothing to measure is absent, not 0)."""
     return sum(bool(f) for f in flags) / len(flags) if len(flags) else None
+
+
+def kept_other_attributes(asked: Mapping[str, str], judged: Mapping[str, str], concept_task: str) -> bool | None:
+    """Whether every attribute ``asked`` for, other than ``concept_task`` (the erased concept's own task), is
+    ``judged`` as asked; ``None`` when the prompt asked for nothing else.
+
+    Args:
+        asked (`Mapping[str, str]`): task -> class the prompt asked for (a `prompts.sets.PromptRow`'s ``asked``).
+        judged (`Mapping[str, str]`): task -> class the judge sees in the image.
+        concept_task (`str`): the task of the erased concept (e.g. ``"colour"`` for red), which is not counted.
+    """
+    others = {task: wanted for task, wanted in asked.items() if task != concept_task}
+    return all(judged[task] == wanted for task, wanted in others.items()) if others else None
 
 
 def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

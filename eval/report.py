@@ -43,6 +43,24 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` (which may hold line breaks) to lines at most ``width`` pixels wide; a single word
+    wider than that is cut to fit."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                candidate = word
+            while draw.textlength(candidate, font=font) > width and len(candidate) > 1:
+                candidate = candidate[:-1]
+            line = candidate
+        lines.append(line)
+    return lines
+
+
 def save_grid(
     images: np.ndarray,
     path: str | Path,
@@ -50,21 +68,36 @@ def save_grid(
     cols: int = 8,
     scale: int = 4,
     label_colours: list[str] | None = None,
+    captions: list[str] | None = None,
 ) -> Path:
-    """Tile ``uint8 [N, H, W, 3]`` images into one PNG, upscaled ``scale`` times, with an optional label under each."""
+    """Tile ``uint8 [N, H, W, 3]`` images into one PNG, upscaled ``scale`` times. Under each image: an optional
+    caption (e.g. its prompt and seed, dark grey, wrapped to the image's width), then an optional label (e.g. a
+    verdict, in ``label_colours``)."""
     n, h, w, _ = images.shape
     rows = (n + cols - 1) // cols
-    label_h = 14 * (max(len(lbl.split("\n")) for lbl in labels) if labels else 0)
-    cell_w, cell_h = w * scale + 4, h * scale + 4 + label_h
+    cell_w = w * scale + 4
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font.getbbox("Ag|")[3]) + 3
+    texts = []
+    for i in range(n):
+        caption = _wrap(captions[i], measure, font, cell_w - 4) if captions else []
+        label = _wrap(labels[i], measure, font, cell_w - 4) if labels else []
+        texts.append((caption, label))
+    label_h = line_h * max((len(c) + len(lbl) for c, lbl in texts), default=0)
+    cell_h = h * scale + 4 + label_h
     canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
     for i in range(n):
         x, y = (i % cols) * cell_w + 2, (i // cols) * cell_h + 2
         canvas.paste(Image.fromarray(images[i]).resize((w * scale, h * scale), Image.NEAREST), (x, y))
-        if labels:
-            colour = label_colours[i] if label_colours else "black"
-            draw.multiline_text((x, y + h * scale + 1), labels[i], fill=colour, font=font, spacing=2)
+        y += h * scale + 1
+        caption, label = texts[i]
+        for k, line in enumerate(caption):
+            draw.text((x, y + k * line_h), line, fill="#444444", font=font)
+        colour = label_colours[i] if label_colours else "black"
+        for k, line in enumerate(label):
+            draw.text((x, y + (len(caption) + k) * line_h), line, fill=colour, font=font)
     return save_png(canvas, path)
 
 
@@ -138,10 +171,14 @@ def referenced_files(html_path: str | Path) -> list[Path]:
 
 
 def svg_grouped_bars(
-    values: dict[str, dict[str, float | None]], title: str, series_colours: dict[str, str] | None = None
+    values: dict[str, dict[str, float | None]],
+    title: str,
+    series_colours: dict[str, str] | None = None,
+    percent: bool = True,
 ) -> str:
     """Horizontal bars of values in [0, 1], one group per metric and one bar per series (e.g. base / patched), as
-    inline SVG with a legend. ``None`` values are drawn as "n/a"."""
+    inline SVG with a legend. ``None`` values are drawn as "n/a". Values are printed as percentages (shares of
+    images) or, with ``percent=False``, as plain numbers (cosines, which are not shares)."""
     colours = series_colours or {"base": "#4c78a8", "patched": "#f58518"}
     series = list(colours)
     bar_h, label_w, pad, width = 16, 170, 6, 560
@@ -166,7 +203,8 @@ def svg_grouped_bars(
             parts.append(
                 f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{bar_h - 4}" fill="{colours[name]}"/>'
             )
-            parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + 12}">{100 * value:.1f}%</text>')
+            shown = f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+            parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + 12}">{shown}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -193,6 +231,7 @@ def eval_summary_rows(metrics: dict) -> list[list[str]]:
     shares = [
         ("erasure (judged as the concept, target prompts)", metrics["erasure"]),
         ("generalization (judged as the concept, held-out prompts)", metrics["generalization"]),
+        ("kept attributes (target images showing the rest of their prompt)", metrics["kept_attributes"]),
         ("retention, in-domain", metrics["retention"]["in_domain"]),
         ("retention, cross-domain", metrics["retention"]["cross_domain"]),
     ]
@@ -219,11 +258,13 @@ def eval_summary_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
-def _grid_labels(prompt_set, scored: dict, label: str, indices: list[int]) -> tuple[list[str], list[str]]:
+def _grid_labels(prompt_set, scored: dict, label: str, indices: list[int]) -> tuple[list[str], list[str], list[str]]:
+    """Per image: its caption (prompt and seed), the judge's verdict and the verdict's colour."""
     model = scored["per_model"][label]
-    texts, colours = [], []
+    captions, texts, colours = [], [], []
     for i in indices:
         row = prompt_set.rows[i]
+        captions.append(f"{row.prompt}\nseed {row.evaluation_seed}")
         if row.role in ("target", "paraphrase"):
             judged = model["judged"][prompt_set.task][i]
             texts.append(judged[:14])
@@ -231,7 +272,7 @@ def _grid_labels(prompt_set, scored: dict, label: str, indices: list[int]) -> tu
         else:
             texts.append("\n".join(model["judged"][t][i][:14] for t in row.asked))
             colours.append(_RIGHT_COLOUR if model["match"][i] else _WRONG_COLOUR)
-    return texts, colours
+    return captions, texts, colours
 
 
 def write_eval_grids(out: Path, metrics: dict, prompt_set, base, patched, scored: dict) -> dict[str, str]:
@@ -250,9 +291,14 @@ def write_eval_grids(out: Path, metrics: dict, prompt_set, base, patched, scored
         k = min(grid_size, len(members))
         shown = [members[(j * len(members)) // k] for j in range(k)]
         for label, images in (("base", base), ("patched", patched)):
-            texts, colours = _grid_labels(prompt_set, scored, label, shown)
+            captions, texts, colours = _grid_labels(prompt_set, scored, label, shown)
             save_grid(
-                images[shown], out / f"grid_{role}_{label}.png", labels=texts, label_colours=colours, scale=scale
+                images[shown],
+                out / f"grid_{role}_{label}.png",
+                labels=texts,
+                label_colours=colours,
+                scale=scale,
+                captions=captions,
             )
         shown_prompts[role] = "; ".join(dict.fromkeys(prompt_set.rows[i].prompt for i in shown))
     return shown_prompts
@@ -275,34 +321,40 @@ def eval_sections(metrics: dict, shown_prompts: dict[str, str], prefix: str = ""
         f"{settings['steps']} steps, guidance {settings['guidance']}. "
         f"Generation {metrics['timing']['generation_s']} s, scoring {metrics['timing']['scoring_s']} s.</p>"
     )
-    chart = svg_grouped_bars(
+    shares = svg_grouped_bars(
         {
             "erasure": metrics["erasure"],
             "generalization": metrics["generalization"],
+            "kept attributes": metrics["kept_attributes"],
             "retention in-domain": metrics["retention"]["in_domain"],
             "retention cross-domain": metrics["retention"]["cross_domain"],
-            "preservation": {"base": None, "patched": metrics["preservation"]},
         },
         "share of images (erasure, generalization: lower is better after erasing; the rest: higher)",
     )
+    # a cosine is not a share of images: its own chart, printed as a number
+    cosines = svg_grouped_bars(
+        {"preservation": {"patched": metrics["preservation"]}},
+        "preservation (judge cosine of base vs patched retain images; 1 = unchanged)",
+        series_colours={"patched": "#f58518"},
+        percent=False,
+    )
     sections = [
         ("Summary", summary + html_table(["metric", "base", "patched", "change"], eval_summary_rows(metrics))),
-        ("Metrics chart", chart),
+        ("Metrics charts", shares + "<br>" + cosines),
     ]
     legend = (
-        f'<p>Labels are the judge\'s verdicts: <span style="color:{_CONCEPT_COLOUR}">judged as the concept</span>, '
+        "<p>Under each image: its prompt and seed (grey), then the judge's verdict: "
+        f'<span style="color:{_CONCEPT_COLOUR}">judged as the concept</span>, '
         f'<span style="color:{_ABSENT_COLOUR}">judged as an alternative</span>; on retain prompts '
         f'<span style="color:{_RIGHT_COLOUR}">as asked</span> or <span style="color:{_WRONG_COLOUR}">not</span>.</p>'
     )
-    for role, prompts in shown_prompts.items():
+    for role in shown_prompts:
         cells = "".join(
             f'<figure style="display:inline-block;margin:0 1em 1em 0"><img src="{prefix}grid_{role}_{label}.png" '
             f'alt="{role} {label}"><figcaption>{label}</figcaption></figure>'
             for label in ("base", "patched")
         )
-        sections.append(
-            (_ROLE_TITLES[role], legend + cells + f"<p><small>Prompts shown: {html.escape(prompts)}</small></p>")
-        )
+        sections.append((_ROLE_TITLES[role], legend + cells))
     return sections
 
 

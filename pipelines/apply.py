@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from erase.patch import Patch, PatchError, fingerprint, load_patch, short_hash
+from pipelines.portable import make_portable
 
 _SHOWN = 5
 _COUNTER = itertools.count()
@@ -405,7 +406,8 @@ def save_patched_pipeline(pipe: object, directory: str | os.PathLike, overwrite:
 
     LoRA adapters are merged into copies of their components, so the folder loads with a plain
     ``DiffusionPipeline.from_pretrained`` and the in-memory pipeline keeps its (removable) patches. The folder is
-    written next to ``directory`` and renamed into place.
+    written next to ``directory`` and renamed into place; it loads with the same weights under transformers 4.x and
+    diffusers 0.30 as here (`pipelines.portable.make_portable`).
 
     Args:
         pipe (`DiffusionPipeline`): the patched pipeline.
@@ -424,6 +426,7 @@ def save_patched_pipeline(pipe: object, directory: str | os.PathLike, overwrite:
     old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
     try:
         plain.save_pretrained(tmp)
+        make_portable(tmp)  # text-encoder key names and tokenizer files that transformers 4.x reads too
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from erase.cli import main
 from erase.patch import make_delta_patch, save_patch
 from eval.clip import ShapesClipScorer
 from eval.evaluate import EvalConfig, build_classifiers, concept_share, judge_images, run_eval
-from eval.metrics import frechet_distance, preservation, share
-from eval.report import referenced_files
+from eval.metrics import frechet_distance, kept_other_attributes, preservation, share
+from eval.report import referenced_files, save_grid
 from eval.shapes import EVAL_SEED_OFFSET
 from pipelines.shapes.world import ShapesWorld
 from prompts.sets import load_prompt_set, shapes_tasks
@@ -80,6 +81,15 @@ def test_frechet_distance_matches_an_independent_formula():
     assert frechet_distance(a[:1], a[:1]) is None
 
 
+def test_kept_other_attributes_counts_only_what_the_prompt_asked_besides_the_concept():
+    asked = {"colour": "red", "style": "striped", "shape": "circle"}
+    # the concept's own attribute (colour) is not counted: a blue striped circle kept everything else
+    assert kept_other_attributes(asked, {"colour": "blue", "style": "striped", "shape": "circle"}, "colour") is True
+    assert kept_other_attributes(asked, {"colour": "red", "style": "solid", "shape": "circle"}, "colour") is False
+    # "a red shape" asks for nothing besides the concept: no verdict, so the row leaves the denominator
+    assert kept_other_attributes({"colour": "red"}, {"colour": "blue", "shape": "square"}, "colour") is None
+
+
 def test_share_and_preservation_edges():
     assert share([]) is None and share([True, False, True, True]) == 0.75
     x = torch.randn(5, 4)
@@ -102,14 +112,23 @@ def base_run(tmp_path_factory):
 def test_erase_eval_writes_the_three_outputs(base_run):
     metrics = json.loads((base_run / "metrics.json").read_text())
     assert {"concept", "judge", "settings", "erasure", "generalization", "retention", "clip_score"} <= set(metrics)
-    assert {"preservation", "fd_clip"} <= set(metrics)
-    for key in ("erasure", "generalization", "clip_score"):
+    assert {"preservation", "fd_clip", "kept_attributes"} <= set(metrics)
+    for key in ("erasure", "generalization", "kept_attributes", "clip_score"):
         assert set(metrics[key]) == {"base", "patched"}
     assert set(metrics["retention"]) == {"in_domain", "cross_domain"}
     assert metrics["concept"] == "red" and metrics["settings"]["prompt_set"]["task"] == "colour"
     rows = list(csv.DictReader((base_run / "images.csv").open()))
     assert len(rows) == sum(metrics["counts"].values())
     assert {r["role"] for r in rows} == {"target", "paraphrase", "retain_in", "retain_cross"}
+    # kept attributes: a verdict on target rows asking for more than the colour ("a red striped circle"), none on
+    # "a red shape" or other roles; the share is over the rows with a verdict
+    prompt_set = load_prompt_set("shapes", "red", seeds_per_prompt=1, max_per_template=2)
+    for row, csv_row in zip(prompt_set.rows, rows):
+        asks_more = row.role == "target" and set(row.asked) != {"colour"}
+        assert (csv_row["base_kept"] in ("0", "1")) == asks_more, csv_row
+    verdicts = [int(r["base_kept"]) for r in rows if r["base_kept"]]
+    assert len(verdicts) == metrics["settings"]["kept_attributes_images"] > 0
+    assert metrics["kept_attributes"]["base"] == pytest.approx(sum(verdicts) / len(verdicts))
     # the shipped pipeline draws red when asked: the base model's erasure share is high
     assert metrics["erasure"]["base"] >= 0.8
 
@@ -120,6 +139,7 @@ def test_the_base_model_against_itself_gives_preservation_1_and_fd_0(base_run):
     assert metrics["preservation"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["fd_clip"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["erasure"]["base"] == metrics["erasure"]["patched"]
+    assert metrics["kept_attributes"]["base"] == metrics["kept_attributes"]["patched"]
 
 
 def test_every_file_the_report_references_exists_in_its_folder(base_run):
@@ -132,6 +152,40 @@ def test_every_file_the_report_references_exists_in_its_folder(base_run):
     moved = base_run.parent / "moved"
     shutil.copytree(base_run, moved)  # self-contained: still complete after moving the folder
     assert all(r.is_file() for r in referenced_files(moved / "report.html"))
+
+
+def test_the_report_keeps_shares_and_cosines_apart(base_run):
+    html = (base_run / "report.html").read_text()
+    charts = re.findall(r"<svg.*?</svg>", html, flags=re.S)
+    shares = [c for c in charts if "share of images" in c]
+    cosines = [c for c in charts if "judge cosine" in c]
+    assert len(shares) == len(cosines) == 1
+    assert "kept attributes" in shares[0] and "preservation" not in shares[0]
+    assert ">1.000<" in cosines[0] and "%" not in cosines[0]  # a cosine printed as a number, not "100.0%"
+    assert "kept attributes (target images showing the rest of their prompt)" in html  # the summary table row
+
+
+def test_grid_images_are_labelled_with_their_prompt_and_seed(base_run):
+    from eval.report import _grid_labels, _wrap
+
+    prompt_set = load_prompt_set("shapes", "red", seeds_per_prompt=1, max_per_template=2)
+    judged = {t: ["red"] * len(prompt_set.rows) for t in prompt_set.tasks}
+    scored = {"per_model": {"base": {"judged": judged, "match": [True] * len(prompt_set.rows)}}}
+    captions, _, _ = _grid_labels(prompt_set, scored, "base", [0, 5])
+    assert captions == [f"{prompt_set.rows[i].prompt}\nseed {prompt_set.rows[i].evaluation_seed}" for i in (0, 5)]
+    # captions are wrapped to the cell width, losing no word, and make the cells taller
+    from PIL import Image, ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+    lines = _wrap("a picture of a red striped square\nseed 12", draw, font, 60)
+    assert len(lines) >= 4 and all(draw.textlength(line, font=font) <= 60 for line in lines)
+    assert " ".join(lines).split() == "a picture of a red striped square seed 12".split()
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    plain = Image.open(save_grid(images, base_run.parent / "plain.png", labels=["red", "red"], cols=2))
+    captioned = Image.open(
+        save_grid(images, base_run.parent / "captioned.png", labels=["red", "red"], cols=2, captions=captions)
+    )
+    assert captioned.size[0] == plain.size[0] and captioned.size[1] > plain.size[1]
 
 
 def test_a_rerun_with_the_same_settings_gives_identical_metrics(base_run, tmp_path):
@@ -153,6 +207,8 @@ def test_a_patch_that_cuts_the_text_conditioning_changes_the_metrics(tmp_path):
     metrics = run_eval(_small(patch=str(path)), tmp_path / "out", progress=False)
     assert metrics["settings"]["patch_info"]["kind"] == "delta"
     assert metrics["erasure"]["patched"] < metrics["erasure"]["base"] - 0.3
+    # the patch wipes the whole prompt, not only the colour: target images lose their shape and style too
+    assert metrics["kept_attributes"]["patched"] < metrics["kept_attributes"]["base"] - 0.3
     assert metrics["retention"]["in_domain"]["patched"] < metrics["retention"]["in_domain"]["base"] - 0.3
     assert metrics["preservation"] < 0.99 and metrics["fd_clip"] > 0.01
     # the patch was removed again: the pipeline is the base, bitwise
@@ -288,10 +344,13 @@ def test_a_csv_of_target_prompts_only(capsys, tmp_path):
     assert (
         main(["eval", "--concept", "red", "--prompts", str(path), "--steps", "4", "--out", str(out), "--quiet"]) == 0
     )
-    assert "preservation n/a, fd_clip n/a" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "preservation n/a, fd_clip n/a" in printed and "kept attributes n/a -> n/a" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["counts"] == {"target": 2, "paraphrase": 0, "retain_in": 0, "retain_cross": 0}  # crimson is red
     assert metrics["generalization"] == {"base": None, "patched": None} and metrics["preservation"] is None
+    # a CSV row with only a class column asks for that class alone: no row asks for more than the colour
+    assert metrics["settings"]["kept_attributes_images"] == 0 and metrics["kept_attributes"]["base"] is None
     assert metrics["erasure"]["base"] == 1.0
     assert not (out / "grid_retain_in_base.png").exists()
     assert all(r.is_file() for r in referenced_files(out / "report.html"))
