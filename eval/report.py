@@ -136,6 +136,48 @@ def svg_bar_chart(values: dict[str, float], title: str, threshold: float | None 
     return "".join(parts)
 
 
+def svg_scatter(
+    points: dict[str, tuple[float | None, float | None]],
+    x_label: str,
+    y_label: str,
+    title: str,
+    width: int = 460,
+    height: int = 340,
+) -> str:
+    """A labelled scatter plot of shares in [0, 1] as inline SVG (one point per name, e.g. erasure vs retention)."""
+    pad, left, bottom = 8, 56, 44
+    plot_w, plot_h = width - left - 2 * pad, height - bottom - 30
+    parts = _svg_open(width, height, title, pad)
+
+    def x_of(v: float) -> float:
+        return left + plot_w * max(0.0, min(1.0, v))
+
+    def y_of(v: float) -> float:
+        return 24 + plot_h * (1 - max(0.0, min(1.0, v)))
+
+    parts.append(f'<rect x="{left}" y="24" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{x_of(tick) - 10:.1f}" y="{24 + plot_h + 14}">{100 * tick:.0f}%</text>')
+        parts.append(f'<text x="{left - 36}" y="{y_of(tick) + 4:.1f}">{100 * tick:.0f}%</text>')
+    parts.append(f'<text x="{left + plot_w / 2 - 60:.1f}" y="{height - 8}">{html.escape(x_label)}</text>')
+    parts.append(
+        f'<text x="12" y="{24 + plot_h / 2 + 60:.1f}" transform="rotate(-90 12 {24 + plot_h / 2 + 60:.1f})">'
+        f"{html.escape(y_label)}</text>"
+    )
+    palette = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d"]
+    for i, (name, (x, y)) in enumerate(points.items()):
+        if x is None or y is None:
+            continue
+        colour = "#555" if name == "base" else palette[i % len(palette)]
+        parts.append(f'<circle cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="5" fill="{colour}"/>')
+        parts.append(
+            f'<text x="{x_of(x) + 7:.1f}" y="{y_of(y) - 6 - 11 * (i % 3):.1f}" fill="{colour}">{html.escape(name)}'
+            f" ({100 * x:.1f}%, {100 * y:.1f}%)</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)

@@ -117,6 +117,8 @@ class TrainingLoop:
         self.last_checkpoint: Path | None = None
         self.stats: dict = {}
         self.timer = PassTimer([*modules.values(), *(frozen or [])])
+        if resume:  # refuse a missing checkpoint now, before a method spends minutes sampling
+            self._checkpoint_to_resume()
 
     @property
     def process(self) -> int:
@@ -131,14 +133,18 @@ class TrainingLoop:
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
 
-    def _restore(self) -> None:
-        if not self.resume:
-            return
+    def _checkpoint_to_resume(self) -> Path:
         if self.checkpoint_dir is None:
             raise ValueError("--resume needs a checkpoint folder; pass --checkpoint-dir (or the same --out as before)")
         found = ckpt.latest(self.checkpoint_dir)
         if found is None:
             raise ValueError(f"--resume: no checkpoint in {self.checkpoint_dir}; run without --resume to start afresh")
+        return found
+
+    def _restore(self) -> None:
+        if not self.resume:
+            return
+        found = self._checkpoint_to_resume()
         self.start_step = ckpt.load(found, self.raw_modules, self.optimizers, self.config, self.method)
         self.last_checkpoint = found
 
