@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,49 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
+# Value checks for flags (argparse ``type=``): a bad value is refused while parsing, before anything loads, in one
+# line naming the flag and the valid range. A CliError raised here leaves argparse as is and reaches `main`.
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+MAX_IMAGES = 1000  # images per `erase generate` run: 1000 SDXL images (and their grid) still fit in memory
+
+
+def _number(flag: str, low: float | None = None, high: float | None = None):
+    """A finite float, optionally within ``[low, high]``."""
+    if low is not None and high is not None:
+        expected = f"finite and between {low:g} and {high:g}"
+    elif low is not None:
+        expected = f"a finite number of at least {low:g}"
+    else:
+        expected = "a finite number"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise CliError(f"{flag} must be {expected}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            raise CliError(f"{flag} must be {expected}, got {text}")
+        return value
+
+    return parse
+
+
+def _integer(flag: str, low: int, high: int | None = None):
+    """An integer within ``[low, high]``."""
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise CliError(f"{flag} must be {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise CliError(f"{flag} must be {expected}, got {value}")
+        return value
+
+    return parse
+
+
 def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="erase", description="Remove concepts from image generators.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -38,13 +84,33 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     world_commands.required = True
     train = world_commands.add_parser("train", help="train the Shapes world's models and write them as safetensors")
     train.add_argument("--only", choices=list(WORLD_MODELS), action="append", help="train only these (repeatable)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps of each CLIP, the UNet and the GAN")
-    train.add_argument("--batch-size", type=int, default=None, help="images per step (default: the config's)")
-    train.add_argument("--pool-size", type=int, default=None, help="distinct world images per CLIP")
-    train.add_argument("--threads", type=int, default=None, help="torch threads while training (default: 2)")
-    train.add_argument("--seed", type=int, default=None, help="override the seed (default: guide 1, judge 2)")
-    train.add_argument("--vae-steps", type=int, default=None, help="optimizer steps of the Shapes VAE")
-    train.add_argument("--eval-n", type=int, default=600, help="held-out images for the accuracy table (0: skip)")
+    train.add_argument(
+        "--steps", type=_integer("--steps", 1), default=None, help="optimizer steps of each CLIP, the UNet and the GAN"
+    )
+    train.add_argument(
+        "--batch-size", type=_integer("--batch-size", 1), default=None, help="images per step (default: the config's)"
+    )
+    train.add_argument(
+        "--pool-size", type=_integer("--pool-size", 1), default=None, help="distinct world images per CLIP"
+    )
+    train.add_argument(
+        "--threads", type=_integer("--threads", 1, 256), default=None, help="torch threads while training (default: 2)"
+    )
+    train.add_argument(
+        "--seed",
+        type=_integer("--seed", 0, SEED_MAX),
+        default=None,
+        help="override the seed (default: guide 1, judge 2)",
+    )
+    train.add_argument(
+        "--vae-steps", type=_integer("--vae-steps", 1), default=None, help="optimizer steps of the Shapes VAE"
+    )
+    train.add_argument(
+        "--eval-n",
+        type=_integer("--eval-n", 0, 100_000),
+        default=600,
+        help="held-out images for the accuracy table (0: skip)",
+    )
     train.add_argument("--out", default=None, help="output folder (default: the package's shipped weights folder)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     export_world = world_commands.add_parser("export", help="write the Shapes pipeline as a standard diffusers folder")
@@ -55,27 +121,56 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     source.add_argument("--model", metavar="M", help="'shapes' or a local diffusers folder")
     source.add_argument("--gan", metavar="G", help="'shapes' (the Shapes world's GAN)")
     generate.add_argument("--prompt", help="text prompt (required with --model)")
-    generate.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    generate.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    generate.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
+    generate.add_argument(
+        "--n",
+        type=_integer("--n", 1, MAX_IMAGES),
+        default=8,
+        help=f"number of images, at most {MAX_IMAGES} (default: 8)",
+    )
+    generate.add_argument(
+        "--seed",
+        type=_integer("--seed", 0, SEED_MAX),
+        default=0,
+        help="seed of the first image; image k uses seed + k",
+    )
+    generate.add_argument(
+        "--steps", type=_integer("--steps", 1, 1000), default=25, help="sampling steps (default: 25)"
+    )
+    generate.add_argument(
+        "--guidance",
+        type=_number("--guidance", 0, 100),
+        default=5.0,
+        help="classifier-free guidance scale, 0 to 100 (default: 5)",
+    )
     generate.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png")
     generate.add_argument(
         "--patch", action="append", metavar="P", help="apply this erase patch in memory first (repeatable, in order)"
     )
-    generate.add_argument("--scale", type=float, action="append", metavar="S", help="one per --patch (default 1.0)")
+    generate.add_argument(
+        "--scale", type=_number("--scale"), action="append", metavar="S", help="one per --patch (default 1.0)"
+    )
     generate.add_argument("--force", action="store_true", help="apply even if a patch's base fingerprint differs")
+    generate.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
 
     demo = commands.add_parser("demo", help="run the main job on the Shapes world and write an HTML report")
     demo.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")
-    demo.add_argument("--n", type=int, default=48, help="world images to draw and judge in the grid")
-    demo.add_argument("--eval-n", type=int, default=600, help="held-out images for the accuracy table")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the drawn images")
-    demo.add_argument("--concept", default="red", help="concept the evaluator section scores (default: red)")
-    demo.add_argument("--steps", type=int, default=25, help="sampling steps of the evaluator section (default: 25)")
-    demo.add_argument("--seeds-per-prompt", type=int, default=None, help="evaluator seeds per prompt")
+    demo.add_argument("--n", type=_integer("--n", 1, 10_000), default=48, help="world images to draw and judge")
     demo.add_argument(
-        "--max-per-template", type=int, default=None, help="evaluator prompts per template (default: 12)"
+        "--eval-n", type=_integer("--eval-n", 1, 100_000), default=600, help="held-out images for the accuracy table"
+    )
+    demo.add_argument("--seed", type=_integer("--seed", 0, SEED_MAX), default=0, help="seed of the drawn images")
+    demo.add_argument("--concept", default="red", help="concept the evaluator section scores (default: red)")
+    demo.add_argument(
+        "--steps", type=_integer("--steps", 1, 1000), default=25, help="sampling steps of the evaluator (default: 25)"
+    )
+    demo.add_argument(
+        "--seeds-per-prompt", type=_integer("--seeds-per-prompt", 1), default=None, help="evaluator seeds per prompt"
+    )
+    demo.add_argument(
+        "--max-per-template",
+        type=_integer("--max-per-template", 1),
+        default=None,
+        help="evaluator prompts per template (default: 12)",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_patch_commands(commands)
@@ -136,16 +231,22 @@ def _add_train_command(commands: argparse._SubParsersAction, method: str | None)
         )
 
 
+_SKIP_HASH_HELP = "do not check the patch's tensors against the sha256 in its header (saves ~1 s per GB)"
+
+
 def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
     """``inspect``, ``apply`` and ``export``: read, bake in and convert erase patches."""
     inspect = commands.add_parser("inspect", help="show a patch's metadata, targets and size")
     inspect.add_argument("patch", metavar="PATCH", help="an erase patch (.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    inspect.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
 
     apply = commands.add_parser("apply", help="bake patches into a base pipeline and save a new diffusers folder")
     apply.add_argument("--model", required=True, metavar="M", help="base: a diffusers folder or a .safetensors file")
     apply.add_argument("--patch", required=True, action="append", metavar="P", help="a patch (repeatable, in order)")
-    apply.add_argument("--scale", type=float, action="append", metavar="S", help="one per --patch (default 1.0)")
+    apply.add_argument(
+        "--scale", type=_number("--scale"), action="append", metavar="S", help="one per --patch (default 1.0)"
+    )
     apply.add_argument("--force", action="store_true", help="apply even if a patch's base fingerprint does not match")
     apply.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing pipeline folder at --out")
@@ -153,32 +254,68 @@ def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
     apply.add_argument(
         "--trust-remote-code", action="store_true", help="allow a pickled .ckpt/.pt --model (unpickling can run code)"
     )
+    apply.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
 
     export = commands.add_parser("export", help="convert a patch to a diffusers/PEFT LoRA or a kohya/A1111 LoRA file")
     export.add_argument("patch", metavar="PATCH", help="an erase patch (.safetensors)")
     export.add_argument("--to", required=True, choices=["lora", "kohya"], help="output format")
-    export.add_argument("--rank", type=int, metavar="R", help="LoRA rank for a delta or sparse patch (truncated SVD)")
+    export.add_argument(
+        "--rank", type=_integer("--rank", 1), metavar="R", help="LoRA rank for a delta or sparse patch (truncated SVD)"
+    )
     export.add_argument("--out", required=True, metavar="FILE", help="output file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with ``argv`` (``sys.argv[1:]`` by default); return the exit status."""
+    """Run the command line with ``argv`` (``sys.argv[1:]`` by default); return the exit status.
+
+    Ctrl-C prints one line and returns 130 (128 + SIGINT, as shells report it); every writer removes its temporary
+    files on the way out, so earlier outputs stay as they were.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     from erase.training.loop import TrainingDiverged
 
+    with _warnings_as_lines():
+        try:
+            args = _build_parser(_train_method(argv)).parse_args(argv)
+            return _dispatch(args)
+        except TrainingDiverged as err:
+            print(f"erase: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        except CliError as err:
+            print(f"erase: error: {err}", file=sys.stderr)
+            return 2
+        except (ValueError, FileNotFoundError, OSError, ImportError) as err:  # ImportError: a missing optional extra
+            print(f"erase: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                "erase: interrupted (Ctrl-C); no partial output was left, earlier outputs are unchanged",
+                file=sys.stderr,
+            )
+            return 130
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":  # a real bug: keep its traceback
+                raise
+            print(
+                f"erase: error: unreadable safetensors file ({_one_line(err)}); re-download or re-save it",
+                file=sys.stderr,
+            )
+            return 2
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show erase's own warnings (logger ``erase``) as ``erase: warning: ...`` lines on stderr while a command runs."""
+    logger = logging.getLogger("erase")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("erase: warning: %(message)s"))
+    logger.addHandler(handler)
     try:
-        args = _build_parser(_train_method(argv)).parse_args(argv)
-        return _dispatch(args)
-    except TrainingDiverged as err:
-        print(f"erase: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    except CliError as err:
-        print(f"erase: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, OSError, ImportError) as err:  # ImportError: a missing optional extra
-        print(f"erase: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _train_method(argv: list[str]) -> str | None:
@@ -204,12 +341,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "world" and args.world_command == "train":
         from erase.world import train_world
 
-        if args.steps is not None and args.steps < 1:
-            raise CliError("--steps must be at least 1")
-        if args.vae_steps is not None and args.vae_steps < 1:
-            raise CliError("--vae-steps must be at least 1")
-        if args.eval_n < 0:
-            raise CliError("--eval-n must be 0 or more")
         train_world(
             only=args.only,
             steps=args.steps,
@@ -237,8 +368,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from erase.demo import run_demo
 
-        if args.n < 1 or args.eval_n < 1:
-            raise CliError("--n and --eval-n must be at least 1")
         run_demo(
             out=args.out,
             n=args.n,
@@ -307,6 +436,7 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  {component + ':':<15}{entry['hash']} (over {entry['n_tensors']} base tensors)")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(summary["versions"].items()))
     lines.append(f"versions:        {versions or '-'}")
+    lines.append(f"data hash:       {_HASH_LINES[summary['data_hash']].format(n=summary['n_tensors'])}")
     if summary["lora_config"]:
         lora = summary["lora_config"]
         ranks = "; ".join(f"{c} r={lora[c]['r']} lora_alpha={lora[c]['lora_alpha']}" for c in summary["targets"])
@@ -319,11 +449,19 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+_HASH_LINES = {
+    "verified": "verified (the sha256 of each of the {n} tensors matches the header)",
+    "skipped": "not checked (--skip-hash-check)",
+    "absent": "none stored (written before erase stored tensor hashes): the data cannot be checked; re-save to add",
+    "in memory": "-",
+}
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from erase.patch import load_patch
 
     path = Path(args.patch)
-    summary = patch_summary(load_patch(path), path)
+    summary = patch_summary(load_patch(path, verify=not args.skip_hash_check), path)
     print(json.dumps(summary, indent=2, sort_keys=True) if args.json else "\n".join(_summary_lines(summary)))
     return 0
 
@@ -332,64 +470,43 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
-def _check_out_folder(out: Path, overwrite: bool, model: Path) -> bool:
-    """Refuse an --out folder we must not touch; return whether it exists (and will be replaced)."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a folder; choose a folder")
-    if not out.parent.is_dir():
-        raise CliError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    if _same_path(out, model):
-        raise CliError("--out must differ from --model; choose a new folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise CliError(f"--out {out} is not empty; choose a new folder or pass --overwrite")
-        if not (out / "model_index.json").is_file():
-            # --overwrite replaces a previous output, never an unrelated folder someone pointed --out at by mistake.
-            raise CliError(f"--out {out} is not a diffusers pipeline folder; refusing to replace it, choose another")
-    return out.exists()
-
-
 def _apply(args: argparse.Namespace) -> int:
+    from erase.fsutil import check_output_folder
     from erase.patch import load_patch
 
     scales = args.scale or [1.0] * len(args.patch)
     if len(scales) != len(args.patch):
         raise CliError(f"give one --scale per --patch ({len(args.patch)} patches, {len(scales)} scales)")
     out = Path(args.out)
-    replace = _check_out_folder(out, args.overwrite, Path(args.model))
-    patches = [load_patch(p) for p in args.patch]  # every patch is validated before the slow model load
+    if _same_path(out, Path(args.model)):
+        raise CliError("--out must differ from --model; choose a new folder")
+    from pipelines.apply import check_replaceable, save_patched_pipeline, stack_patches
 
-    from pipelines.apply import save_patched_pipeline, stack_patches
+    # --overwrite replaces a folder erase apply wrote before, never an unrelated one; decided again when writing.
+    check_output_folder(out, args.overwrite, label="--out", may_replace=check_replaceable)
+    # every patch is validated (and its data hash checked) before the slow model load
+    patches = [load_patch(p, verify=not args.skip_hash_check) for p in args.patch]
+
     from pipelines.loading import load_pipeline
 
     pipe = load_pipeline(args.model, trust_remote_code=args.trust_remote_code, config=args.config)
     stack_patches(pipe, patches, scales, force=args.force)
-    save_patched_pipeline(pipe, out, overwrite=replace)
+    save_patched_pipeline(pipe, out, overwrite=args.overwrite, label="--out")
     applied = ", ".join(f"{p} x{s:g}" for p, s in zip(args.patch, scales))
     print(f"wrote {out} ({type(pipe).__name__}; {applied})")
     return 0
 
 
-def _check_out_file(out: Path, overwrite: bool, source: Path) -> None:
-    if out.is_dir():
-        raise CliError(f"--out {out} is a folder; pass a file name")
-    if not out.parent.is_dir():
-        raise CliError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    if _same_path(out, source):
-        raise CliError("--out must differ from PATCH; choose a new file")
-    if out.exists() and not overwrite:
-        raise CliError(f"--out {out} already exists; choose a new file or pass --overwrite")
-
-
 def _export(args: argparse.Namespace) -> int:
+    from erase.fsutil import check_output_file
     from erase.lora_export import delta_to_lora, lora_to_kohya
     from erase.patch import load_patch, save_patch
 
-    if args.rank is not None and args.rank < 1:
-        raise CliError(f"--rank must be at least 1, got {args.rank}")
     source, out = Path(args.patch), Path(args.out)
-    _check_out_file(out, args.overwrite, source)
-    patch = load_patch(source)
+    if _same_path(out, source):
+        raise CliError("--out must differ from PATCH; choose a new file")
+    check_output_file(out, args.overwrite, label="--out")
+    patch = load_patch(source, verify=not args.skip_hash_check)
     if patch.kind == "lora":
         if args.rank is not None:
             raise CliError("--rank applies to delta and sparse patches; this patch is already a LoRA, drop --rank")
@@ -400,19 +517,23 @@ def _export(args: argparse.Namespace) -> int:
             raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank")
         patch, error = delta_to_lora(patch, args.rank)
         print(f"relative reconstruction error at rank {args.rank}: {error:.3e}")
+    # whether --out exists is decided again when the file is complete: of two runs, the second fails
     if args.to == "lora":
-        save_patch(patch, out)
+        save_patch(patch, out, overwrite=args.overwrite, label="--out")
     else:
-        lora_to_kohya(patch, out)
+        lora_to_kohya(patch, out, overwrite=args.overwrite, label="--out")
     print(f"wrote {out} ({args.to})")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from erase.fsutil import check_output_folder
     from erase.world import generate_to_folder
 
-    if args.n < 1 or args.steps < 1:
-        raise CliError("--n and --steps must be at least 1")
+    if args.seed + args.n - 1 > SEED_MAX:
+        raise CliError(
+            f"--seed {args.seed} + --n {args.n} runs past the largest seed {SEED_MAX}; pass a smaller --seed"
+        )
     if args.model is not None and (args.prompt is None or not args.prompt.strip()):
         raise CliError("--model needs a non-empty --prompt")
     if args.gan is not None and args.prompt is not None:
@@ -425,6 +546,7 @@ def _generate(args: argparse.Namespace) -> int:
     scales = args.scale or [1.0] * len(patches)
     if len(scales) != len(patches):
         raise CliError(f"give one --scale per --patch ({len(patches)} patches, {len(scales)} scales)")
+    check_output_folder(args.out, overwrite=True, label="--out", create_parents=True)  # before the model loads
     written = generate_to_folder(
         args.out,
         model=args.model,
@@ -437,6 +559,7 @@ def _generate(args: argparse.Namespace) -> int:
         patches=patches,
         scales=scales,
         force=args.force,
+        verify=not args.skip_hash_check,
     )
     applied = f" with {', '.join(f'{p} x{s:g}' for p, s in zip(patches, scales))}" if patches else ""
     print(f"wrote {len(written) - 1} images and {written[-1]}{applied}")
@@ -496,10 +619,11 @@ def _train(args: argparse.Namespace) -> int:
     if not args.out:
         raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")
     from erase.config_args import config_from_args
+    from erase.fsutil import check_output_file
     from erase.registry import get_method
 
     out = Path(args.out).expanduser()
-    _check_out_file(out, args.overwrite or args.resume, out.with_name(out.name + ".source"))
+    check_output_file(out, args.overwrite or args.resume, label="--out")
     cls = get_method(args.method).CONFIG
     config = config_from_args(cls, args, args.config)
     if args.concepts_file:
@@ -509,7 +633,13 @@ def _train(args: argparse.Namespace) -> int:
     from erase.training.run import train_patch
 
     patch = train_patch(
-        args.method, config, out, checkpoint_dir=checkpoint_dir, resume=args.resume, progress=not args.quiet
+        args.method,
+        config,
+        out,
+        checkpoint_dir=checkpoint_dir,
+        resume=args.resume,
+        progress=not args.quiet,
+        overwrite=args.overwrite or args.resume,
     )
     seconds = patch.notes.get("wall_seconds")
     print(f"wrote {out} ({args.method}, {patch.kind}, {', '.join(patch.concepts)}; {seconds} s)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from erase.fsutil import write_file
 from erase.patch import LORA_A, LORA_B, Patch, PatchError, first_offenders, lora_config_kwargs
 
 
@@ -57,6 +58,12 @@ def delta_to_lora(patch: Patch, rank: int) -> tuple[Patch, float]:
             f"{patch.where}: LoRA needs 2-D or 4-D weights, not {first_offenders(sorted(set(bad)))}; "
             "keep it a delta patch"
         )
+    full = max(min(shape[0], math.prod(shape[1:])) for shape in _shapes(patch, names))
+    if rank > full:
+        raise PatchError(
+            f"{patch.where}: rank {rank} is above the largest rank these weights can have ({full}); pass a rank of at "
+            f"most {full} (rank {full} is exact)"
+        )
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     total_error = total_norm = 0.0
     per_tensor = {}
@@ -68,6 +75,10 @@ def delta_to_lora(patch: Patch, rank: int) -> tuple[Patch, float]:
             per_tensor[f"{component}.{name}"] = math.sqrt(error / norm) if norm else 0.0
     rel_error = math.sqrt(total_error / total_norm) if total_norm else 0.0
     return _lora_from_factors(patch, factors, rank, rel_error, per_tensor), rel_error
+
+
+def _shapes(patch: Patch, names: dict[str, list[str]]) -> list[tuple[int, ...]]:
+    return [patch.target_shape(c, n) for c, ns in names.items() for n in ns]
 
 
 def _lora_from_factors(patch: Patch, factors: dict, rank: int, rel_error: float, per_tensor: dict) -> Patch:
@@ -140,7 +151,9 @@ def _with_out_proj(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, siblings
 
 
-def lora_to_kohya(patch: Patch, path: str | os.PathLike, sdxl: bool | None = None) -> Path:
+def lora_to_kohya(
+    patch: Patch, path: str | os.PathLike, sdxl: bool | None = None, overwrite: bool = True, label: str | None = None
+) -> Path:
     """Write a ``lora`` patch as a kohya/A1111 ``.safetensors`` file (atomically).
 
     Keys: ``lora_unet_<module>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha`` (the real alpha: kohya
@@ -152,6 +165,8 @@ def lora_to_kohya(patch: Patch, path: str | os.PathLike, sdxl: bool | None = Non
         path (`str` or `os.PathLike`): the output file.
         sdxl (`bool`, *optional*): name the first text encoder ``lora_te1_``; default: whether the patch has a
             ``text_encoder_2`` target.
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing file (see `erase.fsutil.write_file`).
+        label (`str`, *optional*): the command-line flag naming ``path`` in messages.
     """
     if patch.kind != "lora":
         raise PatchError(f"{patch.where}: only lora patches export to kohya (this is {patch.kind}); use delta_to_lora")
@@ -178,11 +193,4 @@ def lora_to_kohya(patch: Patch, path: str | os.PathLike, sdxl: bool | None = Non
         "erase.concepts": json.dumps(patch.concepts),
         "erase.base_fingerprint": json.dumps(patch.base_fingerprint, sort_keys=True),
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_file(path, lambda tmp: save_file(state, str(tmp), metadata=header), overwrite=overwrite, label=label)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from erase.fsutil import write_file
+
 FORMAT_VERSION = 1
 KINDS = ("lora", "delta", "sparse")
 TARGETS = ("unet", "text_encoder", "text_encoder_2", "generator")
@@ -45,6 +48,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' own key (diffusers.loaders.lora_base)
 MASK, VALUES, SCALE = ".sparse_mask", ".sparse_values", ".sparse_scale"
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+HASHES_KEY = "erase.tensor_sha256"  # per stored tensor, the sha256 of its bytes as written
+# What `Patch.hash_check` says about the data of a patch read from a file.
+HASH_VERIFIED, HASH_SKIPPED, HASH_ABSENT, HASH_IN_MEMORY = "verified", "skipped", "absent", "in memory"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _SHOWN = 5  # offenders listed in an error message
 
@@ -78,6 +84,12 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         digest.update(f"{name}\0{list(tensor.shape)}\0".encode())
         digest.update(tensor.numpy().data)
     return {"hash": digest.hexdigest(), "n_tensors": len(tensors)}
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 hex digest of a tensor's bytes as safetensors stores them (C order, little-endian hosts)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
 
 
 def short_hash(entry: Mapping[str, Any] | None) -> str:
@@ -150,6 +162,10 @@ class Patch:
         versions (`dict[str, str]`, *optional*): package versions; defaults to the running ones.
         format_version (`int`, *optional*, defaults to `FORMAT_VERSION`).
         source (`str`, *optional*): the file the patch was read from (used in messages).
+        tensor_hashes (`dict[str, str]`, *optional*): as read from a file, the sha256 of every stored tensor
+            (`save_patch` computes them afresh; files written before erase stored them have none).
+        hash_check (`str`, *optional*): what loading found: ``"verified"``, ``"skipped"`` (``verify=False``),
+            ``"absent"`` (an older file without hashes) or ``"in memory"``.
     """
 
     kind: str
@@ -164,6 +180,8 @@ class Patch:
     versions: dict[str, str] = field(default_factory=_versions)
     format_version: int = FORMAT_VERSION
     source: str | None = None
+    tensor_hashes: dict[str, str] = field(default_factory=dict)
+    hash_check: str = HASH_IN_MEMORY
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -195,10 +213,15 @@ class Patch:
             "notes": self.notes,
             "n_tensors": {t: len(self.target_names(t)) for t in self.targets},
             "nbytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
+            "data_hash": self.hash_check,
         }
 
     def header(self) -> dict[str, str]:
-        """The safetensors ``__metadata__``: every value a JSON string, erase keys namespaced ``erase.*``."""
+        """The safetensors ``__metadata__``: every value a JSON string, erase keys namespaced ``erase.*``.
+
+        Includes the sha256 of every tensor's bytes (``erase.tensor_sha256``), computed now, so that `load_patch`
+        can tell corrupted data from a real weight change (a flipped exponent bit stays finite).
+        """
         header = {
             "format": "pt",
             "erase.format_version": json.dumps(self.format_version),
@@ -210,6 +233,7 @@ class Patch:
             "erase.base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
             "erase.versions": json.dumps(self.versions, sort_keys=True),
             "erase.notes": json.dumps(self.notes, sort_keys=True),
+            HASHES_KEY: json.dumps({k: tensor_sha256(t) for k, t in self.tensors.items()}, sort_keys=True),
         }
         if self.kind == "sparse":
             header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
@@ -281,18 +305,116 @@ def _fail(patch: Patch, problem: str, fix: str) -> PatchError:
     return PatchError(f"{patch.where}: {problem}; {fix}")
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _dict_of(value: Any, item_ok) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and item_ok(v) for k, v in value.items())
+
+
+def _fingerprint_ok(value: Any) -> bool:
+    return _dict_of(
+        value,
+        lambda e: (
+            isinstance(e, dict)
+            and isinstance(e.get("hash"), str)
+            and bool(_HEX64.fullmatch(e["hash"]))
+            and _is_int(e.get("n_tensors"))
+            and e["n_tensors"] >= 0
+        ),
+    ) and all(c in TARGETS for c in value)
+
+
+def _lora_config_ok(value: Any) -> bool:
+    def one(cfg: Any) -> bool:
+        return (
+            isinstance(cfg, dict)
+            and _is_int(cfg.get("r"))
+            and cfg["r"] > 0
+            and _is_number(cfg.get("lora_alpha"))
+            and _dict_of(cfg.get("rank_pattern", {}), lambda r: _is_int(r) and r > 0)
+            and _dict_of(cfg.get("alpha_pattern", {}), _is_number)
+            and isinstance(cfg.get("use_rslora", False), bool)
+        )
+
+    return _dict_of(value, one) and all(c in TARGETS for c in value)
+
+
+# The patch header's schema, in one place: Patch field -> (header key, check, what the value must be). Construction
+# and `load_patch` both validate through it, so a value of the wrong shape is one `PatchError` naming the field.
+_SCHEMA: dict[str, tuple[str, Any, str]] = {
+    "format_version": ("erase.format_version", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "kind": ("erase.kind", lambda v: isinstance(v, str) and v in KINDS, f"one of {', '.join(KINDS)}"),
+    "method": ("erase.method", lambda v: isinstance(v, str), "a string"),
+    "config": ("erase.config", lambda v: isinstance(v, dict), "a JSON object"),
+    "concepts": (
+        "erase.concepts",
+        lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+        "a list of strings",
+    ),
+    "base_fingerprint": (
+        "erase.base_fingerprint",
+        _fingerprint_ok,
+        'an object mapping components (unet, text_encoder, ...) to {"hash": 64 hex digits, "n_tensors": integer}',
+    ),
+    "versions": ("erase.versions", lambda v: _dict_of(v, lambda x: isinstance(x, str)), "an object of strings"),
+    "notes": ("erase.notes", lambda v: isinstance(v, dict), "a JSON object"),
+    "shapes": (
+        "erase.shapes",
+        lambda v: _dict_of(v, lambda x: isinstance(x, list) and all(_is_int(d) and d >= 0 for d in x)),
+        "an object mapping tensor keys to lists of non-negative integers",
+    ),
+    "lora_config": (
+        LORA_METADATA_KEY,
+        _lora_config_ok,
+        "per component a LoraConfig with a positive integer r, a finite lora_alpha and object rank/alpha patterns",
+    ),
+    "tensor_hashes": (
+        HASHES_KEY,
+        lambda v: _dict_of(v, lambda x: isinstance(x, str) and bool(_HEX64.fullmatch(x))),
+        "an object mapping tensor keys to sha256 digests (64 hex digits)",
+    ),
+}
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value looks, for messages: ``a number (5)``, ``a string ("x")``, ``a list``, ``true``."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    kind = {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")
+    shown = json.dumps(value)
+    return f"{kind} ({shown if len(shown) <= 40 else shown[:37] + '...'})"
+
+
+def _schema_error(where: str, field_name: str, value: Any, from_file: bool) -> PatchError | None:
+    """The `PatchError` for a field whose value does not fit `_SCHEMA`, or ``None`` if it fits."""
+    key, ok, expected = _SCHEMA[field_name]
+    if ok(value):
+        return None
+    name, fix = (key, "the header is corrupt, re-export the patch") if from_file else (field_name, "fix the value")
+    return PatchError(f"{where}: {name} must be {expected}, got {_json_kind(value)}; {fix}")
+
+
 def _validate(patch: Patch) -> None:
-    """Check a patch's structure; raise one-line `PatchError` naming the first offenders."""
-    if not isinstance(patch.format_version, int) or patch.format_version < 1:
-        raise _fail(patch, f"invalid format version {patch.format_version!r}", "the header is corrupt; re-export")
-    if patch.format_version > FORMAT_VERSION:
+    """Check a patch's header fields against `_SCHEMA` and its tensors' structure; raise one-line `PatchError`."""
+    if _is_int(patch.format_version) and patch.format_version > FORMAT_VERSION:
         raise _fail(
             patch,
             f"unknown format version {patch.format_version} (this erase reads up to {FORMAT_VERSION})",
             "upgrade erase to read it",
         )
-    if patch.kind not in KINDS:
-        raise _fail(patch, f"unknown patch kind {patch.kind!r}", f"expected one of {', '.join(KINDS)}")
+    for name in _SCHEMA:
+        error = _schema_error(patch.where, name, getattr(patch, name), patch.source is not None)
+        if error is not None:
+            raise error
     if not patch.tensors:
         raise _fail(patch, "the patch holds no tensors", "build it from weights that differ from the base")
     bad_prefix = [k for k in patch.tensors if k.split(".", 1)[0] not in TARGETS or "." not in k]
@@ -556,21 +678,24 @@ def lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) ->
 # Reading and writing files
 
 
-def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
-    """Write ``patch`` to ``path`` atomically (a temporary file in the same folder, then a rename).
+def save_patch(patch: Patch, path: str | os.PathLike, overwrite: bool = True, label: str | None = None) -> Path:
+    """Write ``patch`` to ``path`` atomically (a uniquely named temporary file in the same folder, then a rename),
+    with the sha256 of every tensor in the header and the file mode the user's umask gives.
 
     Returns the path written. On any failure the previous file at ``path``, if any, is left untouched.
+
+    Args:
+        patch (`Patch`): the patch.
+        path (`str` or `os.PathLike`): the output file; its folder must exist.
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing file. With `False`, a file that
+            exists when the write finishes (even one another process created meanwhile) raises `FileExistsError`.
+        label (`str`, *optional*): the command-line flag naming ``path`` in messages (e.g. ``"--out"``).
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise PatchError(f"{path}: folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: t.contiguous() for k, t in patch.tensors.items()}, str(tmp), metadata=patch.header())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    header = patch.header()
+    tensors = {k: t.contiguous() for k, t in patch.tensors.items()}
+    return write_file(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata=header), overwrite=overwrite, label=label
+    )
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -594,7 +719,20 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(header, dict):
         raise PatchError(f"{path}: corrupted safetensors header (not a JSON object); re-export it")
     file_meta = header.pop("__metadata__", None) or {}
-    ends = [entry.get("data_offsets", [0, 0])[1] for entry in header.values() if isinstance(entry, dict)]
+    if not isinstance(file_meta, dict):
+        raise PatchError(f"{path}: corrupted safetensors header (__metadata__ is not an object); re-export it")
+    not_text = [k for k, v in file_meta.items() if not isinstance(v, str)]
+    if not_text:
+        raise PatchError(
+            f"{path}: header values must be strings (safetensors metadata), not {first_offenders(not_text)}; "
+            "the header is corrupt, re-export it"
+        )
+    ends = []
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+            raise PatchError(f"{path}: corrupted safetensors header (entry {name!r} has no valid data_offsets)")
+        ends.append(offsets[1])
     if max(ends, default=0) != size - 8 - length:
         raise PatchError(
             f"{path}: truncated or padded: header promises {max(ends, default=0)} bytes of tensor data, the file "
@@ -625,13 +763,74 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise PatchError(f"{path}: cannot read tensors ({reason}); re-download or re-export it") from None
 
 
-def load_patch(path: str | os.PathLike) -> Patch:
+def _unpack_lora_metadata(path: Path, packed: Any) -> dict[str, dict[str, Any]]:
+    """diffusers' flat ``{"unet.r": 4, ...}`` LoRA metadata -> ``{"unet": {"r": 4, ...}}``."""
+    if not isinstance(packed, dict):
+        raise PatchError(
+            f"{path}: {LORA_METADATA_KEY} must be a JSON object, got {_json_kind(packed)}; the header is corrupt, "
+            "re-export the patch"
+        )
+    undotted = [k for k in packed if "." not in k]
+    if undotted:
+        raise PatchError(
+            f"{path}: {LORA_METADATA_KEY} keys must be component-prefixed (unet.r, text_encoder.lora_alpha, ...), "
+            f"not {first_offenders(undotted)}; the header is corrupt, re-export the patch"
+        )
+    lora_config: dict[str, dict[str, Any]] = {}
+    for key, value in packed.items():
+        component, field_name = key.split(".", 1)
+        lora_config.setdefault(component, {})[field_name] = value
+    return lora_config
+
+
+def _check_targets(patch: Patch, listed: Any) -> None:
+    """``erase.targets`` is redundant with the tensor keys; a disagreement means the header was edited or damaged."""
+    if not (isinstance(listed, list) and all(isinstance(t, str) for t in listed)) or set(listed) != set(patch.targets):
+        raise PatchError(
+            f"{patch.where}: erase.targets is {_json_kind(listed)} but the tensors change "
+            f"{', '.join(patch.targets)}; the header is corrupt, re-export the patch"
+        )
+
+
+def verify_tensor_hashes(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], hashes: Any) -> None:
+    """Check every tensor against its sha256 from the header; a mismatch (corrupted data) is a `PatchError`.
+
+    Args:
+        path: the file, for messages.
+        tensors (`Mapping[str, torch.Tensor]`): the tensors as read.
+        hashes: the parsed ``erase.tensor_sha256`` header value.
+    """
+    error = _schema_error(str(path), "tensor_hashes", hashes, from_file=True)
+    if error is not None:
+        raise error
+    unlisted, stale = sorted(set(tensors) - set(hashes)), sorted(set(hashes) - set(tensors))
+    if unlisted or stale:
+        raise PatchError(
+            f"{path}: {HASHES_KEY} does not list the file's tensors (missing {first_offenders(unlisted) or '-'}; "
+            f"extra {first_offenders(stale) or '-'}); the file is damaged, re-download or re-export it"
+        )
+    corrupted = [k for k in sorted(tensors) if tensor_sha256(tensors[k]) != hashes[k]]
+    if corrupted:
+        raise PatchError(
+            f"{path}: tensor data does not match its sha256 in the header for {first_offenders(corrupted)}: the file "
+            "is corrupted; re-download or re-export it"
+        )
+
+
+def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
     """Read and validate an erase patch file. Never unpickles; every problem raises a one-line `PatchError`.
 
     Args:
         path (`str` or `os.PathLike`): a ``.safetensors`` file written by `save_patch`.
+        verify (`bool`, *optional*, defaults to `True`): check every tensor's bytes against the sha256 stored in
+            the header (about 1 s per GB on one core, see ``benchmarks/patches.py --hash-gb``). Files written before
+            erase stored hashes load without the check; `Patch.hash_check` says which case applied.
     """
+    if not str(path).strip():
+        raise PatchError("empty patch path; pass the path of an erase .safetensors patch")
     path = Path(path)
+    if path.is_dir():
+        raise PatchError(f"{path}: is a folder, not a patch file; pass the patch's .safetensors file")
     if not path.is_file():
         raise PatchError(f"{path}: no such file; check the path")
     _, file_meta = _read_header(path)
@@ -641,22 +840,28 @@ def load_patch(path: str | os.PathLike) -> Patch:
             f"{path}: not an erase patch, its header has no erase.format_version{hint}; pass an erase patch"
         )
     version = _parse_json(path, file_meta, "erase.format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:  # refuse before interpreting anything else
+    if _is_int(version) and version > FORMAT_VERSION:  # refuse before interpreting anything else
         raise PatchError(
             f"{path}: unknown format version {version} (this erase reads up to {FORMAT_VERSION}); upgrade"
         )
     kind = _parse_json(path, file_meta, "erase.kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise PatchError(f"{path}: unknown patch kind {kind!r}; expected one of {', '.join(KINDS)}")
     lora_config = {}
     if kind == "lora":
-        packed = _parse_json(path, file_meta, LORA_METADATA_KEY)
-        for key, value in packed.items():
-            component, field_name = key.split(".", 1)
-            lora_config.setdefault(component, {})[field_name] = value
-    return Patch(
+        lora_config = _unpack_lora_metadata(path, _parse_json(path, file_meta, LORA_METADATA_KEY))
+    tensors = _read_tensors(path)
+    hashes = _parse_json(path, file_meta, HASHES_KEY) if HASHES_KEY in file_meta else {}
+    if HASHES_KEY not in file_meta:
+        hash_check = HASH_ABSENT
+    elif verify:
+        verify_tensor_hashes(path, tensors, hashes)  # before any value check: corruption is named as such
+        hash_check = HASH_VERIFIED
+    else:
+        hash_check = HASH_SKIPPED
+    patch = Patch(
         kind=kind,
-        tensors=_read_tensors(path),
+        tensors=tensors,
         base_fingerprint=_parse_json(path, file_meta, "erase.base_fingerprint"),
         method=_parse_json(path, file_meta, "erase.method"),
         config=_parse_json(path, file_meta, "erase.config"),
@@ -667,4 +872,9 @@ def load_patch(path: str | os.PathLike) -> Patch:
         versions=_parse_json(path, file_meta, "erase.versions", {}),
         format_version=version,
         source=str(path),
+        tensor_hashes=hashes,
+        hash_check=hash_check,
     )
+    if "erase.targets" in file_meta:
+        _check_targets(patch, _parse_json(path, file_meta, "erase.targets"))
+    return patch

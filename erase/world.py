@@ -137,23 +137,18 @@ def export_world(directory: str | Path) -> Path:
     loads it without this package), in the form transformers 4.x + diffusers 0.30 load with the same weights too
     (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`)."""
     import pipelines
+    from erase.fsutil import check_output_folder, write_folder
     from pipelines.portable import make_portable
 
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise FileExistsError(f"{directory} exists and is not an empty folder: pass a new folder")
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    directory = check_output_folder(directory, overwrite=False)  # a new or empty folder, checked before loading
     pipe = pipelines.load("shapes")
-    pipe.save_pretrained(tmp)
-    make_portable(tmp)
-    if directory.exists():
-        directory.rmdir()
-    tmp.rename(directory)
-    return directory
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
+
+    # a uniquely named temporary folder, renamed into place only if nobody else wrote `directory` meanwhile
+    return write_folder(directory, write, overwrite=False)
 
 
 def generate_to_folder(
@@ -169,12 +164,14 @@ def generate_to_folder(
     patches: list[str | Path] | None = None,
     scales: list[float] | None = None,
     force: bool = False,
+    verify: bool = True,
 ) -> list[Path]:
     """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written.
 
     ``patches`` (erase patch files, applied in order with one scale each from ``scales``, default 1.0) are applied to
     the pipeline or GAN generator in memory only, so the images show what the patched model draws without writing a
-    patched model folder. Every patch is read and validated before the model loads.
+    patched model folder. Every patch is read and validated (its data hash too, unless ``verify=False``) before the
+    model loads.
     """
 
     import pipelines
@@ -184,7 +181,7 @@ def generate_to_folder(
     from pipelines.sampling import generate_images, sample_gan
 
     out = Path(out)
-    patches = [load_patch(p) for p in patches or []]
+    patches = [load_patch(p, verify=verify) for p in patches or []]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -15,10 +15,13 @@ weight changes, so a refused patch leaves the model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import json
+import math
+import numbers
 import os
-import shutil
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erase.patch import Patch, PatchError, fingerprint, load_patch, short_hash
+from erase.fsutil import OutputError, check_output_folder, write_folder
+from erase.patch import LORA_A, LORA_B, Patch, PatchError, fingerprint, load_patch, short_hash
 from pipelines.portable import make_portable
 
 _SHOWN = 5
@@ -91,6 +95,11 @@ def _components(target: object, patch: Patch, component: str | None) -> dict[str
     if "generator" in patch.targets:
         raise PatchError(
             f"{patch.where}: a generator patch applies to an nn.Module, not to a pipeline; pass the module"
+        )
+    if component is not None and component not in patch.targets:
+        raise PatchError(
+            f"{patch.where}: component={component!r} is not a target of this patch (it changes "
+            f"{', '.join(patch.targets)}); pass one of those, or no component"
         )
     wanted = [component] if component else patch.targets
     missing = [c for c in wanted if not isinstance(getattr(target, c, None), nn.Module)]
@@ -159,22 +168,82 @@ def _list(items: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Scales: finite, and small enough that no patched weight leaves its dtype's range
+
+
+def _checked_scale(patch: Patch, scale: object) -> float:
+    """``scale`` as a float; NaN, inf, booleans and non-numbers are refused (they would silently ruin weights)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise PatchError(f"{patch.where}: scale must be a finite number, got {scale!r}; pass e.g. scale=1.0")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise PatchError(f"{patch.where}: scale must be a finite number, got {value}; pass e.g. scale=1.0")
+    return value
+
+
+def _delta_peak_bound(patch: Patch, component: str, name: str) -> float:
+    """An upper bound of ``max |delta|`` for one weight, cheap for LoRA: ``|(B A)_ij| <= |B_i| |A_j|``."""
+    if patch.kind != "lora":
+        return patch.dense_delta(component, name).abs().max().item()
+    module = name[: -len(".weight")]
+    down = patch.tensors[f"{component}.{module}{LORA_A}"].to(torch.float64).flatten(1)
+    up = patch.tensors[f"{component}.{module}{LORA_B}"].to(torch.float64).flatten(1)
+    bound = up.norm(dim=1).max().item() * down.norm(dim=0).max().item()
+    return abs(patch.lora_scaling(component, module)) * bound
+
+
+def _check_fits(
+    patch: Patch, scale: float, live: dict[str, dict[str, torch.Tensor]], deltas: dict | None = None
+) -> None:
+    """Refuse, before any weight changes, a scale with which ``w + scale * delta`` would overflow the weight's dtype
+    (inf, then NaN images). A cheap bound clears almost every case; the exact sum is computed only near the limit."""
+    for component, named in live.items():
+        for name, tensor in named.items():
+            if not tensor.is_floating_point():
+                raise PatchError(f"{patch.where}: {component}.{name} is {tensor.dtype}, not a float weight")
+            limit = torch.finfo(tensor.dtype).max
+            if abs(scale) > limit:
+                raise PatchError(
+                    f"{patch.where}: scale {scale:g} is beyond the largest {tensor.dtype} number; pass a smaller scale"
+                )
+            peak_w = tensor.detach().abs().max().item() if tensor.numel() else 0.0
+            if peak_w + abs(scale) * _delta_peak_bound(patch, component, name) <= 0.5 * limit:
+                continue
+            delta = deltas[(component, name)] if deltas else patch.dense_delta(component, name)
+            peak_d = delta.abs().max().item()
+            total = tensor.detach().to("cpu", torch.float64) + scale * delta.to(torch.float64)
+            if not total.abs().max().item() <= limit:
+                safe = (limit - peak_w) / peak_d if peak_d else math.inf
+                raise PatchError(
+                    f"{patch.where}: scale {scale:g} makes {component}.{name} overflow {tensor.dtype} (the largest "
+                    f"scale that fits is about {safe:.3g}); pass a smaller scale"
+                )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # In-place kinds (delta, sparse, and LoRA on bare modules)
 
 
-def _add_in_place(handle: PatchHandle, live: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Save a copy of each touched tensor, then add ``scale * delta`` to it in place."""
-    deltas = {(c, n): handle.patch.dense_delta(c, n) for c, named in live.items() for n in named}  # decode first
+def _decode(handle: PatchHandle, live: dict[str, dict[str, torch.Tensor]]) -> dict[tuple[str, str], torch.Tensor]:
+    return {(c, n): handle.patch.dense_delta(c, n) for c, named in live.items() for n in named}
+
+
+def _add_in_place(handle: PatchHandle, live: dict[str, dict[str, torch.Tensor]], deltas: dict | None = None) -> None:
+    """Save a copy of each touched tensor, then add ``scale * delta`` to it in place; all or nothing (on any
+    exception, Ctrl-C included, the tensors already changed are restored)."""
+    deltas = deltas if deltas is not None else _decode(handle, live)  # decode everything before changing anything
     if handle.scale == 0:  # w + 0 * d flips -0.0 to +0.0; skipping keeps "scale 0 equals the base" bitwise
         return
-    with torch.no_grad():
-        for (component, name), delta in deltas.items():
-            tensor = live[component][name]
-            if not tensor.is_floating_point():
-                raise PatchError(f"{handle.patch.where}: {component}.{name} is {tensor.dtype}, not a float weight")
-            handle.saved.append((tensor, tensor.detach().clone()))
-            delta = delta.to(tensor.device, tensor.dtype)
-            tensor.add_(delta) if handle.scale == 1 else tensor.add_(delta, alpha=handle.scale)
+    try:
+        with torch.no_grad():
+            for (component, name), delta in deltas.items():
+                tensor = live[component][name]
+                handle.saved.append((tensor, tensor.detach().clone()))
+                delta = delta.to(tensor.device, tensor.dtype)
+                tensor.add_(delta) if handle.scale == 1 else tensor.add_(delta, alpha=handle.scale)
+    except BaseException:
+        _restore(handle)
+        raise
 
 
 def _restore(handle: PatchHandle) -> None:
@@ -273,21 +342,43 @@ def apply_patch(
     """
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
+    scale = _checked_scale(patch, scale)
     components = _components(target, patch, component)
     live = _check(target, patch, components, force)
-    handle = PatchHandle(patch=patch, scale=float(scale), target=target, components=components)
+    handle = PatchHandle(patch=patch, scale=scale, target=target, components=components)
     if patch.kind == "lora" and _is_pipeline(target):
         _check_lora_modules(patch, components)
         handle.adapter_name = adapter_name or f"erase_{patch.method or 'patch'}_{next(_COUNTER)}"
         if component is not None and component != patch.targets[0] or len(components) != len(patch.targets):
             raise PatchError(f"{patch.where}: a LoRA patch applies to all its targets at once; drop component=")
-        _load_lora(target, patch, handle.adapter_name)
-        _STACKS.setdefault(target, []).append(handle)
-        _activate(target)
+        _check_fits(patch, scale, live)
+        try:
+            _load_lora(target, patch, handle.adapter_name)
+            _STACKS.setdefault(target, []).append(handle)
+            _activate(target)
+        except BaseException:
+            _unload_failed_lora(target, handle)
+            raise
         return handle
-    _add_in_place(handle, live)
+    deltas = _decode(handle, live)
+    _check_fits(patch, scale, live, deltas)
+    _add_in_place(handle, live, deltas)
     _STACKS.setdefault(target, []).append(handle)
     return handle
+
+
+def _unload_failed_lora(pipe: object, handle: PatchHandle) -> None:
+    """Undo a LoRA load that failed half-way, so that a refused patch leaves the pipeline as it was."""
+    stack = _STACKS.get(pipe, [])
+    if handle in stack:
+        stack.remove(handle)
+    with contextlib.suppress(Exception):  # the adapter may not have been created at all
+        pipe.delete_adapters([handle.adapter_name])
+    with contextlib.suppress(Exception):
+        if not any(pipe.get_list_adapters().values()):
+            pipe.unload_lora_weights()
+        else:
+            _activate(pipe)
 
 
 def stack_patches(
@@ -309,7 +400,7 @@ def stack_patches(
     try:
         for patch, scale in zip(patches, scales):
             handles.append(apply_patch(target, patch, scale=scale, **kwargs))
-    except PatchError:
+    except BaseException:  # any failure, Ctrl-C included: leave the target as it was
         for handle in reversed(handles):
             remove_patch(handle)
         raise
@@ -373,12 +464,16 @@ def fuse_patch(
         component = None if len(handle.components) == len(patch.targets) else next(iter(handle.components))
     elif not isinstance(patch, Patch):
         patch = load_patch(patch)
+    scale = _checked_scale(patch, scale)
     if any(h.adapter_name is None for h in _STACKS.get(target, [])):
         raise PatchError(f"{patch.where}: remove the applied in-place patches before fusing (their restore undoes it)")
     components = _components(target, patch, component)
     live = _check(target, patch, components, force)
+    handle = PatchHandle(patch=patch, scale=scale, target=target, components=components)
+    deltas = _decode(handle, live)
+    _check_fits(patch, scale, live, deltas)
     # Reuse the in-place path and drop the saved copies: the change becomes part of the base.
-    _add_in_place(PatchHandle(patch=patch, scale=float(scale), target=target, components=components), live)
+    _add_in_place(handle, live, deltas)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,36 +496,100 @@ def _merged_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def save_patched_pipeline(pipe: object, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+MANIFEST = "erase_patches.json"  # written into every folder `save_patched_pipeline` makes: provenance and file list
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file (and link) under ``folder``, as sorted ``/``-separated relative paths."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in files + links:
+            out.append(Path(root, name).relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def _write_manifest(pipe: object, folder: Path) -> None:
+    """Record what was baked in (each applied patch, its scale and provenance) and every file written, so that a
+    later ``overwrite=True`` can tell this folder from one it must not delete."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        erase_version = version("erase")
+    except PackageNotFoundError:
+        erase_version = "not installed"
+    patches = [
+        {
+            "source": h.patch.source,
+            "scale": h.scale,
+            "kind": h.patch.kind,
+            "method": h.patch.method,
+            "concepts": h.patch.concepts,
+            "targets": sorted(h.components),
+            "base_fingerprint": h.patch.base_fingerprint,
+        }
+        for h in applied_patches(pipe)
+    ]
+    manifest = {
+        "written_by": "erase save_patched_pipeline",
+        "erase": erase_version,
+        "pipeline": type(pipe).__name__,
+        "patches": patches,
+        "files": _files_under(folder),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def check_replaceable(folder: Path) -> None:
+    """Raise `OutputError` unless ``folder`` is a pipeline folder `save_patched_pipeline` wrote and holds nothing
+    else: ``overwrite=True`` never deletes a user's folder or files."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        listed = {str(name) for name in listed}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(
+            f"{folder}: not a pipeline folder written by erase (no valid {MANIFEST}); refusing to replace it: "
+            "choose another folder, or delete it yourself"
+        ) from None
+    foreign = [name for name in _files_under(folder) if name not in listed and name != MANIFEST]
+    if foreign:
+        raise OutputError(
+            f"{folder}: holds files erase did not write ({_list(foreign)}); refusing to replace it: move them, or "
+            "choose another folder"
+        )
+
+
+def save_patched_pipeline(
+    pipe: object, directory: str | os.PathLike, overwrite: bool = False, label: str | None = None
+) -> Path:
     """Save ``pipe`` with its applied patches baked in, as a standard diffusers folder (``save_pretrained``).
 
     LoRA adapters are merged into copies of their components, so the folder loads with a plain
-    ``DiffusionPipeline.from_pretrained`` and the in-memory pipeline keeps its (removable) patches. The folder is
-    written next to ``directory`` and renamed into place; it loads with the same weights under transformers 4.x and
-    diffusers 0.30 as here (`pipelines.portable.make_portable`).
+    ``DiffusionPipeline.from_pretrained`` and the in-memory pipeline keeps its (removable) patches. The folder also
+    gets ``erase_patches.json`` (the patches and scales baked in, and the files written). It is written under a
+    unique temporary name next to ``directory`` and renamed into place when complete; whether ``directory`` exists
+    is decided at that moment, so of two runs writing one folder the second fails unless ``overwrite``. It loads with
+    the same weights under transformers 4.x and diffusers 0.30 as here (`pipelines.portable.make_portable`).
 
     Args:
         pipe (`DiffusionPipeline`): the patched pipeline.
-        directory (`str` or `os.PathLike`): the output folder.
-        overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
+        directory (`str` or `os.PathLike`): the output folder: new, empty, or (with ``overwrite``) one this function
+            wrote before.
+        overwrite (`bool`, *optional*, defaults to `False`): replace a folder this function wrote before. Any other
+            non-empty folder, or one holding files it did not write, is refused, never deleted.
+        label (`str`, *optional*): the command-line flag naming ``directory`` in messages.
     """
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise PatchError(f"{directory}: already exists; choose a new folder or pass overwrite=True")
+    check_output_folder(directory, overwrite, label=label, may_replace=check_replaceable)
     overrides = {}
     for name, module in pipe.components.items():
         if isinstance(module, nn.Module) and any(".lora_" in k for k in module.state_dict()):
             overrides[name] = _merged_copy(module)
     plain = type(pipe).from_pipe(pipe, **overrides) if overrides else pipe
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
-    try:
-        plain.save_pretrained(tmp)
-        make_portable(tmp)  # text-encoder key names and tokenizer files that transformers 4.x reads too
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
+        _write_manifest(pipe, folder)  # last: it lists the files written
+
+    return write_folder(directory, write, overwrite=overwrite, may_replace=check_replaceable, label=label)

@@ -22,11 +22,11 @@ def _one_line_error(capsys) -> str:
         ([], "required: COMMAND"),
         (["world"], "required: WORLD_COMMAND"),
         (["world", "fly"], "invalid choice: 'fly'"),
-        (["world", "train", "--steps", "many"], "invalid int value: 'many'"),
-        (["world", "train", "--steps", "0"], "--steps must be at least 1"),
+        (["world", "train", "--steps", "many"], "--steps must be an integer of at least 1, got 'many'"),
+        (["world", "train", "--steps", "0"], "--steps must be an integer of at least 1, got 0"),
         (["world", "train", "--only", "referee"], "invalid choice: 'referee'"),
         (["world", "train", "--bogus"], "unrecognized arguments: --bogus"),
-        (["demo", "--n", "0"], "--n and --eval-n must be at least 1"),
+        (["demo", "--n", "0"], "--n must be an integer from 1 to 10000, got 0"),
         (["world", "train", "--pool-size", "8", "--quiet"], "pool_size (8) must be at least batch_size (256)"),
     ],
 )
@@ -115,7 +115,7 @@ def test_console_script_and_module_entry_point():
         (["generate", "--prompt", "a red circle", "--out", "OUT"], "one of the arguments --model --gan is required"),
         (
             ["generate", "--model", "shapes", "--prompt", "a", "--n", "0", "--out", "OUT"],
-            "--n and --steps must be at least 1",
+            "--n must be an integer from 1 to 1000, got 0",
         ),
     ],
 )
@@ -130,4 +130,4 @@ def test_generate_to_an_unwritable_folder_is_a_one_line_error(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["generate", "--gan", "shapes", "--n", "2", "--out", str(blocker / "sub")]) == 2
-    assert "cannot create the output folder" in _one_line_error(capsys)
+    assert f"{blocker} is a file, not a folder" in _one_line_error(capsys)

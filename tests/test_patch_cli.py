@@ -179,7 +179,9 @@ def test_export_delta_to_lora_reports_error_and_is_exact_at_full_rank(work, tmp_
     assert printed_error(capsys.readouterr().out) > 0.1  # a random full-rank delta is far from rank 1
 
     full = tmp_path / "full.safetensors"
-    assert main(["export", str(work.delta), "--to", "lora", "--rank", "1024", "--out", str(full)]) == 0
+    assert main(["export", str(work.delta), "--to", "lora", "--rank", "1024", "--out", str(full)]) == 2
+    assert "rank 1024 is above the largest rank these weights can have (32)" in one_line_error(capsys)
+    assert main(["export", str(work.delta), "--to", "lora", "--rank", "32", "--out", str(full)]) == 0
     assert printed_error(capsys.readouterr().out) < 1e-6
     lora = load_patch(full)
     assert lora.kind == "lora" and lora.base_fingerprint == delta.base_fingerprint and lora.method == "esd"
@@ -217,16 +219,25 @@ ERRORS = [
     (["apply", "--model", "{root}/no_model", "--patch", "{delta}", "--out", "{root}/o"], "no_model: no such folder"),
     ([*APPLY, "--out", "{model}"], "--out must differ from --model"),
     ([*APPLY, "--out", "{root}"], "is not empty; choose a new folder"),
-    ([*APPLY, "--out", "{root}", "--overwrite"], "is not a diffusers pipeline folder; refusing to replace it"),
+    (
+        [*APPLY, "--out", "{root}", "--overwrite"],
+        "not a pipeline folder written by erase (no valid erase_patches.json); refusing",
+    ),
     ([*APPLY, "--out", "{root}/a/b"], "does not exist; create it first"),
     ([*APPLY, "--scale", "1", "--scale", "2", "--out", "{root}/o"], "one --scale per --patch (1 patches, 2 scales)"),
-    ([*APPLY, "--scale", "big", "--out", "{root}/o"], "invalid float value: 'big'"),
+    ([*APPLY, "--scale", "big", "--out", "{root}/o"], "--scale must be a finite number, got 'big'"),
     (["apply", "--model", "{root}/model.ckpt", "--patch", "{delta}", "--out", "{root}/o"], "--trust-remote-code"),
     (["apply", "--model", "{lora}", "--config", "{root}", "--patch", "{delta}", "--out", "{root}/o"], "model_index"),
     (["apply", "--patch", "{delta}", "--out", "{root}/o"], "the following arguments are required: --model"),
     (["export", "{delta}", "--to", "ckpt", "--out", "{root}/x"], "argument --to: invalid choice: 'ckpt'"),
-    (["export", "{delta}", "--to", "lora", "--rank", "0", "--out", "{root}/x"], "--rank must be at least 1, got 0"),
-    (["export", "{delta}", "--to", "lora", "--rank", "two", "--out", "{root}/x"], "invalid int value: 'two'"),
+    (
+        ["export", "{delta}", "--to", "lora", "--rank", "0", "--out", "{root}/x"],
+        "--rank must be an integer of at least 1, got 0",
+    ),
+    (
+        ["export", "{delta}", "--to", "lora", "--rank", "two", "--out", "{root}/x"],
+        "--rank must be an integer of at least 1, got 'two'",
+    ),
     (["export", "{delta}", "--to", "lora", "--out", "{root}/x"], "a delta patch exports to LoRA by truncated SVD"),
     (["export", "{lora}", "--to", "kohya", "--rank", "2", "--out", "{root}/x"], "drop --rank"),
     (["export", "{lora}", "--to", "lora", "--out", "{root}/x"], "already a lora patch"),

@@ -10,9 +10,7 @@ interval, which may change). The two newest checkpoints are kept.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from erase.config_args import config_to_dict
+from erase.fsutil import write_file
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 _KEEP = 2
@@ -77,14 +76,7 @@ def save(directory: Path, step: int, modules: dict, optimizers: dict, config, me
         "optimizers": optim_meta,
     }
     final = _path(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"erase.checkpoint": json.dumps(header)})
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file(final, lambda tmp: save_file(tensors, str(tmp), metadata={"erase.checkpoint": json.dumps(header)}))
     for old in list_checkpoints(directory)[:-_KEEP]:
         old.unlink(missing_ok=True)
     return final

@@ -51,6 +51,7 @@ def train_patch(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> Patch:
     """Train ``method`` with ``config`` and return its patch (also written to ``out`` when given).
 
@@ -60,6 +61,8 @@ def train_patch(
         out (`str` or `Path`, *optional*): where to write the patch (atomically; main process only).
         pipe (*optional*): an already loaded base pipeline (default: ``load_pipeline(config.model)``); left unchanged.
         checkpoint_dir, resume, progress: training-loop options (see `erase.training.loop`).
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing ``out``; with `False` a file that
+            exists when training ends (another run's) is an error, not silently replaced.
     """
     spec = method_spec(method)
     module = get_method(method)
@@ -96,7 +99,7 @@ def train_patch(
     finally:
         torch.set_num_threads(previous_threads)
     if out is not None and _is_main_process():
-        save_patch(patch, out)
+        save_patch(patch, out, overwrite=overwrite, label="--out")
     return patch
 
 

@@ -1,0 +1,366 @@
+"""Writing files and folders so that nothing is lost and nothing is half-written.
+
+Every artifact erase writes (patches, LoRA exports, pipeline folders, evaluation outputs, the Shapes world's
+weights) goes through this module:
+
+- the data is written under a temporary name that is unique per process and call (``tempfile``), in the same folder
+  as the final path, so that the final rename is atomic and never crosses a file system;
+- the final path is published atomically: a file by ``os.replace`` (overwrite) or ``os.link`` (create only, so two
+  runs racing for one name cannot both succeed), a folder by ``os.rename`` (which refuses a non-empty folder);
+  what exists is decided at that moment, not only when a command starts;
+- on any failure, ``KeyboardInterrupt`` included, the temporary file or folder is removed and whatever was at the
+  final path before is left as it was;
+- files and folders get the modes the user's umask gives (``tempfile`` and safetensors create them 0600);
+- I/O errors (also safetensors' ``SafetensorError`` wrapping one) become one-line `OutputError` messages that name
+  the path and the fix.
+
+Standard library only, so that the leaf modules (``erase.patch``) can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EFBIG: "the file is larger than this file system (or a file-size limit) allows: write elsewhere",
+    errno.EACCES: "no permission to write there: choose a folder you can write to",
+    errno.EPERM: "no permission to write there: choose a folder you can write to",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.ENOENT: "the folder does not exist: create it first",
+    errno.EISDIR: "it is a folder: pass a file name",
+}
+# Errors of os.link that mean "this file system has no hard links", not "the name exists".
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+class OutputError(OSError):
+    """An output that cannot be written, or that would replace what it must not. The message is one line."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output path exists (possibly created by another run while this one was working)."""
+
+
+def _where(path: Path, label: str | None) -> str:
+    return f"{label} {path}" if label else str(path)
+
+
+def output_error(err: BaseException, path: str | os.PathLike, label: str | None = None) -> OutputError | None:
+    """The one-line `OutputError` for an I/O failure while writing ``path``; ``None`` if ``err`` is no I/O error.
+
+    Besides `OSError`, this recognises errors that carry an OS error code only in their text, as safetensors'
+    ``SafetensorError`` does (``"... No space left on device (os error 28)"``).
+    """
+    if isinstance(err, OutputError):
+        return err
+    if isinstance(err, OSError) and err.errno is not None:
+        code = err.errno
+    else:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            return None
+        code = int(found.group(1))
+    fix = _FIXES.get(code, "check the path and the disk")
+    return OutputError(f"cannot write {_where(Path(path), label)} ({os.strerror(code)}); {fix}", code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modes
+
+
+def umask() -> int:
+    """The process umask (read without changing it where ``/proc`` allows)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    current = os.umask(0o022)  # no /proc: the classic read-by-setting, restored at once
+    os.umask(current)
+    return current
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes a plain ``open``/``mkdir`` would have given."""
+    mask = umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks before any heavy work
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists() or parent == parent.parent:
+            return parent
+    return Path(".")
+
+
+def check_parent(path: str | os.PathLike, label: str | None = None, create: bool = False) -> Path:
+    """Check that ``path`` can be created: its folder exists (or, with ``create``, can be made) and is writable.
+
+    Writability is probed by creating and removing a uniquely named empty file, which also catches read-only mounts
+    and pseudo file systems (``/proc``) that permission bits do not show.
+    """
+    path = Path(path)
+    if not str(path) or str(path) == ".":
+        raise OutputError(f"{label or 'output'}: empty path; pass a file or folder name")
+    parent = path.parent
+    if not parent.is_dir():
+        existing = _nearest_existing(path)
+        if existing.exists() and not existing.is_dir():
+            raise OutputError(
+                f"cannot write {_where(path, label)}: {existing} is a file, not a folder; choose another path",
+                errno.ENOTDIR,
+            )
+        if not create:
+            raise OutputError(f"{_where(path, label)}: folder {parent} does not exist; create it first", errno.ENOENT)
+        parent = existing
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise output_error(err, path, label) from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, label: str | None = None) -> Path:
+    """Refuse, before any work, an output file that cannot be written or that exists without ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{_where(path, label)} is a folder; pass a file name", errno.EISDIR)
+    check_parent(path, label)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{_where(path, label)} already exists; choose a new file or pass --overwrite (overwrite=True)",
+            errno.EEXIST,
+        )
+    return path
+
+
+def check_output_folder(
+    path: str | os.PathLike,
+    overwrite: bool,
+    label: str | None = None,
+    may_replace: Callable[[Path], None] | None = None,
+    create_parents: bool = False,
+) -> Path:
+    """Refuse, before any work, an output folder that cannot be written, or that is not empty without
+    ``overwrite``; with ``overwrite``, ``may_replace(path)`` raises if the existing folder must not be replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
+    check_parent(path, label, create=create_parents)
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(
+                f"{_where(path, label)} is not empty; choose a new folder or pass --overwrite (overwrite=True)",
+                errno.ENOTEMPTY,
+            )
+        if may_replace is not None:
+            may_replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the few renames that must happen together; it is raised right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
+
+
+def _temp_file(path: Path, label: str | None) -> Path:
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise output_error(err, path, label) from None
+    os.close(fd)
+    return Path(name)
+
+
+def _exists_error(path: Path, label: str | None) -> OutputExistsError:
+    return OutputExistsError(
+        f"{_where(path, label)} already exists (another run may have written it meanwhile); nothing was replaced: "
+        "choose a new name or pass --overwrite (overwrite=True)",
+        errno.EEXIST,
+    )
+
+
+def _publish_file(tmp: Path, path: Path, overwrite: bool, label: str | None) -> None:
+    if path.is_dir():
+        raise OutputError(f"{_where(path, label)} is a folder; pass a file name", errno.EISDIR)
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic create-only: fails if the name exists, whoever made it
+    except FileExistsError:
+        raise _exists_error(path, label) from None
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+        try:  # no hard links here: reserve the name exclusively, then move the data onto the reservation
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise _exists_error(path, label) from None
+        os.replace(tmp, path)
+
+
+def write_file(
+    path: str | os.PathLike, write: Callable[[Path], object], overwrite: bool = True, label: str | None = None
+) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a uniquely named temporary file next to ``path``, which then
+    becomes ``path`` (replacing an existing file only with ``overwrite``). On any failure, the temporary file is
+    removed and ``path`` is left as it was. Returns ``path``.
+
+    Args:
+        path (`str` or `os.PathLike`): the final file.
+        write (`Callable[[Path], object]`): writes the whole content to the path it is given.
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing file; without it an existing file,
+            even one created while ``write`` ran, is an `OutputExistsError`.
+        label (`str`, *optional*): the command-line flag naming the path in messages (e.g. ``"--out"``).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{_where(path, label)}: folder {path.parent} does not exist; create it first", errno.ENOENT)
+    tmp = _temp_file(path, label)
+    try:
+        write(tmp)
+        apply_umask(tmp)
+        _publish_file(tmp, path, overwrite, label)
+    except Exception as err:
+        converted = output_error(err, path, label)
+        if converted is None or converted is err:
+            raise
+        raise converted from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True, label: str | None = None) -> Path:
+    """`write_file` for bytes already in memory."""
+    return write_file(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, label=label)
+
+
+def temp_folder(beside: str | os.PathLike, label: str | None = None) -> Path:
+    """A new, uniquely named, hidden folder next to ``beside`` (for staging an output before publishing it)."""
+    beside = Path(beside)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
+    except OSError as err:
+        raise output_error(err, beside, label) from None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a staging folder this process made (it is never a user's folder)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_folder(
+    path: str | os.PathLike,
+    write: Callable[[Path], object],
+    overwrite: bool = False,
+    may_replace: Callable[[Path], None] | None = None,
+    label: str | None = None,
+) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a uniquely named temporary folder next to ``path``, which is
+    then renamed to ``path``. An empty existing folder is replaced; a non-empty one only with ``overwrite``, and then
+    only if ``may_replace(path)`` (checked at that moment) does not raise. The replaced folder is deleted. On any
+    failure the temporary folder is removed and ``path`` is left as it was. Returns ``path``.
+
+    Args:
+        path (`str` or `os.PathLike`): the final folder.
+        write (`Callable[[Path], object]`): writes everything into the (existing, empty) folder it is given.
+        overwrite (`bool`, *optional*, defaults to `False`): allow replacing a non-empty folder.
+        may_replace (`Callable[[Path], None]`, *optional*): raises `OutputError` if an existing folder must not be
+            replaced (for example because this program did not write it).
+        label (`str`, *optional*): the command-line flag naming the path in messages.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
+    if not path.parent.is_dir():
+        raise OutputError(f"{_where(path, label)}: folder {path.parent} does not exist; create it first", errno.ENOENT)
+    tmp = temp_folder(path, label)
+    try:
+        write(tmp)
+        apply_umask(tmp)
+        _publish_folder(tmp, path, overwrite, may_replace, label)
+    except Exception as err:
+        converted = output_error(err, path, label)
+        if converted is None or converted is err:
+            raise
+        raise converted from None
+    finally:
+        remove_tree(tmp)
+    return path
+
+
+def _publish_folder(
+    tmp: Path, path: Path, overwrite: bool, may_replace: Callable[[Path], None] | None, label: str | None
+) -> None:
+    try:
+        os.rename(tmp, path)  # atomic; succeeds only if path is absent or an empty folder
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+    if not path.is_dir():
+        raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
+    if not overwrite:
+        raise _exists_error(path, label)
+    if may_replace is not None:
+        may_replace(path)
+    old = temp_folder(path, label)  # an empty, uniquely named folder that the old output is renamed onto
+    with deferred_interrupt():
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            os.rename(old, path)  # put the previous output back before reporting
+            raise
+    remove_tree(old)
