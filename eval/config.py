@@ -7,6 +7,32 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FLAGS = {"patch_scale": "--scale"}  # command-line flags whose name differs from the field's
+
+
+def flag(name: str) -> str:
+    """The ``erase eval`` flag of an `EvalConfig` field, as error messages name it."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+# Valid ranges, checked once here for the command line and the Python API alike. Upper bounds keep a typo from
+# asking for more than any machine holds (every image of a run stays in memory until it is scored).
+_INT_RANGES = {
+    "steps": (1, 1000),  # diffusers schedulers refuse more steps than their 1000 training timesteps
+    "grid_size": (1, 1024),
+    "batch_size": (1, 4096),
+    "seeds_per_prompt": (1, 1000),
+    "max_per_template": (1, 100_000),
+    "height": (8, 8192),
+    "width": (8, 8192),
+}
+_OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width"}
+_FLOAT_RANGES = {
+    "patch_scale": (-math.inf, math.inf),  # finite; whether it overflows the weights is checked when applying
+    "guidance": (0.0, 100.0),  # beyond ~100 images saturate to black or white
+    "nudity_threshold": (0.0, 1.0),
+}
+
 
 @dataclass
 class EvalConfig:
@@ -35,21 +61,25 @@ class EvalConfig:
     nudity_threshold: float = field(default=0.6, metadata={"help": "NudeNet score threshold"})
     grid_size: int = field(default=16, metadata={"help": "images per before/after grid in the report"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
+    skip_hash_check: bool = field(
+        default=False, metadata={"help": "do not check the patch's tensors against the sha256 in its header"}
+    )
 
     def __post_init__(self):
         if self.batch_size is None:  # the Shapes pipeline batches cheaply; SD at 512-1024 px needs small batches
             self.batch_size = 32 if self.is_shapes else 4
-        for name in ("steps", "grid_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_size", "seeds_per_prompt", "max_per_template", "height", "width"):
+        for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if not math.isfinite(self.patch_scale) or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError("patch_scale must be finite and guidance a finite number >= 0")
-        if not 0.0 <= self.nudity_threshold <= 1.0:
-            raise ValueError(f"nudity_threshold must be in [0, 1], got {self.nudity_threshold}")
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{flag(name)} must be an integer from {low} to {high}, got {value!r}")
+        for name, (low, high) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{flag(name)} must be finite and between {low:g} and {high:g}, got {value!r}")
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to evaluate, e.g. --concept red")
         for name in ("model", "patch", "prompts"):  # "~/models/sd" works as in a shell, also when quoted

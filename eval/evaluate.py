@@ -228,21 +228,33 @@ def _versions() -> dict:
 def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict | None:
     """Evaluate ``config`` and write ``metrics.json``, ``images.csv`` and ``report.html`` into ``out``.
 
-    Every input is checked before any image is generated (prompt set, judge, model, patch against the model), so bad
-    input fails in seconds with a one-line error. Returns the metrics (``None`` on non-main processes).
+    Every input is checked before any image is generated (output folder, prompt set, model path, patch file, judge,
+    then the model itself and the patch against it), so bad input fails in seconds with a one-line error. The outputs
+    are written into a new folder next to ``out`` and moved into ``out`` only when complete, so an interrupted or
+    failed rerun leaves an earlier finished evaluation in ``out`` intact. Returns the metrics (``None`` on non-main
+    processes).
     """
     import pipelines
+    from erase.fsutil import check_output_folder
     from pipelines.apply import apply_patch, remove_patch
+    from pipelines.loading import check_model
 
     start = time.perf_counter()
     state = _state()
     out = Path(out)
+    check_output_folder(out, overwrite=True, label="--out", create_parents=True)  # files in it are replaced
     prompt_set = load_prompt_set(
         config.prompts if config.prompts or not config.is_shapes else "shapes",
         config.concept,
         seeds_per_prompt=config.seeds_per_prompt,
         max_per_template=config.max_per_template,
     )
+    check_model(config.model)
+    patch = None
+    if config.patch:
+        from erase.patch import load_patch
+
+        patch = load_patch(config.patch, verify=not config.skip_hash_check)
     from eval.clip import load_judge
 
     judge = load_judge(_default_judge(config), arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
@@ -251,6 +263,10 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
             f"the Shapes world's CLIP {judge.name!r} only knows 32x32 shapes and cannot judge {config.model}: "
             "pass --judge with a real CLIP (open_clip local-dir: folder, transformers folder, or file + --judge-arch)"
         )
+    from pipelines.tokenizer import clip_tokenizer, warn_if_truncated
+
+    context = judge.describe().get("context_length")  # every CLIP judge uses the CLIP BPE vocabulary
+    warn_if_truncated([r.prompt for r in prompt_set.rows], clip_tokenizer(), context, "the judge")
     detector = None
     if config.nudity:
         from eval.nudity import NudityDetector
@@ -260,14 +276,8 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     pipe.set_progress_bar_config(disable=True)
     pipe.to(state.device)  # a GPU when accelerate has one; seeds stay on CPU generators, so images stay comparable
     _check_size(pipe, config)
-    patch = None
-    if config.patch:
-        from erase.patch import load_patch
-
-        patch = load_patch(config.patch)
+    if patch is not None:
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
-    if state.is_main_process:
-        _clear_previous(out)
 
     t0 = time.perf_counter()
     base = generate_rows(pipe, prompt_set.rows, config, "base", state, progress)
@@ -308,12 +318,19 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         "timing": {"generation_s": round(generation_s, 2), "scoring_s": round(scoring_s, 2)},
     }
     t0 = time.perf_counter()
-    write_outputs(out, metrics, prompt_set, base, patched, scored)
-    metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
-    metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)  # with loading model, judge, prompts
+    from erase.fsutil import remove_tree, temp_folder
     from eval.report import write_json
 
-    write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json is a finished evaluation
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_folder(out, label="--out")  # beside `out`: the earlier evaluation stays until the swap
+    try:
+        write_outputs(staging, metrics, prompt_set, base, patched, scored)
+        metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
+        metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)  # with loading model, judge, prompts
+        write_json(staging / "metrics.json", metrics)
+        _publish(staging, out)
+    finally:
+        remove_tree(staging)
     return metrics
 
 
@@ -329,18 +346,29 @@ def _check_size(pipe, config: EvalConfig) -> None:
 OUTPUT_FILES = ("metrics.json", "images.csv", "report.html")
 
 
-def _clear_previous(out: Path) -> None:
-    """Make ``out`` and remove an earlier evaluation's files from it, so that a run that fails half-way never leaves
-    new files next to an old ``metrics.json`` (or old grids of roles this run does not have)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
-    for path in [
-        *(out / name for name in OUTPUT_FILES),
-        *out.glob("grid_*_base.png"),
-        *out.glob("grid_*_patched.png"),
-    ]:
-        path.unlink(missing_ok=True)
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished evaluation from ``staging`` into ``out``, replacing an earlier evaluation's files (and its
+    grids of roles this run does not have) but no other file. Ctrl-C is held back for these few renames; the old
+    ``metrics.json`` goes first and the new one comes last, so ``out`` never shows a finished evaluation whose
+    files are not all of one run."""
+    from erase.fsutil import deferred_interrupt, output_error
+
+    try:
+        out.mkdir(exist_ok=True)
+        with deferred_interrupt():
+            (out / "metrics.json").unlink(missing_ok=True)
+            new = {p.name for p in staging.iterdir()}
+            for old in [
+                *out.glob("grid_*_base.png"),
+                *out.glob("grid_*_patched.png"),
+                *(out / n for n in OUTPUT_FILES),
+            ]:
+                if old.name not in new:
+                    old.unlink(missing_ok=True)
+            for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
+                path.replace(out / path.name)
+    except OSError as err:
+        raise output_error(err, out, "--out") or err from None
 
 
 def _patch_info(path: str | None, patch) -> dict | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` through a uniquely named temp file in the same folder and an atomic rename."""
+    from erase.fsutil import write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_bytes(path, data)
 
 
 def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:

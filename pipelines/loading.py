@@ -62,17 +62,33 @@ def load_pipeline(
     """
     if str(model) == SHAPES:  # the Shapes world's shipped pipeline; a local folder of that name is "./shapes"
         return _load_shapes(dtype)
-    path = Path(model).expanduser()
+    path = check_model(model)
     if path.is_dir():
         if config is not None:
             raise ValueError(f"{path}: config= applies to single checkpoint files only; drop it for a folder")
         return _load_folder(path, dtype)
-    if path.is_file():
-        return _load_single_file(path, dtype, trust_remote_code, config)
-    raise FileNotFoundError(
-        f"{model}: no such folder or file; pass a local diffusers pipeline folder (with model_index.json) or a "
-        ".safetensors checkpoint (Hub ids are not fetched: download the model and pass its folder)"
-    )
+    return _load_single_file(path, dtype, trust_remote_code, config)
+
+
+def check_model(model: str | os.PathLike) -> Path:
+    """The local path of ``model`` (``"shapes"``: the shipped file), or the one-line error `load_pipeline` would give
+    for a missing one; cheap, so that commands can check every input before loading anything."""
+    if str(model) == SHAPES:
+        from pipelines.shapes.clip import WEIGHTS_DIR
+
+        path = WEIGHTS_DIR / "sd_shapes.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'"
+            )
+        return path
+    path = Path(model).expanduser()
+    if not str(model).strip() or not (path.is_dir() or path.is_file()):
+        raise FileNotFoundError(
+            f"{model}: no such folder or file; pass a local diffusers pipeline folder (with model_index.json) or a "
+            ".safetensors checkpoint (Hub ids are not fetched: download the model and pass its folder)"
+        )
+    return path
 
 
 @contextmanager
@@ -117,6 +133,21 @@ def _load_folder(path: Path, dtype: torch.dtype):
         return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
 
 
+def _refuse_patch_files(path: Path, metadata: dict[str, str], keys: list[str]) -> None:
+    """An erase patch or a LoRA given where a base model is expected gets a message saying so, not one about
+    missing SD 1.5 configs (diffusers' family detection falls back to SD 1.5 for any unknown file)."""
+    if "erase.format_version" in metadata:
+        raise ValueError(
+            f"{path}: an erase patch, not a base model; pass it with --patch (apply_patch) and the model it was "
+            "made for with --model"
+        )
+    if "lora_adapter_metadata" in metadata or "ss_network_module" in metadata or any(".lora_" in k for k in keys):
+        raise ValueError(
+            f"{path}: a LoRA file, not a base model; load the base model and add the LoRA with "
+            "pipe.load_lora_weights (or convert it to an erase patch)"
+        )
+
+
 def _checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's keys with shape-only (meta) tensors: enough for diffusers' family detection, no data read."""
     if path.suffix.lower() == ".safetensors":
@@ -125,6 +156,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+                _refuse_patch_files(path, handle.metadata() or {}, list(shapes))
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{path}: not a readable .safetensors file ({error}); re-download it") from None
     else:

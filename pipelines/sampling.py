@@ -41,17 +41,24 @@ def generate_images(
         )
     if any(not p.strip() for p in prompts):
         raise ValueError("empty prompt: give each image a non-empty prompt")
+    from pipelines.tokenizer import TOKENIZER_LOGGER, quiet_loggers, warn_if_truncated
+
+    quiet = []  # our own warning says it better than diffusers' token dump and transformers' "indexing errors"
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is not None and warn_if_truncated(prompts, tokenizer, tokenizer.model_max_length, "the text encoder"):
+        quiet = [type(pipe).__module__, TOKENIZER_LOGGER]
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
-        out = pipe(
-            prompts[i : i + batch_size],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="np",
-            **call_kwargs,
-        ).images
+        with quiet_loggers(*quiet):
+            out = pipe(
+                prompts[i : i + batch_size],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="np",
+                **call_kwargs,
+            ).images
         chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(chunks)
 

@@ -7,8 +7,10 @@ pair that `transformers.CLIPTokenizer` reads, so prompts tokenize as in SD 1.x w
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import logging
 import tempfile
 from functools import cache
 from importlib import resources
@@ -86,3 +88,61 @@ def clip_tokenizer() -> CLIPTokenizer:
     import copy
 
     return copy.deepcopy(_cached_tokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts longer than a text encoder's context
+
+_LOGGER = logging.getLogger("erase")
+TOKENIZER_LOGGER = "transformers.tokenization_utils_base"  # "...will result in indexing errors": untrue, we truncate
+_WARNED: set[tuple[str, int, str]] = set()  # (prompt, limit, who) already warned about in this process
+_SHOWN = 3
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """Raise the given loggers to ERROR while the block runs (restored after), to drop warnings said better here."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def warn_if_truncated(prompts: list[str], tokenizer, limit: int | None, who: str) -> bool:
+    """Warn (logger ``erase``) about each prompt longer than ``limit`` tokens (start and end tokens included), which
+    ``who`` truncates: the warning names the prompt, its length and the words that are ignored. Each prompt is
+    reported once per process. Returns whether any prompt is too long.
+
+    Args:
+        prompts (`list[str]`): the prompts.
+        tokenizer: a transformers CLIP tokenizer (the pipeline's own, or `clip_tokenizer` for CLIP judges: every
+            CLIP shares one BPE vocabulary).
+        limit (`int`, *optional*): the context length; ``None`` checks nothing.
+        who (`str`): what truncates, for the message (e.g. ``"the text encoder"``).
+    """
+    if not limit:
+        return False
+    too_long = []
+    with quiet_loggers(TOKENIZER_LOGGER):
+        for prompt in dict.fromkeys(prompts):
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            if len(ids) + 2 > limit:
+                too_long.append((prompt, len(ids) + 2, ids[limit - 2 :]))
+    fresh = [entry for entry in too_long if (entry[0], limit, who) not in _WARNED]
+    for prompt, n, dropped in fresh[:_SHOWN]:
+        ignored = " ".join(tokenizer.decode(dropped).replace("</w>", " ").split())
+        ignored = ignored if len(ignored) <= 60 else "..." + ignored[-57:]
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        _LOGGER.warning(
+            f"prompt {shown!r} is {n} tokens, longer than the {limit}-token context of {who}: it is truncated and "
+            f"{ignored!r} is ignored; shorten it to change that"
+        )
+    if len(fresh) > _SHOWN:
+        _LOGGER.warning(f"{len(fresh) - _SHOWN} more prompts are longer than the {limit}-token context of {who}")
+    _WARNED.update((prompt, limit, who) for prompt, _, _ in fresh)
+    return bool(too_long)

@@ -363,8 +363,22 @@ def read_prompt_csv(path: str | Path) -> list[dict]:
     ``class`` (missing values are ``None``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompt CSV {path} is a folder: pass a .csv file or a shipped set name")
     if not path.is_file():
         raise FileNotFoundError(f"prompt CSV {path} not found: pass an existing .csv file or a shipped set name")
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"prompt CSV {path} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}): pass a UTF-8 "
+            ".csv file (save it as 'CSV UTF-8')"
+        ) from None
+    except csv.Error as err:
+        raise ValueError(f"prompt CSV {path} is not a readable CSV ({err}): pass a UTF-8 .csv file") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]

@@ -302,7 +302,7 @@ def test_bad_numbers_are_refused(capsys, tmp_path):
     err = _one_line_error(capsys, ["eval", "--concept", "red", "--steps", "0"], tmp_path)
     assert "steps" in err
     err = _one_line_error(capsys, ["eval", "--concept", "red", "--nudity-threshold", "1.5"], tmp_path)
-    assert "nudity_threshold" in err
+    assert "--nudity-threshold must be finite and between 0 and 1, got 1.5" in err
 
 
 # ------------------------------------------------------------------------------------------------ real architectures

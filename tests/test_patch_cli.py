@@ -227,7 +227,10 @@ ERRORS = [
     ([*APPLY, "--scale", "1", "--scale", "2", "--out", "{root}/o"], "one --scale per --patch (1 patches, 2 scales)"),
     ([*APPLY, "--scale", "big", "--out", "{root}/o"], "--scale must be a finite number, got 'big'"),
     (["apply", "--model", "{root}/model.ckpt", "--patch", "{delta}", "--out", "{root}/o"], "--trust-remote-code"),
-    (["apply", "--model", "{lora}", "--config", "{root}", "--patch", "{delta}", "--out", "{root}/o"], "model_index"),
+    (
+        ["apply", "--model", "{lora}", "--config", "{root}", "--patch", "{delta}", "--out", "{root}/o"],
+        "an erase patch, not",
+    ),
     (["apply", "--patch", "{delta}", "--out", "{root}/o"], "the following arguments are required: --model"),
     (["export", "{delta}", "--to", "ckpt", "--out", "{root}/x"], "argument --to: invalid choice: 'ckpt'"),
     (

@@ -38,16 +38,13 @@ def unprune_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
-    """Save tensors with string metadata through a temp file and an atomic rename."""
+    """Save tensors with string metadata through a uniquely named temp file and an atomic rename."""
+    from erase.fsutil import write_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=header)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
