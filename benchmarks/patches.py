@@ -4,7 +4,10 @@ For each kind: the file size as a ratio of the fp32 bytes of the targeted weight
 ``apply_patch`` (validation and fingerprint included) and ``remove_patch`` as a ratio of one UNet forward pass.
 Goal from the issue: a 50%-dense sparse int8 patch at most 1/6 of the fp32 size of the same tensors.
 
-Run: ``.venv/bin/python benchmarks/patches.py [--width 128]``.
+With ``--hash-gb G`` it instead measures what the per-tensor sha256 check costs on a delta patch of about G GB
+(an SD 1.5 UNet delta in fp16 is 1.7 GB): save, load with and without the check, and the hashing alone.
+
+Run: ``.venv/bin/python benchmarks/patches.py [--width 128]`` or ``... --hash-gb 1.7 [--dir /tmp]``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from erase.lora_export import delta_to_lora
-from erase.patch import Patch, make_delta_patch, make_sparse_patch, save_patch
+from erase.patch import Patch, load_patch, make_delta_patch, make_sparse_patch, save_patch, tensor_sha256
 from pipelines.apply import apply_patch, remove_patch
 
 
@@ -75,12 +78,40 @@ def patches(unet: UNet2DConditionModel, lora_rank: int) -> dict[str, Patch]:
     }
 
 
+def hash_cost(gigabytes: float, folder: str | None) -> None:
+    """Time `save_patch` and `load_patch` (verify on/off) on an fp16 delta patch of ``gigabytes`` GB."""
+    shape = (1280, 2100)  # 2.7M elements, 5.4 MB in fp16: an SD 1.5 UNet delta holds ~320 tensors this size
+    count = max(1, round(gigabytes * 1e9 / (2 * shape[0] * shape[1])))
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"unet.block.{i}.weight": (1e-3 * torch.randn(shape, generator=g)).half() for i in range(count)}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    patch = Patch(kind="delta", tensors=tensors, base_fingerprint={"unet": {"hash": "0" * 64, "n_tensors": count}})
+    print(f"delta patch: {count} fp16 tensors, {nbytes / 1e9:.2f} GB; torch threads {torch.get_num_threads()}")
+    hashing = median_seconds(lambda: [tensor_sha256(t) for t in tensors.values()], repeats=1)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "big.safetensors"
+        save = median_seconds(lambda: save_patch(patch, path), repeats=1)
+        tensors.clear()  # free the 1.7 GB before loading it back (the patch shares this dict)
+        load_unverified = median_seconds(lambda: load_patch(path, verify=False), repeats=3)
+        load_verified = median_seconds(lambda: load_patch(path), repeats=3)
+    print(f"sha256 of every tensor:        {hashing:6.2f} s ({nbytes / 1e9 / hashing:.2f} GB/s)")
+    print(f"save_patch (hashes included):  {save:6.2f} s")
+    print(f"load_patch, verify=False:      {load_unverified:6.2f} s (page cache warm)")
+    print(f"load_patch, verify=True:       {load_verified:6.2f} s")
+    print(f"verification adds {load_verified - load_unverified:.2f} s, x{load_verified / load_unverified:.2f} a load")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=128, help="UNet base channel width")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--hash-gb", type=float, help="measure the data-hash cost on a delta patch this large")
+    parser.add_argument("--dir", help="folder for the --hash-gb file (default: the system temp folder)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.hash_gb:
+        hash_cost(args.hash_gb, args.dir)
+        return
     unet = build_unet(args.width)
     sample = torch.randn(1, 4, 8, 8)
     context = torch.randn(1, 77, 2 * args.width)

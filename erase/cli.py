@@ -460,8 +460,8 @@ _HASH_LINES = {
 def _inspect(args: argparse.Namespace) -> int:
     from erase.patch import load_patch
 
-    path = Path(args.patch)
-    summary = patch_summary(load_patch(path, verify=not args.skip_hash_check), path)
+    path = Path(args.patch)  # load_patch gets the text: Path("") would be "."
+    summary = patch_summary(load_patch(args.patch, verify=not args.skip_hash_check), path)
     print(json.dumps(summary, indent=2, sort_keys=True) if args.json else "\n".join(_summary_lines(summary)))
     return 0
 
@@ -506,7 +506,7 @@ def _export(args: argparse.Namespace) -> int:
     if _same_path(out, source):
         raise CliError("--out must differ from PATCH; choose a new file")
     check_output_file(out, args.overwrite, label="--out")
-    patch = load_patch(source, verify=not args.skip_hash_check)
+    patch = load_patch(args.patch, verify=not args.skip_hash_check)
     if patch.kind == "lora":
         if args.rank is not None:
             raise CliError("--rank applies to delta and sparse patches; this patch is already a LoRA, drop --rank")

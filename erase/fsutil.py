@@ -64,13 +64,19 @@ def _where(path: Path, label: str | None) -> str:
     return f"{label} {path}" if label else str(path)
 
 
-def output_error(err: BaseException, path: str | os.PathLike, label: str | None = None) -> OutputError | None:
+_PSEUDO_FS = "that folder does not accept new files (a pseudo file system such as /proc?): choose another folder"
+
+
+def output_error(
+    err: BaseException, path: str | os.PathLike, label: str | None = None, reword: bool = False
+) -> OutputError | None:
     """The one-line `OutputError` for an I/O failure while writing ``path``; ``None`` if ``err`` is no I/O error.
 
     Besides `OSError`, this recognises errors that carry an OS error code only in their text, as safetensors'
-    ``SafetensorError`` does (``"... No space left on device (os error 28)"``).
+    ``SafetensorError`` does (``"... No space left on device (os error 28)"``). An `OutputError` is returned as is,
+    unless ``reword`` asks for one that names ``path`` (for example the output folder rather than a file in it).
     """
-    if isinstance(err, OutputError):
+    if isinstance(err, OutputError) and (not reword or err.errno is None):
         return err
     if isinstance(err, OSError) and err.errno is not None:
         code = err.errno
@@ -80,6 +86,8 @@ def output_error(err: BaseException, path: str | os.PathLike, label: str | None 
             return None
         code = int(found.group(1))
     fix = _FIXES.get(code, "check the path and the disk")
+    if code == errno.ENOENT and Path(path).parent.is_dir():  # /proc and similar refuse new names this way
+        fix = _PSEUDO_FS
     return OutputError(f"cannot write {_where(Path(path), label)} ({os.strerror(code)}); {fix}", code)
 
 
@@ -150,7 +158,10 @@ def check_parent(path: str | os.PathLike, label: str | None = None, create: bool
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise output_error(err, path, label) from None
+        fix = _PSEUDO_FS if err.errno == errno.ENOENT else _FIXES.get(err.errno, "check the path and the disk")
+        raise OutputError(
+            f"cannot write {_where(path, label)}: cannot create files in {parent} ({err.strerror}); {fix}", err.errno
+        ) from None
     return path
 
 

@@ -76,10 +76,14 @@ class EvalConfig:
                 raise ValueError(f"{flag(name)} must be an integer from {low} to {high}, got {value!r}")
         for name, (low, high) in _FLOAT_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"{flag(name)} must be finite and between {low:g} and {high:g}, got {value!r}")
+            expected = "a finite number" if math.isinf(low) else f"finite and between {low:g} and {high:g}"
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(f"{flag(name)} must be {expected}, got {value!r}")
+        for name in ("model", "patch", "prompts", "judge", "judge_arch"):  # "" would silently mean "the default"
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"{flag(name)} is empty; pass a value or leave {flag(name)} out")
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to evaluate, e.g. --concept red")
         for name in ("model", "patch", "prompts"):  # "~/models/sd" works as in a shell, also when quoted

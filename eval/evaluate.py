@@ -318,7 +318,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         "timing": {"generation_s": round(generation_s, 2), "scoring_s": round(scoring_s, 2)},
     }
     t0 = time.perf_counter()
-    from erase.fsutil import remove_tree, temp_folder
+    from erase.fsutil import output_error, remove_tree, temp_folder
     from eval.report import write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +329,8 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)  # with loading model, judge, prompts
         write_json(staging / "metrics.json", metrics)
         _publish(staging, out)
+    except OSError as err:  # name --out, not the hidden staging folder the error happened in
+        raise output_error(err, out, "--out", reword=True) or err from None
     finally:
         remove_tree(staging)
     return metrics
@@ -351,24 +353,17 @@ def _publish(staging: Path, out: Path) -> None:
     grids of roles this run does not have) but no other file. Ctrl-C is held back for these few renames; the old
     ``metrics.json`` goes first and the new one comes last, so ``out`` never shows a finished evaluation whose
     files are not all of one run."""
-    from erase.fsutil import deferred_interrupt, output_error
+    from erase.fsutil import deferred_interrupt
 
-    try:
-        out.mkdir(exist_ok=True)
-        with deferred_interrupt():
-            (out / "metrics.json").unlink(missing_ok=True)
-            new = {p.name for p in staging.iterdir()}
-            for old in [
-                *out.glob("grid_*_base.png"),
-                *out.glob("grid_*_patched.png"),
-                *(out / n for n in OUTPUT_FILES),
-            ]:
-                if old.name not in new:
-                    old.unlink(missing_ok=True)
-            for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
-                path.replace(out / path.name)
-    except OSError as err:
-        raise output_error(err, out, "--out") or err from None
+    out.mkdir(exist_ok=True)
+    with deferred_interrupt():
+        (out / "metrics.json").unlink(missing_ok=True)
+        new = {p.name for p in staging.iterdir()}
+        for old in [*out.glob("grid_*_base.png"), *out.glob("grid_*_patched.png"), *(out / n for n in OUTPUT_FILES)]:
+            if old.name not in new:
+                old.unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
+            path.replace(out / path.name)
 
 
 def _patch_info(path: str | None, patch) -> dict | None:

@@ -88,6 +88,8 @@ def check_model(model: str | os.PathLike) -> Path:
             f"{model}: no such folder or file; pass a local diffusers pipeline folder (with model_index.json) or a "
             ".safetensors checkpoint (Hub ids are not fetched: download the model and pass its folder)"
         )
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        _checkpoint_shapes(path)  # reads the header only; names an erase patch or a LoRA given as the model
     return path
 
 
