@@ -367,7 +367,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _train(args)
     if args.command == "demo":
         from erase.demo import run_demo
+        from erase.fsutil import check_output_folder
 
+        check_output_folder(args.out, overwrite=True, label="--out", create_parents=True)  # files in it are replaced
         run_demo(
             out=args.out,
             n=args.n,

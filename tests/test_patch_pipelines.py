@@ -202,7 +202,7 @@ def test_save_patched_pipeline_is_a_standard_folder(tmp_path):
     assert not any("lora" in k for k in reloaded.unet.state_dict())
     assert np.abs(generate(reloaded) - patched).max() <= 1e-5
     assert np.array_equal(generate(pipe), patched)  # the in-memory pipeline keeps its removable patches
-    with pytest.raises(PatchError, match="already exists"):
+    with pytest.raises(FileExistsError, match="is not empty; choose a new folder or pass --overwrite"):
         save_patched_pipeline(pipe, out)
     remove_patch(lora_handle)
     assert np.abs(generate(pipe) - base_image).max() > 1e-4  # the delta is still applied
