@@ -79,7 +79,8 @@ class EvalConfig:
             expected = "a finite number" if math.isinf(low) else f"finite and between {low:g} and {high:g}"
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or not low <= value <= high:
-                raise ValueError(f"{flag(name)} must be {expected}, got {value!r}")
+                shown = f"{value:g}" if number else repr(value)
+                raise ValueError(f"{flag(name)} must be {expected}, got {shown}")
         for name in ("model", "patch", "prompts", "judge", "judge_arch"):  # "" would silently mean "the default"
             value = getattr(self, name)
             if value is not None and not value.strip():
