@@ -9,8 +9,9 @@
 
 Patches stack: each `apply_patch` returns a `PatchHandle`; weights equal base plus the sum of the applied patches
 (added in application order). Removing a handle in any order leaves exactly the weights that applying the remaining
-handles in order would give. Everything is validated (targets, names, shapes, base fingerprint) before the first
-weight changes, so a refused patch leaves the model untouched.
+handles in order would give. Everything is validated (targets, names, shapes, base fingerprint, a finite scale that
+keeps every weight inside its dtype's range) before the first weight changes, so a refused patch leaves the model
+untouched; `stack_patches` removes the patches it applied when a later one fails for any reason.
 """
 
 from __future__ import annotations
@@ -181,10 +182,8 @@ def _checked_scale(patch: Patch, scale: object) -> float:
     return value
 
 
-def _delta_peak_bound(patch: Patch, component: str, name: str) -> float:
-    """An upper bound of ``max |delta|`` for one weight, cheap for LoRA: ``|(B A)_ij| <= |B_i| |A_j|``."""
-    if patch.kind != "lora":
-        return patch.dense_delta(component, name).abs().max().item()
+def _lora_peak_bound(patch: Patch, component: str, name: str) -> float:
+    """An upper bound of ``max |delta|`` of one LoRA weight without forming ``B A``: ``|(B A)_ij| <= |B_i| |A_j|``."""
     module = name[: -len(".weight")]
     down = patch.tensors[f"{component}.{module}{LORA_A}"].to(torch.float64).flatten(1)
     up = patch.tensors[f"{component}.{module}{LORA_B}"].to(torch.float64).flatten(1)
@@ -207,10 +206,13 @@ def _check_fits(
                     f"{patch.where}: scale {scale:g} is beyond the largest {tensor.dtype} number; pass a smaller scale"
                 )
             peak_w = tensor.detach().abs().max().item() if tensor.numel() else 0.0
-            if peak_w + abs(scale) * _delta_peak_bound(patch, component, name) <= 0.5 * limit:
+            decoded = deltas.get((component, name)) if deltas else None
+            if decoded is None and peak_w + abs(scale) * _lora_peak_bound(patch, component, name) <= 0.5 * limit:
                 continue
-            delta = deltas[(component, name)] if deltas else patch.dense_delta(component, name)
-            peak_d = delta.abs().max().item()
+            delta = decoded if decoded is not None else patch.dense_delta(component, name)
+            peak_d = delta.abs().max().item() if delta.numel() else 0.0
+            if peak_w + abs(scale) * peak_d <= 0.5 * limit:
+                continue
             total = tensor.detach().to("cpu", torch.float64) + scale * delta.to(torch.float64)
             if not total.abs().max().item() <= limit:
                 safe = (limit - peak_w) / peak_d if peak_d else math.inf
