@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -276,6 +277,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     pipe.set_progress_bar_config(disable=True)
     pipe.to(state.device)  # a GPU when accelerate has one; seeds stay on CPU generators, so images stay comparable
     _check_size(pipe, config)
+    _check_memory(pipe, config, len(prompt_set.rows))
     if patch is not None:
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
 
@@ -343,6 +345,36 @@ def _check_size(pipe, config: EvalConfig) -> None:
         value = getattr(config, name)
         if value is not None and value % factor:
             raise ValueError(f"--{name} {value} is not a multiple of {factor}, as this pipeline's VAE needs: round it")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable``), or ``None`` where that is unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(pipe, config: EvalConfig, n_rows: int) -> None:
+    """Refuse, before generating, a run whose images (both models' are kept until scored) cannot fit in memory."""
+    side = getattr(pipe.unet.config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
+    height = config.height or (32 if config.is_shapes else side)
+    width = config.width or (32 if config.is_shapes else side)
+    needed = 2 * n_rows * height * width * 3
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"{n_rows} prompt rows at {height}x{width} need {needed / 2**30:.1f} GiB for the base and patched images, "
+            f"more than the {available / 2**30:.1f} GiB of memory available; lower --seeds-per-prompt or "
+            "--max-per-template"
+        )
 
 
 OUTPUT_FILES = ("metrics.json", "images.csv", "report.html")

@@ -219,6 +219,15 @@ def test_bad_numbers_are_refused_by_flag_before_anything_loads(world, tmp_path, 
         refused(capsys, argv, expected)
 
 
+def test_an_evaluation_that_cannot_fit_in_memory_is_refused_before_generating(tmp_path, capsys, monkeypatch):
+    import eval.evaluate
+
+    monkeypatch.setattr(eval.evaluate, "_available_memory", lambda: 100 * 2**20)  # a machine with 100 MiB free
+    argv = ["eval", "--concept", "red", "--seeds-per-prompt", "1000", "--out", tmp_path / "out", "--quiet"]
+    with untouched(tmp_path):
+        refused(capsys, argv, "at 32x32 need", "more than the 0.1 GiB of memory available; lower --seeds-per-prompt")
+
+
 def test_eval_config_validates_the_python_api_too():
     for kwargs, message in [
         ({"guidance": float("nan")}, "--guidance must be finite and between 0 and 100, got nan"),
