@@ -153,16 +153,21 @@ def check_parent(path: str | os.PathLike, label: str | None = None, create: bool
         if not create:
             raise OutputError(f"{_where(path, label)}: folder {parent} does not exist; create it first", errno.ENOENT)
         parent = existing
+    _probe(parent, path, label)
+    return path
+
+
+def _probe(folder: Path, path: Path, label: str | None) -> None:
+    """Create and remove a uniquely named empty file in ``folder``; a failure names ``path`` and the fix."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         fix = _PSEUDO_FS if err.errno == errno.ENOENT else _FIXES.get(err.errno, "check the path and the disk")
         raise OutputError(
-            f"cannot write {_where(path, label)}: cannot create files in {parent} ({err.strerror}); {fix}", err.errno
+            f"cannot write {_where(path, label)}: cannot create files in {folder} ({err.strerror}); {fix}", err.errno
         ) from None
-    return path
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool, label: str | None = None) -> Path:
@@ -192,6 +197,8 @@ def check_output_folder(
     if path.exists() and not path.is_dir():
         raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
     check_parent(path, label, create=create_parents)
+    if path.is_dir():
+        _probe(path, path, label)  # commands that write into an existing folder need it writable too
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise OutputExistsError(
