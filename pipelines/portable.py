@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
+
+from erase.fsutil import write_file
 
 TEXT_MODEL_PREFIX = "text_model."
 # transformers classes whose 4.x state dict keeps everything under ``text_model.`` (the projection, if any, beside it)
@@ -38,15 +39,6 @@ def legacy_text_encoder_name(key: str, class_name: str) -> str:
     return TEXT_MODEL_PREFIX + key
 
 
-def _atomic_replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _rename_safetensors(path: Path, rename) -> bool:
     """Rewrite one safetensors file with every key mapped through ``rename`` (metadata kept); False if none moved."""
     from safetensors import safe_open
@@ -59,7 +51,7 @@ def _rename_safetensors(path: Path, rename) -> bool:
         tensors = {rename(k): f.get_tensor(k) for k in keys}
     if len(tensors) != len(keys):
         raise ValueError(f"{path}: renaming its keys to the transformers 4.x names would merge two of them")
-    _atomic_replace(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return True
 
 
@@ -79,7 +71,7 @@ def legacy_text_encoder_keys(component_dir: str | os.PathLike, class_name: str) 
         if changed:
             data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
             payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-            _atomic_replace(index, lambda tmp: tmp.write_bytes(payload))
+            write_file(index, lambda tmp: tmp.write_bytes(payload))
             changed.append(index)
         return changed
     single = component_dir / "model.safetensors"
@@ -106,7 +98,7 @@ def bpe_files_from_tokenizer_json(component_dir: str | os.PathLike) -> list[Path
     written = []
     for name, path in targets.items():
         if not path.is_file():
-            _atomic_replace(path, lambda tmp, data=contents[name]: tmp.write_bytes(data))
+            write_file(path, lambda tmp, data=contents[name]: tmp.write_bytes(data))
             written.append(path)
     return written
 
