@@ -78,6 +78,17 @@ def patches(unet: UNet2DConditionModel, lora_rank: int) -> dict[str, Patch]:
     }
 
 
+def wall_and_cpu(fn: Callable[[], object], repeats: int = 3) -> tuple[float, float]:
+    """Median wall-clock and process-CPU seconds of ``fn`` (CPU time is what a busy, shared machine distorts least)."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def hash_cost(gigabytes: float, folder: str | None) -> None:
     """Time `save_patch` and `load_patch` (verify on/off) on an fp16 delta patch of ``gigabytes`` GB."""
     shape = (1280, 2100)  # 2.7M elements, 5.4 MB in fp16: an SD 1.5 UNet delta holds ~320 tensors this size
@@ -87,18 +98,20 @@ def hash_cost(gigabytes: float, folder: str | None) -> None:
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     patch = Patch(kind="delta", tensors=tensors, base_fingerprint={"unet": {"hash": "0" * 64, "n_tensors": count}})
     print(f"delta patch: {count} fp16 tensors, {nbytes / 1e9:.2f} GB; torch threads {torch.get_num_threads()}")
-    hashing = median_seconds(lambda: [tensor_sha256(t) for t in tensors.values()], repeats=1)
+    rows = {"sha256 of every tensor": wall_and_cpu(lambda: [tensor_sha256(t) for t in tensors.values()])}
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "big.safetensors"
-        save = median_seconds(lambda: save_patch(patch, path), repeats=1)
+        rows["save_patch (hashes included)"] = wall_and_cpu(lambda: save_patch(patch, path), repeats=1)
         tensors.clear()  # free the 1.7 GB before loading it back (the patch shares this dict)
-        load_unverified = median_seconds(lambda: load_patch(path, verify=False), repeats=3)
-        load_verified = median_seconds(lambda: load_patch(path), repeats=3)
-    print(f"sha256 of every tensor:        {hashing:6.2f} s ({nbytes / 1e9 / hashing:.2f} GB/s)")
-    print(f"save_patch (hashes included):  {save:6.2f} s")
-    print(f"load_patch, verify=False:      {load_unverified:6.2f} s (page cache warm)")
-    print(f"load_patch, verify=True:       {load_verified:6.2f} s")
-    print(f"verification adds {load_verified - load_unverified:.2f} s, x{load_verified / load_unverified:.2f} a load")
+        rows["load_patch, verify=False"] = wall_and_cpu(lambda: load_patch(path, verify=False))
+        rows["load_patch, verify=True"] = wall_and_cpu(lambda: load_patch(path))
+    print(f"{'':32}{'wall s':>8}{'CPU s':>8}  (file in the page cache)")
+    for name, (wall, cpu) in rows.items():
+        print(f"{name:<32}{wall:>8.2f}{cpu:>8.2f}")
+    wall, cpu = rows["sha256 of every tensor"]
+    print(f"sha256 throughput: {nbytes / 1e9 / cpu:.2f} GB per CPU second ({nbytes / 1e9 / wall:.2f} GB/s wall)")
+    (w0, c0), (w1, c1) = rows["load_patch, verify=False"], rows["load_patch, verify=True"]
+    print(f"verification adds {c1 - c0:.2f} CPU s ({w1 - w0:.2f} s wall) to a load of {c0:.2f} CPU s: x{c1 / c0:.2f}")
 
 
 def main() -> None:
