@@ -159,7 +159,14 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
         "--eval-n", type=_integer("--eval-n", 1, 100_000), default=600, help="held-out images for the accuracy table"
     )
     demo.add_argument("--seed", type=_integer("--seed", 0, SEED_MAX), default=0, help="seed of the drawn images")
-    demo.add_argument("--concept", default="red", help="concept the evaluator section scores (default: red)")
+    demo.add_argument("--concept", default="red", help="concept the methods erase (default: red)")
+    demo.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="only these methods (default: all; repeatable)",
+    )
     demo.add_argument(
         "--steps", type=_integer("--steps", 1, 1000), default=25, help="sampling steps of the evaluator (default: 25)"
     )
@@ -379,6 +386,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             steps=args.steps,
             seeds_per_prompt=args.seeds_per_prompt,
             max_per_template=args.max_per_template,
+            methods=args.methods,
             progress=not args.quiet,
         )
         return 0

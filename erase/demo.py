@@ -1,8 +1,9 @@
 """``make demo`` / ``erase demo``: the main job on the Shapes world, written as an HTML report.
 
-The demo draws world images and shows the judge CLIP's zero-shot verdicts on them (with the judge's and the
-guide's accuracy tables on held-out images), runs the evaluator (``erase eval``) on the Shapes pipeline for one
-concept, and samples the Shapes GAN with the judge's verdicts.
+The demo erases one concept ("red" by default) with every registered diffusion method (`METHOD_SETTINGS` are the
+settings it uses, the same as ``benchmarks/train.py``), evaluates each patch with ``erase eval``, and opens its report
+with one table (one row per method), a plot of erasure against in-domain retention and before/after grids per method.
+Then it shows the judge CLIP's verdicts on freshly drawn world images with its accuracy tables, and a GAN grid.
 """
 
 from __future__ import annotations
@@ -13,13 +14,21 @@ from pathlib import Path
 
 import pipelines
 from eval.clip import ShapesClipScorer
-from eval.report import eval_sections, html_table, save_grid, svg_bar_chart, write_html, write_json
+from eval.report import html_table, save_grid, svg_bar_chart, svg_scatter, write_html, write_json
 from eval.shapes import EVAL_SEED_OFFSET, attribute_classifiers, world_accuracy
 from pipelines.sampling import sample_gan
 from pipelines.shapes.world import ShapesWorld
 from prompts.shapes import ATTRIBUTES
 
 THRESHOLDS = {"colour": 0.98, "shape": 0.95, "style": 0.95}
+
+# The settings each method is run with on the Shapes world (its acceptance settings; measured in the README).
+METHOD_SETTINGS: dict[str, dict] = {
+    "uce": {},
+    "esd": {"steps": 300, "batch_size": 8, "preserve_weight": 1.0},
+}
+# Rough seconds per stage on 2 CPU cores, one thread, for the progress messages.
+EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 180, "doco": 180, "eval": 60}
 
 
 def run_demo(
@@ -31,70 +40,213 @@ def run_demo(
     steps: int = 25,
     seeds_per_prompt: int | None = None,
     max_per_template: int | None = None,
+    methods: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write ``report.html`` and ``metrics.json`` into ``out``: the judge's verdicts on ``n`` drawn world images and
-    its accuracy on ``eval_n`` held-out ones, the evaluator (`eval.evaluate.run_eval`) on the Shapes pipeline for
-    ``concept`` (its own outputs in ``out/eval``), and a GAN grid. Returns the metrics."""
-    from eval.evaluate import EvalConfig, judge_images, run_eval
+    """Erase ``concept`` with every method, evaluate each patch, and write ``report.html`` and ``metrics.json`` into
+    ``out`` (patches in ``out/patches``, each evaluation's report in ``out/eval/<method>``). Returns the metrics."""
+    from erase.registry import list_methods
 
     start = time.perf_counter()
     out = Path(out)
-    judge = ShapesClipScorer("judge")
-    images, attrs, _, _ = ShapesWorld().sample(n, EVAL_SEED_OFFSET + 7_000_000 + seed)
-    classifiers = attribute_classifiers(judge)
-    embeddings = judge.encode_image(images)
-    predicted = judge_images(classifiers, embeddings)
-    labels, colours, n_right = _verdict_labels(predicted), [], 0
-    for i, truth in enumerate(attrs):
-        right = all(predicted[a][i] == truth.get(a) for a in ATTRIBUTES)
-        n_right += right
-        colours.append("#1a7f37" if right else "#cf222e")
-    save_grid(images, out / "verdicts.png", labels=labels, label_colours=colours, cols=8, scale=3)
-
-    tables = {
-        "judge": world_accuracy(judge, n=eval_n, seed=seed),
-        "guide": world_accuracy(ShapesClipScorer("guide"), n=eval_n, seed=seed),
-    }
-    metrics = {
-        "world_images": n,
-        "judge_verdicts_all_correct": n_right / n,
-        "accuracy": tables,
-        "thresholds": THRESHOLDS,
-    }
-    sections = _sections(metrics, n_right, n)
-    config = EvalConfig(
-        model="shapes",
-        concept=concept,
-        steps=steps,
-        seeds_per_prompt=seeds_per_prompt,
-        max_per_template=max_per_template,
-    )
-    evaluation = run_eval(config, out / "eval", progress=progress)
-    metrics["evaluation"] = {k: evaluation[k] for k in ("erasure", "generalization", "retention", "preservation")}
-    sections.append(
-        (
-            f"erase eval on the Shapes pipeline: concept '{evaluation['concept']}', no patch yet",
-            "<p>The evaluator run by <code>erase eval --model shapes --concept "
-            f"{html.escape(concept)}</code>. No trainer exists yet, so the 'patched' model is the base model "
-            "generated a second time with the same seeds: preservation 1 and FD-CLIP 0 show the run is "
-            "deterministic, and the base column shows how reliably the Shapes pipeline draws the concept and "
-            'what it is asked for. Full report: <a href="eval/report.html">eval/report.html</a>.</p>',
+    if methods is None:
+        methods = [m.name for m in list_methods() if m.family == "diffusion"]
+    stages = len(methods) * 2 + 2
+    say = _Stages(stages)
+    metrics: dict = {"concept": concept, "methods": {}, "settings": {}}
+    results = {}
+    for method in methods:
+        results[method] = _erase_and_evaluate(
+            method, concept, out, steps, seeds_per_prompt, max_per_template, progress, say
         )
-    )
-    sections += eval_sections(evaluation, evaluation["grids"], prefix="eval/")
+        metrics["methods"][method] = results[method]["summary"]
+        metrics["settings"][method] = results[method]["config"]
+    sections = _comparison_sections(concept, results)
+
+    say(f"judging {n} drawn world images and {eval_n} held-out ones", 20)
+    judge = ShapesClipScorer("judge")
+    world, n_right = _world_check(judge, out, n, eval_n, seed)
+    metrics.update(world)
+    sections += _world_sections(world, n_right, n)
+
+    say("sampling the Shapes GAN", 5)
+    from eval.evaluate import judge_images
+
+    classifiers = attribute_classifiers(judge)
     gan_images = sample_gan(pipelines.load_gan("shapes"), 32, seed)
     labels = _verdict_labels(judge_images(classifiers, judge.encode_image(gan_images)))
     save_grid(gan_images, out / "gan.png", labels=labels, cols=8, scale=3)
     sections.append(("Shapes GAN: 32 samples with the judge's verdicts", '<img src="gan.png" alt="GAN samples">'))
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "metrics.json", metrics)
-    write_html(out / "report.html", "erase demo: the Shapes world, its judge and the evaluator", sections)
-    print(f"wrote {out / 'report.html'} and {out / 'metrics.json'}")
+    write_html(out / "report.html", f"erase demo: erasing '{concept}' on the Shapes world", sections)
+    print(f"wrote {out / 'report.html'} and {out / 'metrics.json'} in {metrics['seconds']} s")
     return metrics
 
 
-def _sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
+class _Stages:
+    """Prints ``[k/n] what (about N s)`` before each stage."""
+
+    def __init__(self, total: int):
+        self.total, self.k = total, 0
+
+    def __call__(self, what: str, seconds: float) -> None:
+        self.k += 1
+        print(f"[{self.k}/{self.total}] {what} (about {seconds:.0f} s on 2 cores)", flush=True)
+
+
+def _erase_and_evaluate(method, concept, out, steps, seeds_per_prompt, max_per_template, progress, say) -> dict:
+    from erase.config_args import config_from_dict
+    from erase.registry import get_method
+    from erase.training.run import train_patch
+    from eval.config import EvalConfig
+    from eval.evaluate import run_eval
+
+    settings = METHOD_SETTINGS.get(method, {})
+    config = config_from_dict(get_method(method).CONFIG, {**settings, "concepts": [concept]})
+    path = out / "patches" / f"{method}-{concept}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    say(f"training {method} on '{concept}'", EXPECTED_SECONDS.get(method, 180))
+    t0 = time.perf_counter()
+    patch = train_patch(method, config, path, progress=progress, overwrite=True)
+    train_seconds = time.perf_counter() - t0
+    say(f"evaluating the {method} patch (erase eval)", EXPECTED_SECONDS["eval"])
+    evaluation = run_eval(
+        EvalConfig(
+            model="shapes",
+            concept=concept,
+            patch=str(path),
+            steps=steps,
+            seeds_per_prompt=seeds_per_prompt,
+            max_per_template=max_per_template,
+        ),
+        out / "eval" / method,
+        progress=progress,
+    )
+    summary = {
+        "erasure": evaluation["erasure"],
+        "generalization": evaluation["generalization"],
+        "retention": evaluation["retention"],
+        "kept_attributes": evaluation.get("kept_attributes"),
+        "preservation": evaluation["preservation"],
+        "fd_clip": evaluation["fd_clip"],
+        "train_seconds": round(train_seconds, 1),
+        "patch_kind": patch.kind,
+    }
+    return {"summary": summary, "config": patch.config, "evaluation": evaluation}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _comparison_sections(concept: str, results: dict) -> list[tuple[str, str]]:
+    header = [
+        "method",
+        "erasure",
+        "generalization",
+        "retention in-domain",
+        "retention cross-domain",
+        "kept attributes",
+        "preservation",
+        "FD-CLIP",
+        "train s",
+    ]
+    first = next(iter(results.values()))["summary"]
+    rows = [
+        [
+            "base model",
+            _pct(first["erasure"]["base"]),
+            _pct(first["generalization"]["base"]),
+            _pct(first["retention"]["in_domain"]["base"]),
+            _pct(first["retention"]["cross_domain"]["base"]),
+            _pct((first["kept_attributes"] or {}).get("base")),
+            "1",
+            "0",
+            "",
+        ]
+    ]
+    points = {}
+    for method, r in results.items():
+        s = r["summary"]
+        rows.append(
+            [
+                method,
+                _pct(s["erasure"]["patched"]),
+                _pct(s["generalization"]["patched"]),
+                _pct(s["retention"]["in_domain"]["patched"]),
+                _pct(s["retention"]["cross_domain"]["patched"]),
+                _pct((s["kept_attributes"] or {}).get("patched")),
+                _num(s["preservation"]),
+                _num(s["fd_clip"], ".4f"),
+                f"{s['train_seconds']:.0f}",
+            ]
+        )
+        points[method] = (s["erasure"]["patched"], s["retention"]["in_domain"]["patched"])
+    points["base"] = (first["erasure"]["base"], first["retention"]["in_domain"]["base"])
+    settings = "".join(
+        f"<li><code>{html.escape(m)}</code>: <code>{html.escape(_short_config(r['config']))}</code></li>"
+        for m, r in results.items()
+    )
+    intro = (
+        f"<p>Each method erased <b>{html.escape(concept)}</b> from the Shapes pipeline; each patch was then scored by "
+        "<code>erase eval</code> with the judge CLIP (never the guide CLIP the trainers may use). Erasure and "
+        "generalization (held-out synonyms and phrasings, never trained on) are shares of images still judged as the "
+        "concept: lower is better. Retention and kept attributes are shares judged as asked: higher is better. "
+        "Preservation is a cosine (1 = unchanged), FD-CLIP a distance (0 = unchanged). Settings:</p>"
+        f"<ul>{settings}</ul>"
+    )
+    plot = svg_scatter(
+        points,
+        "erasure (lower is better)",
+        "retention in-domain (higher is better)",
+        "the trade-off: erasure vs retention",
+    )
+    sections = [(f"Erasing '{concept}': the methods side by side", intro + html_table(header, rows) + plot)]
+    for method, r in results.items():
+        grids = "".join(
+            '<figure style="display:inline-block;margin:0 1em 1em 0">'
+            f'<img src="eval/{method}/grid_{role}_{label}.png" '
+            f'alt="{method} {role} {label}"><figcaption>{role.replace("_", " ")}: {label}</figcaption></figure>'
+            for role in ("target", "retain_in")
+            for label in ("base", "patched")
+        )
+        link = f'<p>Full report: <a href="eval/{method}/report.html">eval/{method}/report.html</a></p>'
+        sections.append((f"{method}: before and after", grids + link))
+    return sections
+
+
+def _short_config(config: dict) -> str:
+    skip = {"model", "concepts", "prompts", "threads", "seed", "dtype"}
+    return ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip and v not in (None, [], ""))
+
+
+def _world_check(judge, out: Path, n: int, eval_n: int, seed: int) -> tuple[dict, int]:
+    from eval.evaluate import judge_images
+
+    images, attrs, _, _ = ShapesWorld().sample(n, EVAL_SEED_OFFSET + 7_000_000 + seed)
+    classifiers = attribute_classifiers(judge)
+    predicted = judge_images(classifiers, judge.encode_image(images))
+    labels, colours, n_right = _verdict_labels(predicted), [], 0
+    for i, truth in enumerate(attrs):
+        right = all(predicted[a][i] == truth.get(a) for a in ATTRIBUTES)
+        n_right += right
+        colours.append("#1a7f37" if right else "#cf222e")
+    save_grid(images, out / "verdicts.png", labels=labels, label_colours=colours, cols=8, scale=3)
+    tables = {
+        "judge": world_accuracy(judge, n=eval_n, seed=seed),
+        "guide": world_accuracy(ShapesClipScorer("guide"), n=eval_n, seed=seed),
+    }
+    metrics = {"world_images": n, "judge_verdicts_all_correct": n_right / n, "accuracy": tables}
+    metrics["thresholds"] = THRESHOLDS
+    return metrics, n_right
+
+
+def _world_sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
     rows = []
     for who, table in metrics["accuracy"].items():
         rows.append([who, "plain words", *[f"{100 * table['plain'][a]:.1f}%" for a in ATTRIBUTES]])
@@ -109,7 +261,7 @@ def _sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
     n_eval = metrics["accuracy"]["judge"]["n"]
     return [
         (
-            "Judge verdicts on freshly drawn world images",
+            "The judge: verdicts on freshly drawn world images",
             f"<p>Each image is labelled with the judge CLIP's zero-shot colour, shape and fill style: green where all "
             f"three match what was drawn ({n_right} of {n}), red otherwise.</p>"
             '<img src="verdicts.png" alt="verdicts">',
