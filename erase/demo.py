@@ -25,7 +25,7 @@ THRESHOLDS = {"colour": 0.98, "shape": 0.95, "style": 0.95}
 # The settings each method is run with on the Shapes world (its acceptance settings; measured in the README).
 METHOD_SETTINGS: dict[str, dict] = {
     "uce": {},
-    "esd": {"steps": 300, "batch_size": 8, "preserve_weight": 1.0},
+    "esd": {"steps": 300, "batch_size": 8, "eta": 2.0, "preserve_weight": 1.0},
 }
 # Rough seconds per stage on 2 CPU cores, one thread, for the progress messages.
 EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 180, "doco": 180, "eval": 60}

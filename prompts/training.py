@@ -38,7 +38,7 @@ SHAPES_GUIDES = {
     "green": ["purple", "blue", "orange"],
     "blue": ["yellow", "orange", "green"],
     "purple": ["yellow", "green", "orange"],
-    "circle": ["square", "cross", "triangle"],
+    "circle": ["triangle", "cross", "square"],
     "square": ["circle", "triangle", "cross"],
     "triangle": ["square", "circle", "cross"],
     "cross": ["circle", "square", "triangle"],
