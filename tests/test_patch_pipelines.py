@@ -3,16 +3,11 @@ delta patches on UNet and text encoders, and saving a patched pipeline as a stan
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from tiny_pipelines import ARCHITECTURES, SD2_1024, generate, tiny_pipeline
+from tiny_pipelines import ARCHITECTURES, SD2_1024, generate, tiny_pipeline, vanilla_lora_images
 
 from erase.lora_export import delta_to_lora, lora_to_kohya
 from erase.patch import PatchError, load_patch, make_delta_patch, make_lora_patch, save_patch
@@ -89,25 +84,6 @@ def load_base(root, arch):
     return pipe
 
 
-VANILLA = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np, torch
-    from diffusers import DiffusionPipeline
-    torch.set_num_threads(1)
-    assert not any(m.split(".")[0] in ("erase", "pipelines") for m in sys.modules)
-    for job in json.loads(sys.argv[1]):
-        pipe = DiffusionPipeline.from_pretrained(job["base"], local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.load_lora_weights(job["lora"])
-        image = pipe("a photo of a cat", num_inference_steps=2, height=16, width=16, guidance_scale=2.0,
-                     generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
-        np.save(job["out"], image)
-    assert not any(m.split(".")[0] in ("erase", "pipelines") for m in sys.modules)
-    """
-)
-
-
 def test_lora_matches_vanilla_load_lora_weights_in_clean_subprocess(saved_bases, tmp_path):
     ours, jobs = {}, []
     for arch in PARITY_ARCHITECTURES:
@@ -121,11 +97,7 @@ def test_lora_matches_vanilla_load_lora_weights_in_clean_subprocess(saved_bases,
         remove_patch(handle)
         assert np.array_equal(generate(pipe), base_image), arch  # remove restores the base bitwise
         jobs.append({"base": str(saved_bases / arch), "lora": str(path), "out": str(tmp_path / f"{arch}.npy")})
-    # cwd=tmp_path and no PYTHONPATH: the child cannot import this repository's packages even by accident.
-    result = subprocess.run(
-        [sys.executable, "-c", VANILLA, json.dumps(jobs)], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    vanilla_lora_images(jobs, tmp_path)
     for arch in PARITY_ARCHITECTURES:
         assert np.abs(np.load(tmp_path / f"{arch}.npy") - ours[arch]).max() <= 1e-5, arch
 

@@ -17,6 +17,11 @@ The shapes mimic each family at toy width:
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -187,3 +192,32 @@ def generate(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int =
         generator=generator,
         output_type="np",
     ).images
+
+
+VANILLA = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+    torch.set_num_threads(1)
+    assert not any(m.split(".")[0] in ("erase", "pipelines") for m in sys.modules)
+    for job in json.loads(sys.argv[1]):
+        pipe = DiffusionPipeline.from_pretrained(job["base"], local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(job["lora"])
+        image = pipe(job.get("prompt", "a photo of a cat"), num_inference_steps=2, height=16, width=16,
+                     guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+        np.save(job["out"], image)
+    assert not any(m.split(".")[0] in ("erase", "pipelines") for m in sys.modules)
+    """
+)
+
+
+def vanilla_lora_images(jobs: list[dict], cwd) -> None:
+    """Load each ``job["lora"]`` into ``job["base"]`` with plain diffusers ``load_lora_weights`` in a clean process
+    (cwd elsewhere, no PYTHONPATH: this repository's packages cannot be imported) and save its image to
+    ``job["out"]`` (``.npy``), generated as `generate` does with ``job.get("prompt")``."""
+    result = subprocess.run(
+        [sys.executable, "-c", VANILLA, json.dumps(jobs)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
