@@ -87,3 +87,22 @@ def test_guides_one_per_concept_and_defaults_avoid_erased_classes():
     assert config.guide == ["yellow", "purple", "yellow"]
     with pytest.raises(ValueError, match="one --guide for all concepts or one per concept"):
         train_patch("uce", UCEConfig(model="tiny", concepts=["red", "green"], guide=["a", "b", "c"]), pipe=pipe)
+
+
+def test_uce_on_a_model_folder_with_the_artists_set(tmp_path):
+    from erase.cli import main
+
+    tiny_pipeline("sd1").save_pretrained(tmp_path / "sd1")
+    out = tmp_path / "vangogh.safetensors"
+    assert (
+        main(
+            ["train", "--method", "uce", "--model", str(tmp_path / "sd1"), "--concept", "van gogh", "--out", str(out)]
+        )
+        == 0
+    )
+    patch = load_patch(out)
+    assert (
+        patch.concepts == ["van gogh"] and patch.config["guide"] == ["art"] and patch.config["model"].endswith("sd1")
+    )
+    blocks = [n for n, _ in tiny_pipeline("sd1").unet.named_modules() if n.endswith(".attn2")]
+    assert len(patch.target_names("unet")) == 2 * len(blocks)  # to_k and to_v of every cross-attention block
