@@ -15,7 +15,10 @@ against solving every layer on its own; goal <= 1 s.
 With ``--gpu`` (a CUDA machine), also one ESD concept on an SD 1.5-architecture UNet (random weights, 512 px, 200
 steps at batch 1 as the official SD code); goal <= 60 s and <= 12 GB.
 
-Run: ``.venv/bin/python benchmarks/train.py [--methods esd,uce] [--gpu]``.
+With ``--sd15-folder DIR`` (written by ``benchmarks/sd15.py DIR``), also ``erase train --method uce --concept "Van Gogh"``
+on that folder end to end in a fresh process; goal <= 120 s on 2 cores.
+
+Run: ``.venv/bin/python benchmarks/train.py [--methods esd,uce] [--sd15-folder DIR] [--gpu]``.
 """
 
 from __future__ import annotations
@@ -100,6 +103,24 @@ def uce_solve_sd15(repeats: int = 3) -> dict:
     return {"layers": len(weights), "shared_k_seconds": round(t_shared, 3), "per_layer_seconds": round(t_layer, 3)}
 
 
+def uce_sd15_folder(folder: str) -> dict:
+    """``erase train --method uce`` on an SD 1.5-architecture folder (`sd15.py`), end to end in a fresh process:
+    imports, loading the folder, encoding, the solve over all 32 cross-attention K/V matrices and writing the patch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "vangogh.safetensors"
+        command = [sys.executable, "-m", "erase", "train", "--method", "uce", "--model", folder]
+        command += ["--concept", "Van Gogh", "--out", str(out), "--quiet"]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        from erase.patch import load_patch
+
+        patch = load_patch(out)
+    return {"uce_sd15_folder_seconds": round(seconds, 1), "matrices": len(patch.target_names("unet"))}
+
+
 def esd_sd15_gpu(steps: int = 200, trajectories: int | None = None) -> dict:
     """One ESD concept on an SD 1.5-architecture pipeline on the GPU (random weights)."""
     from sd15 import build_sd15
@@ -139,6 +160,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
     parser.add_argument("--gpu", action="store_true", help="also time ESD on an SD 1.5-architecture UNet on CUDA")
     parser.add_argument("--compare-sampling", action="store_true", help="with --gpu: also 20 steps of fresh sampling")
+    parser.add_argument("--sd15-folder", help="also time UCE end to end on this SD 1.5 folder (benchmarks/sd15.py)")
     parser.add_argument("--skip-shapes", action="store_true", help="only the SD 1.5 measurements")
     args = parser.parse_args()
     if args.one:
@@ -169,6 +191,9 @@ def main() -> None:
             f"UCE solve, {solve['layers']} SD 1.5 cross-attention matrices: shared K {solve['shared_k_seconds']} s, "
             f"per layer {solve['per_layer_seconds']} s ({solve['per_layer_seconds'] / solve['shared_k_seconds']:.1f}x)"
         )
+    if args.sd15_folder:
+        results["uce_sd15_folder"] = uce_sd15_folder(args.sd15_folder)
+        print(json.dumps(results["uce_sd15_folder"]))
     if args.gpu:
         results["esd_sd15_gpu"] = esd_sd15_gpu()
         print(json.dumps(results["esd_sd15_gpu"]))
