@@ -15,7 +15,8 @@ against solving every layer on its own; goal <= 1 s.
 With ``--gpu`` (a CUDA machine), also one ESD concept on an SD 1.5-architecture UNet (random weights, 512 px, 200
 steps at batch 1 as the official SD code); goal <= 60 s and <= 12 GB.
 
-With ``--sd15-folder DIR`` (written by ``benchmarks/sd15.py DIR``), also ``erase train --method uce --concept "Van Gogh"``
+With ``--sd15-folder DIR`` (written by ``benchmarks/sd15.py DIR``), also ``erase train --method uce --concept
+"Van Gogh"``
 on that folder end to end in a fresh process; goal <= 120 s on 2 cores.
 
 Run: ``.venv/bin/python benchmarks/train.py [--methods esd,uce] [--sd15-folder DIR] [--gpu]``.
