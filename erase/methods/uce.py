@@ -22,10 +22,11 @@ Which contexts are erased (``positions``):
 
 - ``last``: the paper's form, the concept word's last token in each training prompt.
 - ``expanded`` (default): every token position from the concept word to the end of the context (the end-of-text
-  token and the padding after it included), as MACE does; ``eos`` stops at the end-of-text token (measured on
-  "circle": 324 of 372 target and paraphrase images still circles, so the padding carries the concept too). CLIP's causal text encoder carries the word into every later
-  position, and the UNet attends to all 77, so editing one position leaves much of the concept (measured on "red":
-  12% left with ``last``, 0% with ``expanded``).
+  token and the padding after it included), as MACE does. CLIP's causal text encoder carries the word into every
+  later position, and the UNet attends to all 77, so editing one position leaves much of the concept (measured on
+  "red": 12% left with ``last``, 0% with ``expanded``).
+- ``eos``: from the word to the end-of-text token, padding excluded (measured on "circle": 324 of 372 target and
+  paraphrase images still circles, so on the Shapes encoder the padding carries the concept too).
 
 Guide contexts are the same prompt with the concept word replaced by the guide (position by position after the word,
 shifted when the two words have different token counts). Preserved contexts are every position of the prompt set's
