@@ -48,7 +48,7 @@ class EvalConfig:
     patch_scale: float = field(default=1.0, metadata={"help": "scale of the patch's weight change"})
     force: bool = field(default=False, metadata={"help": "apply the patch even if its base fingerprint differs"})
     prompts: str | None = field(default=None, metadata={"help": "shipped set name or CSV (default: by concept)"})
-    judge: str | None = field(default=None, metadata={"help": "CLIP judge (default 'judge' for the Shapes world)"})
+    judge: str | None = field(default=None, metadata={"help": "CLIP judge (shapes: default judge, or oracle)"})
     judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
     steps: int = field(default=25, metadata={"help": "sampling steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
