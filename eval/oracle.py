@@ -13,9 +13,11 @@ frame as confidently as a clean drawing. The oracle instead checks each image ag
    (ranges: the nearest world hue, at most ``hue_tolerance`` degrees away; saturation and value above the world's
    lowest). A colour outside every range, or an object whose strong pixels' hues mostly lie over 20 degrees from the
    object's (multicolour noise), has no colour ("unrecognisable").
-3. **Shape.** The silhouette is the largest connected blob of ``alpha > 0.5`` with its holes filled (striped and
-   dotted fills keep a solid outline, so their gaps are holes). Each world shape is fitted to it by a coarse-to-fine
-   search over centre and size, starting from the silhouette's centroid and area, on anti-aliased renderings of
+3. **Shape.** The silhouette is the largest connected blob of ``alpha > 0.2`` (closed with a 2.5-pixel disc when
+   stripes or dots have no outline around them) with its holes filled (striped and dotted fills keep a solid
+   outline, so their gaps are holes). Each world shape is fitted to it by a coarse-to-fine
+   search over centre and size (within 0.8-1.1 times the world's range of sizes, the shape wholly inside the frame),
+   starting from the silhouette's centroid and area, on anti-aliased renderings of
    `pipelines.shapes.world.shape_mask`; the score is the soft intersection over union ``sum(min) / sum(max)``. The
    shape with the best IoU wins; below ``min_iou`` (0.75) the shape is "unrecognisable".
 4. **Fill style.** Inside the fitted shape, away from its outline, ``alpha`` is compared (least squares) with every
@@ -273,7 +275,8 @@ class ShapesOracle:
         area = silhouette.sum()
         ys, xs = np.indices(silhouette.shape) + 0.5
         cx, cy = (xs * silhouette).sum() / area, (ys * silhouette).sum() / area
-        r_min, r_max = 0.5 * RADIUS_RANGE[0] * scale, 1.5 * RADIUS_RANGE[1] * scale
+        # the world draws half-sizes 7-13 px (at 32 px) wholly inside the frame; a fit must stay near that
+        r_min, r_max = 0.8 * RADIUS_RANGE[0] * scale, 1.1 * RADIUS_RANGE[1] * scale
         best = (None, -1.0, (cx, cy), 0.0)
         steps = np.array([-1.0, 0.0, 1.0])
         for shape in self.vocab.shapes:
@@ -287,6 +290,7 @@ class ShapesOracle:
                 ious = np.minimum(coverage, silhouette).sum(axis=(1, 2)) / np.maximum(coverage, silhouette).sum(
                     axis=(1, 2)
                 )
+                ious = np.where(_inside(shape, x + dx, y + dy, cand_r, res), ious, 0.0)
                 k = int(ious.argmax())
                 x, y, r, iou = x + dx[k], y + dy[k], float(cand_r[k]), float(ious[k])
             if iou > best[1]:
@@ -328,6 +332,13 @@ class ShapesOracle:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _inside(shape: str, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, res: int) -> np.ndarray:
+    """Whether a shape of half-size ``r`` at ``(cx, cy)`` lies wholly inside the frame, as every world shape does."""
+    half = 0.82 * r if shape == "square" else r
+    top, bottom = (cy - r, cy + 0.8 * r) if shape == "triangle" else (cy - half, cy + half)
+    return (cx - half >= 0) & (cx + half <= res) & (top >= 0) & (bottom <= res)
+
+
 def _downsample(masks: np.ndarray, supersample: int) -> np.ndarray:
     """Coverage ``[K, H, W]`` of boolean masks ``[K, H * s, W * s]``: the mean of each ``s x s`` block (by slicing
     and adding, which is an order of magnitude faster than ``mean`` over reshaped axes of a bool array)."""

@@ -136,3 +136,10 @@ def test_erase_eval_with_the_oracle_judge(tmp_path):
     assert metrics["judge"]["backend"] == "oracle" and metrics["judge"]["embeddings"]["backend"] == "shapes"
     assert set(metrics["no_object"]) == {"base", "patched"}
     assert metrics["preservation"] == pytest.approx(1.0)  # no patch: the base model against itself
+
+
+def test_a_frame_filling_patch_is_no_world_shape(oracle):
+    y, x = np.indices((32, 32)) + 0.5
+    disc = ((x - 16) ** 2 + (y - 16) ** 2 <= 17**2).astype(np.float64)  # larger than any world shape, clipped
+    reading = oracle.read(_paint(_canvas(background=20.0), disc, (35, 80, 220)))[0]
+    assert reading.present and reading.colour == "blue" and reading.shape == UNRECOGNISABLE
