@@ -259,6 +259,10 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     failed rerun leaves an earlier finished evaluation in ``out`` intact. Returns the metrics (``None`` on non-main
     processes).
     """
+    if config.gan:  # fixed latents of a GAN instead of prompts (eval/gan.py)
+        from eval.gan import run_gan_eval
+
+        return run_gan_eval(config, out, progress)
     import pipelines
     from erase.fsutil import check_output_folder
     from pipelines.apply import apply_patch, remove_patch
