@@ -585,6 +585,17 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = run_eval(config, args.out, progress=not args.quiet)
     if metrics is None:  # a non-main process under accelerate launch
         return 0
+    if config.gan:
+        for judge in ("clip", "oracle"):
+            if judge in metrics:
+                m = metrics[judge]
+                print(
+                    f"{metrics['concept']} ({judge}): share {100 * m['concept_share']['base']:.1f}% -> "
+                    f"{100 * m['concept_share']['patched']:.1f}%, preservation {m['preservation']}, "
+                    f"largest change of another {metrics['task']} {m['max_relative_change']}, fd_clip {m['fd_clip']}"
+                )
+        print(f"wrote {Path(args.out) / 'metrics.json'}, images.csv and report.html")
+        return 0
     e, g, k = metrics["erasure"], metrics["generalization"], metrics["kept_attributes"]
     r = metrics["retention"]
 

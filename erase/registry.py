@@ -68,3 +68,9 @@ register_method(
 register_method(
     "uce", "erase.methods.uce", "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide"
 )
+register_method(
+    "text2unlearn",
+    "erase.methods.text2unlearn",
+    "Text-to-Unlearn (2025): fine-tune a GAN generator away from a concept with a guide CLIP, from text alone",
+    family="gan",
+)

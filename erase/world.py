@@ -120,14 +120,17 @@ def _pipeline_accuracy(pipe, judge, eval_n: int, progress: bool) -> dict:
 
 
 def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
-    from eval.shapes import gan_coverage
+    from eval.shapes import gan_quality
     from pipelines.shapes.gan import GanTrainConfig, load_generator_file, save_generator, train_gan
 
     config = GanTrainConfig(**overrides)
     generator, facts = train_gan(config, progress=progress)
     path = out / GAN_FILE
+    # the oracle's quality table on 2,000 fixed latents (the acceptance), with the judge's colour agreement
     measure = (
-        (lambda: gan_coverage(load_generator_file(path), _judge_for(out), n=max(eval_n, 1000))) if eval_n else None
+        (lambda: gan_quality(load_generator_file(path), n=max(eval_n, 2000), judge=_judge_for(out)))
+        if eval_n
+        else None
     )
     return _save_measured(path, config, facts, lambda meta: save_generator(generator, path, meta), measure)
 

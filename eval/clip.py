@@ -489,12 +489,13 @@ def _folder_judge(folder: Path, arch: str | None, batch_size: int | None, trust_
 
 def load_judge(
     spec: str = "judge", arch: str | None = None, batch_size: int | None = None, trust_remote_code: bool = False
-) -> ShapesClipScorer | OpenClipJudge | HFClipJudge:
+):
     """Load a judge from one string, as a CLI's ``--judge`` / ``--judge-arch`` / ``--trust-remote-code`` give it.
 
     Args:
         spec (`str`, *optional*, defaults to `"judge"`): ``"judge"``/``"shapes"``/``"shapes-judge"`` or
-            ``"guide"``/``"shapes-guide"`` (the shipped Shapes CLIPs); ``"local-dir:PATH"`` or a folder with
+            ``"guide"``/``"shapes-guide"`` (the shipped Shapes CLIPs); ``"oracle"`` (the Shapes world's pixel oracle,
+            `eval.oracle.OracleJudge`, with the judge CLIP for embeddings); ``"local-dir:PATH"`` or a folder with
             ``open_clip_config.json`` (open_clip); a folder with a ``config.json`` of ``model_type`` ``"clip"``
             (transformers); a Shapes CLIP ``.safetensors`` file; or any other weights file together with ``arch``.
         arch (`str`, *optional*): open_clip model name or model-config JSON for a plain weights file.
@@ -504,6 +505,12 @@ def load_judge(
     Every bad input raises a one-line `FileNotFoundError` or `ValueError` that names the path and the fix.
     """
     spec = str(spec)
+    if spec in ("oracle", "shapes-oracle"):
+        if arch:
+            raise ValueError("the Shapes oracle reads pixels and has no architecture: leave out arch / --judge-arch")
+        from eval.oracle import OracleJudge
+
+        return OracleJudge()
     if not spec.startswith("local-dir:") and spec not in SHAPES_SPECS:
         spec = str(Path(spec).expanduser())
     if spec in SHAPES_SPECS:

@@ -25,6 +25,7 @@ _INT_RANGES = {
     "max_per_template": (1, 100_000),
     "height": (8, 8192),
     "width": (8, 8192),
+    "latents": (1, 1_000_000),  # fixed latents of a --gan evaluation
 }
 _OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width"}
 _FLOAT_RANGES = {
@@ -43,12 +44,17 @@ class EvalConfig:
     """
 
     model: str = field(default="shapes", metadata={"help": "'shapes' or a local diffusers folder / single file"})
+    gan: str | None = field(
+        default=None, metadata={"help": "evaluate a GAN instead of --model: 'shapes' or a generator file"}
+    )
+    latents: int = field(default=2000, metadata={"help": "fixed latents of a --gan evaluation"})
+    latent_seed: int = field(default=0, metadata={"help": "seed of the fixed latents of a --gan evaluation"})
     concept: str = field(default="red", metadata={"help": "the concept erased (a class of the prompt set)"})
     patch: str | None = field(default=None, metadata={"help": "an erase patch file; none: base against itself"})
     patch_scale: float = field(default=1.0, metadata={"help": "scale of the patch's weight change"})
     force: bool = field(default=False, metadata={"help": "apply the patch even if its base fingerprint differs"})
     prompts: str | None = field(default=None, metadata={"help": "shipped set name or CSV (default: by concept)"})
-    judge: str | None = field(default=None, metadata={"help": "CLIP judge (default 'judge' for the Shapes world)"})
+    judge: str | None = field(default=None, metadata={"help": "CLIP judge (shapes: default judge, or oracle)"})
     judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
     steps: int = field(default=25, metadata={"help": "sampling steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
@@ -87,7 +93,7 @@ class EvalConfig:
                 raise ValueError(f"{flag(name)} is empty; pass a value or leave {flag(name)} out")
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to evaluate, e.g. --concept red")
-        for name in ("model", "patch", "prompts"):  # "~/models/sd" works as in a shell, also when quoted
+        for name in ("model", "patch", "prompts", "gan"):  # "~/models/sd" works as in a shell, also when quoted
             value = getattr(self, name)
             if value and value.startswith("~"):
                 setattr(self, name, str(Path(value).expanduser()))

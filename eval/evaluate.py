@@ -117,6 +117,19 @@ def judge_images(classifiers: dict[str, ZeroShotClassifier], embeddings: torch.T
     return {task: c.predict(embeddings) for task, c in classifiers.items()}
 
 
+def judge_rows(judge, classifiers, images: np.ndarray, embeddings: torch.Tensor, object_check=None) -> dict:
+    """The judged class of every image for every task: a judge with ``classify`` (the Shapes oracle) reads the
+    pixels itself; a CLIP judge classifies the embeddings, and when ``object_check`` (images -> bool per image) is
+    given, an image without an object is judged ``"none"`` on every task rather than forced into a class."""
+    if hasattr(judge, "classify"):
+        return judge.classify(images, list(classifiers))
+    judged = judge_images(classifiers, embeddings)
+    if object_check is not None:
+        present = object_check(images)
+        judged = {task: [c if p else "none" for c, p in zip(labels, present)] for task, labels in judged.items()}
+    return judged
+
+
 def row_matches(prompt_set: PromptSet, judged: dict[str, list[str]]) -> list[bool]:
     """Per row: target/paraphrase rows, judged as the concept; retain rows, judged as everything they asked for."""
     out = []
@@ -146,16 +159,23 @@ def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
 
 
 def score(
-    judge, prompt_set: PromptSet, base: np.ndarray, patched: np.ndarray, detector=None, progress: bool = False
+    judge,
+    prompt_set: PromptSet,
+    base: np.ndarray,
+    patched: np.ndarray,
+    detector=None,
+    progress: bool = False,
+    object_check=None,
 ) -> dict:
-    """All metrics from the two image sets (rows in `prompt_set` order); returns metrics and per-image records."""
+    """All metrics from the two image sets (rows in `prompt_set` order); returns metrics and per-image records.
+    ``object_check`` (see `judge_rows`) makes a CLIP judge count images without an object as "none"."""
     classifiers = build_classifiers(judge, prompt_set)
     rows = prompt_set.rows
     text = judge.encode_text([r.prompt for r in rows])  # each prompt once, for both models
     per_model = {}
     for label, images in tqdm([("base", base), ("patched", patched)], desc="score", disable=not progress):
         embeddings = judge.encode_image(images)
-        judged = judge_images(classifiers, embeddings)
+        judged = judge_rows(judge, classifiers, images, embeddings, object_check)
         per_model[label] = {
             "embeddings": embeddings,
             "judged": judged,
@@ -190,6 +210,10 @@ def score(
         "preservation": preservation(base_retain, patched_retain),
         "fd_clip": frechet_distance(base_retain, patched_retain),
     }
+    if object_check is not None or hasattr(judge, "classify"):
+        metrics["no_object"] = {  # images judged "none": an empty frame is neither the concept nor a kept class
+            label: sum(c == "none" for c in per_model[label]["judged"][prompt_set.task]) for label in per_model
+        }
     if detector is not None:
         concept_rows = roles["target"] + roles["paraphrase"]
         metrics["nudity"] = {
@@ -235,6 +259,10 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     failed rerun leaves an earlier finished evaluation in ``out`` intact. Returns the metrics (``None`` on non-main
     processes).
     """
+    if config.gan:  # fixed latents of a GAN instead of prompts (eval/gan.py)
+        from eval.gan import run_gan_eval
+
+        return run_gan_eval(config, out, progress)
     import pipelines
     from erase.fsutil import check_output_folder
     from pipelines.apply import apply_patch, remove_patch
@@ -259,7 +287,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     from eval.clip import load_judge
 
     judge = load_judge(_default_judge(config), arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
-    if judge.describe()["backend"] == "shapes" and not config.is_shapes:
+    if judge.describe()["backend"] in ("shapes", "oracle") and not config.is_shapes:
         raise ValueError(
             f"the Shapes world's CLIP {judge.name!r} only knows 32x32 shapes and cannot judge {config.model}: "
             "pass --judge with a real CLIP (open_clip local-dir: folder, transformers folder, or file + --judge-arch)"
@@ -296,7 +324,12 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         return None
 
     t0 = time.perf_counter()
-    scored = score(judge, prompt_set, base, patched, detector, progress)
+    object_check = None
+    if config.is_shapes:  # the Shapes world's pixels say whether an object is there at all
+        from eval.oracle import ShapesOracle
+
+        object_check = ShapesOracle().object_present
+    scored = score(judge, prompt_set, base, patched, detector, progress, object_check)
     scoring_s = time.perf_counter() - t0
     settings = {
         **asdict(config),

@@ -107,21 +107,52 @@ def pipeline_accuracy(
     return {"n": len(images), "steps": steps, "guidance": guidance, **judge_prompted(scorer, images, asked)}
 
 
-def gan_coverage(generator, scorer, n: int = 1000, seed: int = 0) -> dict:
-    """Mode coverage of a GAN: the judged colour distribution over ``n`` samples, and the share of samples whose
-    top shape probability (softmax over ``100 x cosine``) exceeds 0.5."""
+GAN_QUALITY_BARS = {"recognisable": 0.90, "min_colour_share": 0.08, "min_shape_share": 0.12, "colour_agreement": 0.95}
+
+
+def gan_quality(generator, n: int = 2000, seed: int = 0, oracle=None, judge=None, strict_iou: float = 0.85) -> dict:
+    """How recognisable a Shapes GAN's samples are, read by the pixel oracle (`eval.oracle`) on ``n`` fixed latents.
+
+    Latents are ``torch.randn(n, z_dim)`` from ``torch.Generator().manual_seed(seed)`` (see `sample_gan`).
+    Returns shares in [0, 1]: ``present`` (an object at all), ``recognisable`` (a world shape fits with IoU >= 0.75 and
+    the colour lies in a world hue range), the same at ``strict_iou``, the median IoU, and among recognisable samples
+    the ``colour_share``/``shape_share``/``style_share`` per class with their minima. With a CLIP ``judge``,
+    ``colour_agreement`` is the share of all samples whose judged colour is the oracle's (a sample without an oracle
+    colour counts as a disagreement), and ``colour_agreement_where_read`` the same among samples with one. ``bars``
+    holds the issue's acceptance bars and ``passes`` whether each is met.
+    """
+    from eval.oracle import ShapesOracle
     from pipelines.sampling import sample_gan
 
+    oracle = oracle or ShapesOracle()
     images = sample_gan(generator, n, seed)
-    embeddings = scorer.encode_image(images)
-    classifiers = attribute_classifiers(scorer)
-    colours = classifiers["colour"].predict(embeddings)
-    shapes = classifiers["shape"].predict(embeddings)
-    shape_confidence = classifiers["shape"].probabilities(embeddings).max(dim=-1).values
+    readings = oracle.read(images)
+    good = [r for r in readings if r.recognisable]
     vocab = load_shapes_vocab()
-    return {
+
+    def shares(attribute, classes):
+        return {c: sum(r.get(attribute) == c for r in good) / max(len(good), 1) for c in classes}
+
+    table = {
         "n": n,
-        "colour_share": {c: colours.count(c) / n for c in vocab.colours},
-        "shape_share": {s: shapes.count(s) / n for s in vocab.shapes},
-        "confident_shape": float((shape_confidence > 0.5).float().mean()),
+        "seed": seed,
+        "present": float(np.mean([r.present for r in readings])),
+        "recognisable": len(good) / n,
+        f"recognisable_iou_{strict_iou}": sum(r.recognisable and r.iou >= strict_iou for r in readings) / n,
+        "iou_median": float(np.median([r.iou for r in readings])),
+        "colour_share": shares("colour", vocab.colours),
+        "shape_share": shares("shape", vocab.shapes),
+        "style_share": shares("style", [*vocab.styles, "hollow", "unrecognisable"]),
     }
+    table["min_colour_share"] = min(table["colour_share"].values())
+    table["min_shape_share"] = min(table["shape_share"].values())
+    if judge is not None:
+        judged = attribute_classifiers(judge)["colour"].predict(judge.encode_image(images))
+        read = [r.colour for r in readings]
+        where = [i for i, c in enumerate(read) if c in vocab.colours]
+        table["judge"] = judge.describe()
+        table["colour_agreement"] = float(np.mean([a == b for a, b in zip(read, judged)]))
+        table["colour_agreement_where_read"] = float(np.mean([read[i] == judged[i] for i in where])) if where else None
+    table["bars"] = dict(GAN_QUALITY_BARS)
+    table["passes"] = {k: table[k] >= bar for k, bar in GAN_QUALITY_BARS.items() if k in table}
+    return table

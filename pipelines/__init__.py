@@ -1,7 +1,8 @@
 """Load base models (diffusers pipelines, GAN generators, the Shapes world) and apply patches to them.
 
 ``pipelines.load(name)`` returns a diffusers pipeline ("shapes" or a local folder / single file, see
-`pipelines.loading.load_pipeline`); ``pipelines.load_gan(name)`` returns a GAN generator module.
+`pipelines.loading.load_pipeline`); ``pipelines.load_generator(spec)`` returns a GAN behind the protocol of
+`pipelines.gan.GanGenerator` and ``pipelines.load_gan(spec)`` its module.
 Imports are deferred so that ``import pipelines`` stays cheap.
 """
 
@@ -15,18 +16,15 @@ def load(model: str = "shapes", **kwargs):
     return load_pipeline(model, **kwargs)
 
 
-def load_gan(name: str = "shapes"):
-    """Load a GAN generator: ``"shapes"`` (the Shapes world's, shipped) or a path to a Shapes GAN file."""
-    from pathlib import Path
+def load_gan(name: str = "shapes", **kwargs):
+    """Load a GAN generator module: ``"shapes"`` (the Shapes world's, shipped), a Shapes GAN file, or any spec of
+    `pipelines.gan.load_generator` (keyword arguments are passed on). For the adapter (latents, pixel range,
+    mapping/synthesis split, layer groups) use `load_generator`."""
+    return load_generator(name, **kwargs).module
 
-    from pipelines.shapes.clip import WEIGHTS_DIR
-    from pipelines.shapes.gan import load_generator_file
 
-    if name == "shapes":
-        path = WEIGHTS_DIR / "gan_shapes.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"the shipped Shapes GAN {path} is missing: run 'erase world train --only gan'")
-        return load_generator_file(path)
-    if not Path(name).is_file():
-        raise FileNotFoundError(f"unknown GAN {name!r}: use 'shapes' or the path of a Shapes GAN .safetensors file")
-    return load_generator_file(name)
+def load_generator(spec: str = "shapes", **kwargs):
+    """A `pipelines.gan.GanGenerator` from one string (see `pipelines.gan.load_generator`)."""
+    from pipelines.gan import load_generator as _load
+
+    return _load(spec, **kwargs)

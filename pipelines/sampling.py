@@ -73,8 +73,12 @@ def sample_gan(
     truncation: float = 1.0,
     latent_dim: int | None = None,
 ) -> np.ndarray:
-    """``n`` images from a generator ``G(z) -> NCHW in [-1, 1]`` with ``z ~ N(0, I)`` drawn from ``seed``."""
+    """``n`` images from a generator ``G(z) -> NCHW`` with ``z ~ N(0, I)`` drawn from ``seed``: a module in [-1, 1],
+    or a `pipelines.gan.GanGenerator` in its declared ``pixel_range``."""
     latent_dim = latent_dim or generator.z_dim
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
     kwargs = {"truncation": truncation} if truncation != 1.0 else {}
-    return np.concatenate([to_uint8(generator(z[i : i + batch_size], **kwargs)) for i in range(0, n, batch_size)])
+    value_range = getattr(generator, "pixel_range", (-1.0, 1.0))
+    return np.concatenate(
+        [to_uint8(generator(z[i : i + batch_size], **kwargs), value_range) for i in range(0, n, batch_size)]
+    )

@@ -94,7 +94,7 @@ def test_gan_shapes_and_a_few_training_steps(tmp_path):
     path = save_generator(trained, tmp_path / "gan.safetensors", {"facts": facts})
     again = load_generator_file(path)
     assert np.array_equal(sample_gan(trained, 4, seed=1), sample_gan(again, 4, seed=1))
-    with pytest.raises(ValueError, match="is not a 'shapes-gan/1' file"):
+    with pytest.raises(ValueError, match="is not a 'shapes-gan/2' file"):
         load_generator_file(save_pipeline_like_file(tmp_path))
 
 

@@ -4,6 +4,10 @@ Everything here is trained by this project's own code (``erase world train``) an
 safetensors files under ``pipelines/shapes/weights``.
 """
 
+from pathlib import Path
+
 from pipelines.shapes.world import Attributes, ShapesWorld
 
-__all__ = ["Attributes", "ShapesWorld"]
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped Shapes world weight files
+
+__all__ = ["WEIGHTS_DIR", "Attributes", "ShapesWorld"]

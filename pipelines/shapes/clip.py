@@ -25,11 +25,11 @@ import torch
 from open_clip.model import CLIP
 from tqdm.auto import tqdm
 
+from pipelines.shapes import WEIGHTS_DIR  # re-exported here for older imports
 from pipelines.shapes.io import json_header, load_weights, prune_rows, read_metadata, save_weights
 from pipelines.shapes.training import cosine_with_warmup, tail_mean, torch_threads
 from pipelines.shapes.world import ShapesWorld
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _OPEN_CLIP_EMBED_KEY = "token_embedding.weight"

@@ -18,6 +18,11 @@ import numpy as np
 from prompts.shapes import ShapesVocab, fix_articles, load_shapes_vocab
 
 SUPERSAMPLE = 3  # shapes are rasterised at 3x and averaged down, which anti-aliases their edges
+# Drawing constants in pixels at 32 px (scaled with the resolution); the pixel oracle (eval/oracle.py) fits the same
+OUTLINE = 1.3  # width of the solid outline that striped and dotted fills keep
+FILL_PERIOD = 4.0  # period of the stripe bands (along x + y) and of the dot grid
+DOT_RADIUS = 0.28  # dot radius as a fraction of the period
+RADIUS_RANGE = (7.0, 13.0)  # half-size of a shape, drawn uniformly
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class ShapesWorld:
         """Render one image per attribute triple: ``uint8`` array of shape ``[N, H, W, 3]``."""
         n, res = len(attributes), self.resolution
         scale = res / 32
-        radius = rng.uniform(7.0, 13.0, size=n) * scale
+        radius = rng.uniform(*RADIUS_RANGE, size=n) * scale
         centre = np.stack([rng.uniform(radius + scale, res - radius - scale) for _ in range(2)], axis=1)
         fine = (np.arange(res * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
         y, x = np.meshgrid(fine, fine, indexing="ij")
@@ -78,12 +83,12 @@ class ShapesWorld:
         shapes = np.array([a.shape for a in attributes])
         outer = np.zeros(dx.shape, dtype=bool)
         inner = np.zeros(dx.shape, dtype=bool)
-        outline = 1.3 * scale
+        outline = OUTLINE * scale
         for name in self.vocab.shapes:
             rows = shapes == name
             if rows.any():
-                outer[rows] = _shape_mask(name, dx[rows], dy[rows], r[rows])
-                inner[rows] = _shape_mask(name, dx[rows], dy[rows], r[rows] - outline)
+                outer[rows] = shape_mask(name, dx[rows], dy[rows], r[rows])
+                inner[rows] = shape_mask(name, dx[rows], dy[rows], r[rows] - outline)
         pattern = self._fill_pattern([a.style for a in attributes], x, y, scale, rng)
         coverage = outer & (pattern | ~inner)  # striped/dotted fills keep a solid outline so the shape reads
         alpha = coverage.reshape(n, res, SUPERSAMPLE, res, SUPERSAMPLE).mean(axis=(2, 4))[..., None]
@@ -100,11 +105,8 @@ class ShapesWorld:
         phase = rng.uniform(0, 8 * scale, size=(n, 2))
         px = x[None] + phase[:, 0, None, None]
         py = y[None] + phase[:, 1, None, None]
-        period = 4.0 * scale
-        stripes = ((px + py) / period) % 2 < 1.0  # diagonal bands, half of the period wide
-        gx = (px % period) - period / 2
-        gy = (py % period) - period / 2
-        dots = gx**2 + gy**2 <= (0.28 * period) ** 2
+        period = FILL_PERIOD * scale
+        stripes, dots = stripe_pattern(px, py, period), dot_pattern(px, py, period)
         kinds = np.array(styles)
         return np.where(
             (kinds == "solid")[:, None, None], True, np.where((kinds == "striped")[:, None, None], stripes, dots)
@@ -148,7 +150,19 @@ class ShapesWorld:
         return images, attributes, [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _shape_mask(name: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+def stripe_pattern(px: np.ndarray, py: np.ndarray, period: float) -> np.ndarray:
+    """Diagonal bands along ``x + y``, half of ``2 * period`` wide: True where a stripe covers ``(px, py)``."""
+    return ((px + py) / period) % 2 < 1.0
+
+
+def dot_pattern(px: np.ndarray, py: np.ndarray, period: float) -> np.ndarray:
+    """A square grid of dots of radius ``DOT_RADIUS * period``: True where a dot covers ``(px, py)``."""
+    gx = (px % period) - period / 2
+    gy = (py % period) - period / 2
+    return gx**2 + gy**2 <= (DOT_RADIUS * period) ** 2
+
+
+def shape_mask(name: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Boolean mask of a shape of half-size ``r`` centred at the origin of ``(dx, dy)``."""
     if name == "circle":
         return dx**2 + dy**2 <= r**2

@@ -1,0 +1,386 @@
+"""Text-to-Unlearn: remove a concept from a GAN generator from text alone ("Prompting Forgetting: Unlearning in GANs
+via Textual Guidance", arXiv 2504.01218), with StyleGAN-NADA's directional CLIP loss (Gal et al., SIGGRAPH 2022).
+
+No image of the concept is given. A frozen copy ``G_f`` and a trainable copy ``G_t`` of the generator share latents
+``z``; a **guide** CLIP (``E_I``, ``E_T``; never the evaluation judge) says which of the frozen generator's own samples
+carry the concept and in which direction to move them. With ``T_k`` the template-averaged, L2-normalised text
+embedding of class ``k`` of the concept's task (``c``: the concept) and ``e_f = n(E_I(G_f(z)))``,
+``e_t = n(E_I(G_t(z)))`` (``n``: L2 normalisation):
+
+- **which samples carry the concept:** the guide's zero-shot ``p(c | G_f(z)) = softmax_k(100 e_f . T_k)_c``;
+  ``C`` is the set of latents with ``p > 0.5``, ``K`` the rest. Each ``z`` in ``C`` gets a target class ``a(z)``:
+  the class the guide ranks second for ``G_f(z)`` (what the sample is closest to besides the concept), or the
+  ``anchor`` class when one is given;
+- **directional loss** on ``C`` (NADA, with the text direction from the concept to the sample's target):
+
+      L_dir = mean_{z in C} [ 1 - cos( e_t - e_f , T_a(z) - T_c ) ]
+
+- **crossing loss** on ``C`` (moves the sample to the target's side of the guide's decision boundary and stops
+  there, so the change stays as small as the boundary allows; NADA's unclamped global loss breeds pixel noise):
+
+      L_away = mean_{z in C} relu( e_t . T_c - e_t . T_a(z) + margin )
+
+- **preservation** on ``K`` (samples without the concept stay as they were, in CLIP space and in pixels):
+
+      L_keep = mean_{z in K} [ lambda_clip (1 - e_t . e_f) + lambda_pixel mean((G_t(z) - G_f(z))^2) ]
+
+      L = lambda_dir L_dir + lambda_away L_away + L_keep
+
+The latents of ``C`` and ``K`` come from a pool drawn once (``pool`` latents, a seed disjoint from the evaluator's);
+``G_f``'s images and the guide's embeddings of the pool are computed once, so a step costs one ``G_t`` forward and
+backward and one guide image forward and backward. Each step draws half its batch from ``C`` and half from ``K``.
+
+**Trained layers** (``layers``): ``synthesis`` (every synthesis layer), ``nada`` (NADA's default: synthesis without
+the mapping network and ``torgb``), ``all`` (mapping too), or ``adaptive``: NADA selects the ``top_k`` W+ layers
+whose codes a global CLIP step moves most; the Shapes GAN has one ``w`` for every layer, so here the ``top_k`` layer
+groups with the largest gradient of ``L_dir + L_away`` per parameter (RMS over the group, on one pool batch) are
+trained instead.
+
+**What the paper leaves open** (methods.md: no public code, signs and weights unverified): the paper derives its
+reference direction from a per-prompt StyleCLIP latent mapper (hours per prompt); here the direction comes from the
+text alone (NADA's form), per sample towards its runner-up class, which also spreads the erased samples over the
+classes they resemble instead of moving them all to one. Its LPIPS and ArcFace identity losses become the pixel and
+CLIP-similarity preservation terms, applied to the samples without the concept.
+
+Defaults: Adam with NADA's betas ``(0, 0.99)``. NADA's ``lr = 0.002 * 0.8`` assumes StyleGAN's equalized learning
+rate, where a step of 0.0016 moves a weight by about 0.2% of its size; on the plainly parameterised Shapes GAN it
+moved every weight by about 5% in the first steps (kept samples fell to a judge cosine of 0.69), so ``lr`` defaults
+to 1e-4 for generators without it. ``steps``, ``pool``, ``margin`` and the loss weights were chosen on the Shapes
+world; the measured trade-offs are in the README.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from erase.patch import Patch
+from erase.targets import Target
+from erase.training.config import TrainConfig
+from erase.training.loop import TrainingLoop
+from erase.training.student import Student
+
+LATENT_SEED_OFFSET = 7_919_000  # training latents never share a stream with the evaluator's (seed 0)
+
+
+@dataclass
+class TextToUnlearnConfig(TrainConfig):
+    """Text-to-Unlearn's settings (NADA's optimiser; loss weights measured on the Shapes world)."""
+
+    KINDS = ("delta",)
+
+    gan: str = field(default="shapes", metadata={"help": "the generator: 'shapes' or a Shapes GAN file"})
+    guide: str = field(
+        default="guide",
+        metadata={"help": "guide CLIP: 'guide' (Shapes), a Shapes CLIP file or an open_clip local-dir: folder"},
+    )
+    kind: Literal["delta"] = field(default="delta", metadata={"help": "patch kind written"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "latents per step (half with the concept, half without)"})
+    layers: Literal["synthesis", "nada", "all", "adaptive"] = field(
+        default="synthesis", metadata={"help": "trained layer groups"}
+    )
+    top_k: int = field(default=2, metadata={"help": "layer groups trained with layers=adaptive"})
+    anchor: str | None = field(
+        default=None, metadata={"help": "one target class for every sample (default: each one's runner-up)"}
+    )
+    pool: int = field(default=8192, metadata={"help": "latents drawn once; steps sample from them"})
+    lambda_dir: float = field(default=1.0, metadata={"help": "weight of the directional loss"})
+    lambda_away: float = field(default=1.0, metadata={"help": "weight of the crossing loss"})
+    margin: float = field(default=0.15, metadata={"help": "cosine margin past the guide's decision boundary"})
+    augment: int = field(default=0, metadata={"help": "random views (flip, shift) the crossing loss must hold on"})
+    lambda_clip: float = field(default=2.0, metadata={"help": "weight of CLIP similarity on samples without it"})
+    lambda_pixel: float = field(default=20.0, metadata={"help": "weight of pixel MSE on samples without it"})
+    beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (NADA: 0)"})
+    beta2: float = field(default=0.99, metadata={"help": "Adam beta2 (NADA: 0.99 ** 0.8, about 0.992)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError(f"batch_size must be even (half with the concept, half without), got {self.batch_size}")
+        if self.augment < 0:
+            raise ValueError(f"augment must be 0 or more, got {self.augment}")
+        if self.top_k < 1 or self.pool < self.batch_size:
+            raise ValueError(f"top_k must be >= 1 and pool >= batch_size, got {self.top_k}, {self.pool}")
+        for name in ("lambda_dir", "lambda_away", "margin", "lambda_clip", "lambda_pixel"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        _refuse_judge(self.guide)
+
+
+CONFIG = TextToUnlearnConfig
+
+
+def _refuse_judge(spec: str) -> None:
+    """The trainer is guided by the guide CLIP only: the judge that scores the result must stay independent."""
+    from pathlib import Path
+
+    from pipelines.shapes import WEIGHTS_DIR
+
+    judge = WEIGHTS_DIR / "clip_judge.safetensors"
+    path = Path(spec.removeprefix("local-dir:")).expanduser()
+    if spec in ("judge", "shapes", "shapes-judge") or (path.exists() and path.resolve() == judge.resolve()):
+        raise ValueError(
+            f"guide {spec!r} is the evaluation judge: a trainer guided by its own judge games the score; "
+            "pass --guide guide (or another CLIP)"
+        )
+
+
+# -------------------------------------------------------------------------------------------------- guide CLIP
+class GuideClip:
+    """A CLIP with a differentiable image path (pixels in [0, 1] -> normalised embedding) and cached text classes.
+
+    Args:
+        spec (`str`): ``"guide"`` or a Shapes CLIP file (the Shapes world's), or ``"local-dir:PATH"`` (open_clip).
+    """
+
+    def __init__(self, spec: str):
+        import open_clip
+
+        _refuse_judge(spec)
+        self.spec = spec
+        if spec.startswith("local-dir:"):
+            model, _, _ = open_clip.create_model_and_transforms(spec)
+            self.tokenize = open_clip.get_tokenizer(spec)
+            cfg = model.visual.preprocess_cfg
+            self.mean, self.std = cfg["mean"], cfg["std"]
+            size = cfg["size"]
+        else:
+            from pipelines.shapes.clip import CLIP_MEAN, CLIP_STD, load_clip
+
+            model = load_clip(spec)
+            self.tokenize = lambda texts: open_clip.tokenize(texts, context_length=model.context_length)
+            self.mean, self.std = CLIP_MEAN, CLIP_STD
+            size = model.visual.image_size
+        self.model = model.float().eval().requires_grad_(False)
+        self.size = size if isinstance(size, int) else int(size[0])
+
+    def image(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` in [0, 1] -> L2-normalised image embeddings (differentiable; bicubic resize)."""
+        x = pixels01
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
+
+    @torch.no_grad()
+    def classes(self, task) -> torch.Tensor:
+        """``[K, D]``: per class of a `prompts.sets.Task`, the mean of its normalised template embeddings."""
+        rows = []
+        for words in task.classes.values():
+            texts = [t.format(w) for w in words for t in task.templates]
+            rows.append(F.normalize(F.normalize(self.model.encode_text(self.tokenize(texts)), dim=-1).mean(0), dim=0))
+        return torch.stack(rows)
+
+
+def concept_task(concept: str, prompts: str | None):
+    """``(task, canonical concept)`` for a concept of the Shapes world or of a prompt set (``prompts``)."""
+    from prompts.sets import find_concept, load_prompt_set, shapes_tasks
+
+    if prompts is None:
+        found = find_concept(concept)
+        if found is not None and found[0] == "shapes":
+            task = next(t for t in shapes_tasks().values() if found[1] in t.classes)
+            return task, found[1]
+    prompt_set = load_prompt_set(prompts or "shapes", concept)
+    return prompt_set.tasks[prompt_set.task], prompt_set.concept
+
+
+# -------------------------------------------------------------------------------------------------- the losses
+def directional_loss(e_t, e_f, t_concept, t_target) -> torch.Tensor:
+    """NADA's ``1 - cos(e_t - e_f, T_target - T_concept)``, per sample (a zero image change counts as cos 0)."""
+    image_direction = e_t - e_f
+    text_direction = F.normalize(t_target - t_concept, dim=-1)
+    return 1 - F.cosine_similarity(image_direction, text_direction, dim=-1, eps=1e-8)
+
+
+def crossing_loss(e_t, t_concept, t_target, margin: float) -> torch.Tensor:
+    """``relu(e_t . T_concept - e_t . T_target + margin)``, per sample."""
+    return F.relu((e_t * t_concept).sum(-1) - (e_t * t_target).sum(-1) + margin)
+
+
+def keep_loss(e_t, e_f, x_t, x_f, lambda_clip: float, lambda_pixel: float) -> torch.Tensor:
+    """``lambda_clip (1 - e_t . e_f) + lambda_pixel mean((x_t - x_f)^2)``, per sample."""
+    return lambda_clip * (1 - (e_t * e_f).sum(-1)) + lambda_pixel * (x_t - x_f).square().flatten(1).mean(1)
+
+
+def augment(pixels01: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One random view per image: a horizontal flip (half of them) and a circular shift of up to 1/8 of the side
+    (differentiable). The crossing loss must also hold on such views, which a change that fools only the guide's
+    exact input (adversarial pixels) does not achieve."""
+    n, _, h, _ = pixels01.shape
+    flip = (torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1).to(pixels01.device)
+    x = torch.where(flip, pixels01.flip(-1), pixels01)
+    reach = max(1, h // 8)
+    shifts = torch.randint(-reach, reach + 1, (n, 2), generator=gen).tolist()
+    return torch.stack([torch.roll(x[i], shifts=(dy, dx), dims=(-2, -1)) for i, (dy, dx) in enumerate(shifts)])
+
+
+# -------------------------------------------------------------------------------------------------- training
+def _groups(generator, config: TextToUnlearnConfig) -> dict[str, list[str]]:
+    groups = generator.layer_groups()
+    if config.layers == "all":
+        return groups
+    synthesis = {g: ns for g, ns in groups.items() if all(n.startswith("synthesis.") for n in ns)}
+    if not synthesis:
+        raise ValueError(f"{generator.name} has no synthesis network: use --layers all")
+    if config.layers == "nada":
+        return {g: ns for g, ns in synthesis.items() if g != "torgb" and "torgb" not in g}
+    return synthesis
+
+
+def _pool(generator, guide: GuideClip, classes: torch.Tensor, config, batch: int = 256):
+    """Latents, frozen images, their guide embeddings and the guide's class probabilities, computed once."""
+    gen = torch.Generator().manual_seed(LATENT_SEED_OFFSET + config.seed)
+    z = generator.sample_latents(config.pool, gen)
+    images, embeddings = [], []
+    with torch.no_grad():
+        for i in range(0, len(z), batch):
+            x = generator(z[i : i + batch])
+            images.append(x)
+            embeddings.append(guide.image(generator.to_unit(x)))
+    images, embeddings = torch.cat(images), torch.cat(embeddings)
+    probabilities = (100 * embeddings @ classes.T).softmax(-1)
+    return z, images, embeddings, probabilities
+
+
+def train(ctx) -> Patch:
+    from pipelines.gan import load_generator
+
+    config: TextToUnlearnConfig = ctx.config
+    if len(config.concepts) != 1:
+        raise ValueError("text2unlearn erases one concept per patch: pass one --concept (stack patches for more)")
+    if config.lr is None:
+        config.lr = 1e-4  # NADA's 0.0016 assumes an equalized learning rate (see the module docstring)
+    generator = ctx.pipe if ctx.pipe is not None else load_generator(config.gan)
+    if generator.module is None:
+        raise ValueError(f"{config.gan} is a plain callable with no weights to train: give an nn.Module generator")
+    task, concept = concept_task(config.concepts[0], config.prompts)
+    names = list(task.classes)
+    index = names.index(concept)
+    if config.anchor is not None and config.anchor not in names:
+        raise ValueError(
+            f"anchor {config.anchor!r} is no class of the {task.name} task: use one of {', '.join(names)}"
+        )
+    guide = GuideClip(config.guide)
+    classes = guide.classes(task)
+    pool = _pool(generator, guide, classes, config)
+    z, images, embeddings, probabilities = pool
+    carries = probabilities[:, index] > 0.5
+    concept_rows, keep_rows = torch.nonzero(carries).flatten(), torch.nonzero(~carries).flatten()
+    if len(concept_rows) < 2 or len(keep_rows) < 2:
+        raise ValueError(
+            f"the guide finds {len(concept_rows)} of {config.pool} samples with {concept!r} and {len(keep_rows)} "
+            "without: erasing needs both; raise --pool or check the concept"
+        )
+    ranked = probabilities.clone()
+    ranked[:, index] = -1
+    target_class = (
+        torch.full((len(z),), names.index(config.anchor)) if config.anchor else ranked.argmax(-1)
+    )  # per sample: its runner-up class, or the anchor
+    t_concept = classes[index]
+    groups = _groups(generator, config)
+    student = Student(generator.module, Target("generator", [], [n for ns in groups.values() for n in ns]), "delta")
+    trainable_generator = _with_module(generator, student.module)
+    if config.layers == "adaptive":
+        for p in student.trainable():
+            p.requires_grad_(False)
+        order = torch.randperm(len(concept_rows), generator=torch.Generator().manual_seed(config.seed))
+        with torch.enable_grad():
+            groups = _adaptive_groups(
+                config,
+                trainable_generator,
+                guide,
+                pool,
+                concept_rows[order],
+                classes[target_class],
+                t_concept,
+                groups,
+                student.module,
+            )
+        wanted = {n for ns in groups.values() for n in ns}
+        student.target = Target("generator", [], sorted(wanted))
+        for n, p in student.module.named_parameters():
+            p.requires_grad_(n in wanted)
+    optimizer = torch.optim.Adam(student.trainable(), lr=config.lr, betas=(config.beta1, config.beta2))
+    loop = TrainingLoop(
+        config,
+        {"student": student.module},
+        {"adam": optimizer},
+        checkpoint_dir=ctx.checkpoint_dir,
+        resume=ctx.resume,
+        desc=f"text2unlearn: erasing {concept}",
+        progress=ctx.progress,
+        method="text2unlearn",
+        frozen=[guide.model.visual],
+    )
+    half = config.batch_size // 2
+
+    def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
+        c = concept_rows[torch.randint(len(concept_rows), (half,), generator=gen)]
+        k = keep_rows[torch.randint(len(keep_rows), (half,), generator=gen)]
+        rows = torch.cat([c, k])
+        x_t = trainable_generator(z[rows])
+        e_t = guide.image(generator.to_unit(x_t))
+        t_target = classes[target_class[c]]
+        l_dir = directional_loss(e_t[:half], embeddings[c], t_concept, t_target).mean()
+        views = [e_t[:half]]
+        views += [guide.image(augment(generator.to_unit(x_t[:half]), gen)) for _ in range(config.augment)]
+        l_away = torch.stack([crossing_loss(v, t_concept, t_target, config.margin) for v in views]).mean()
+        l_keep = keep_loss(e_t[half:], embeddings[k], x_t[half:], images[k], config.lambda_clip, config.lambda_pixel)
+        loss = config.lambda_dir * l_dir + config.lambda_away * l_away + l_keep.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loop.backward(loss)
+        loop.clip(student.trainable())
+        optimizer.step()
+        return {"dir": l_dir.item(), "away": l_away.item(), "keep": l_keep.mean().item()}
+
+    ctx.stats.update(loop.run(step_fn))
+    ctx.stats.update(
+        {
+            "generator": generator.describe()["name"],
+            "trained_groups": list(groups),
+            "pool_with_concept": int(len(concept_rows)),
+            "pool": config.pool,
+        }
+    )
+    return student.to_patch(dtype=config.dtype, method="text2unlearn", config={}, concepts=[concept], notes={})
+
+
+def _with_module(generator, module):
+    """The generator's forward with ``module`` in place of its own (same class, the trainable copy)."""
+    from pipelines.gan import from_module
+
+    return from_module(module, generator.z_dim, generator.pixel_range, name=generator.name)
+
+
+def _adaptive_groups(config, trainable, guide, pool, rows, t_targets, t_concept, groups, module) -> dict:
+    """NADA's adaptive layer choice, by gradient: the ``top_k`` groups with the largest RMS gradient per parameter
+    of the crossing loss on one batch of concept samples. (The directional loss has no usable gradient yet: the
+    frozen and trainable copies still agree, so the image direction is zero.)"""
+    z = pool[0]
+    rows = rows[: config.batch_size]
+    params = dict(module.named_parameters())
+    names = [n for ns in groups.values() for n in ns]
+    for n in names:
+        params[n].requires_grad_(True)
+    e_t = guide.image(trainable.to_unit(trainable(z[rows])))
+    loss = crossing_loss(e_t, t_concept, t_targets[rows], config.margin + 1.0).mean()  # + 1: every sample counts
+    grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)))
+    for n in names:
+        params[n].requires_grad_(False)
+    score = {
+        g: math.sqrt(
+            sum(float(grads[n].square().sum()) for n in ns if grads[n] is not None)
+            / max(sum(params[n].numel() for n in ns), 1)
+        )
+        for g, ns in groups.items()
+    }
+    chosen = set(sorted(score, key=score.get, reverse=True)[: config.top_k])
+    return {g: ns for g, ns in groups.items() if g in chosen}
