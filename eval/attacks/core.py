@@ -299,7 +299,7 @@ class AttackSession:
     def close(self) -> None:
         """Remove the patch and restore the parameters' gradient flags."""
         self.unapply()
-        for p, flag in self._frozen:
+        for p, flag in reversed(self._frozen):  # a parameter frozen twice gets its first flag back
             p.requires_grad_(flag)
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -442,8 +442,8 @@ class AttackSession:
                 readings = self.pixels.read(images)
                 confirmed = self.pixels.confirms(images, self.task, self.concept)
         return [
-            {"judged": j, "pixels": r, "confirmed": c, "success": j == self.concept and c is not False}
-            for j, r, c in zip(judged, readings, confirmed)
+            {"judged": j, "pixels": r, "confirmed": c, "success": s}
+            for j, r, c, s in zip(judged, readings, confirmed, successes(judged, confirmed, self.concept))
         ]
 
     def case_record(self, i: int, verdict: dict, **extra) -> dict:
@@ -453,6 +453,11 @@ class AttackSession:
     def generator(self, salt: int) -> torch.Generator:
         """A CPU generator seeded from the run's seed and a per-attack salt: every attack is reproducible alone."""
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
+
+
+def successes(judged: list[str], confirmed: list[bool | None], concept: str) -> list[bool]:
+    """The success rule: judged as ``concept``, and not refuted by the pixels (``None``: no pixel check applies)."""
+    return [j == concept and c is not False for j, c in zip(judged, confirmed)]
 
 
 def loss_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
