@@ -209,3 +209,59 @@ def test_cli_attack_writes_outputs_and_help_names_every_attack(tmp_path, capsys)
     assert "completion" in capsys.readouterr().out
     assert main(["attack", "--concept", "red", "--attacks", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown attack(s) nope" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ other architectures
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_every_attack_runs_on_v_prediction_and_sdxl_with_a_lora_patch(arch):
+    """Tiny random SD 2.x (v-prediction) and SDXL (two text encoders) pipelines with an exact-LoRA UCE patch: every
+    attack runs end to end, and the pipeline is left exactly as it was (weights, no adapter, gradient flags)."""
+    import importlib
+
+    from tiny_pipelines import tiny_pipeline
+
+    from erase.methods.uce import UCEConfig
+    from erase.training.run import train_patch
+    from eval.attacks import ATTACKS
+    from eval.attacks.core import AttackSession
+    from eval.clip import ShapesClipScorer
+    from prompts.sets import load_prompt_set
+
+    pipe = tiny_pipeline(arch)
+    patch = train_patch(
+        "uce", UCEConfig(model=f"tiny-{arch}", concepts=["red"], kind="lora"), pipe=pipe, progress=False
+    )
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    config = AttackConfig(
+        model=f"tiny-{arch}",
+        prompts="shapes",
+        cases=2,
+        steps=3,
+        height=32,  # the Shapes judge reads 32x32 images
+        width=32,
+        prefix_steps=2,
+        prefix_checks=1,
+        train_images=2,
+        ti_steps=2,
+        ti_batch_size=2,
+        relearn_steps=2,
+        relearn_every=1,
+        relearn_batch_size=2,
+        noising_etas=[1.5],
+        noising_scales=[1.0],
+    )
+    session = AttackSession(config, pipe, patch, load_prompt_set("shapes", "red"), ShapesClipScorer("judge"))
+    try:
+        session.prepare_base(train=True)
+        session.apply()
+        results = [r for name in ATTACKS for r in importlib.import_module(ATTACKS[name].module).run(session)]
+    finally:
+        session.close()
+    assert [r.name for r in results] == ["prefix", "prefix_continuous", "ti", "completion", "noising", "relearn"]
+    for result in results:
+        assert len(result.success) == 2 and result.budget and all(r["pixels"] is None for r in result.records)
+        assert all(images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 for images in result.images.values())
+    assert all(np.isfinite(v) for v in results[2].extra["embedding_norms"])
+    assert not any(".lora_" in k for k in pipe.unet.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(p.requires_grad for p in pipe.unet.parameters())

@@ -47,13 +47,15 @@ def candidate_tokens(pipe) -> torch.Tensor:
     tables = [e.get_input_embeddings().weight for e in text_encoders(pipe)]
     trained = torch.stack([t.detach().abs().sum(1) > 0 for t in tables]).all(0)
     special = set(tokenizer.all_special_ids)
-    keep = []
+    words, ids = [], []
     for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if i in special or i >= len(trained) or not trained[i] or not token.endswith("</w>"):
-            continue
         word = token[: -len("</w>")]
-        if word.isalpha() and word.isascii() and tokenizer(word, add_special_tokens=False).input_ids == [i]:
-            keep.append(i)
+        if token.endswith("</w>") and i not in special and i < len(trained) and trained[i] and word.isalpha():
+            if word.isascii():
+                words.append(word)
+                ids.append(i)
+    encoded = tokenizer(words, add_special_tokens=False).input_ids if words else []  # one batched call
+    keep = [i for i, e in zip(ids, encoded) if e == [i]]
     if not keep:
         raise ValueError(
             "the tokenizer has no whole-word tokens with trained embeddings: the prefix attack needs some"
