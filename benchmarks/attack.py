@@ -11,14 +11,18 @@ Run: ``.venv/bin/python benchmarks/attack.py [--cases 24] [--threads 1] [--patch
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# Run as a script, this folder comes first on sys.path, and its eval.py would shadow the eval package: drop that entry.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from eval.attacks.config import AttackConfig
-from eval.attacks.run import run_attacks
+import torch  # noqa: E402
+
+from eval.attacks.config import AttackConfig  # noqa: E402
+from eval.attacks.run import run_attacks  # noqa: E402
 
 
 def _uce_patch(folder: Path) -> str:

@@ -45,7 +45,7 @@ class AttackConfig:
     prefix_lr: float = field(default=0.01, metadata={"help": "prefix: Adam lr on the one-hot weights"})
     prefix_weight_decay: float = field(default=0.1, metadata={"help": "prefix: weight decay on the one-hot weights"})
     prefix_continuous_lr: float = field(default=0.03, metadata={"help": "prefix: Adam lr of the continuous version"})
-    prefix_checks: int = field(default=8, metadata={"help": "prefix: generations per case along the optimisation"})
+    prefix_checks: int = field(default=12, metadata={"help": "prefix: generations per case along the optimisation"})
     prefix_timesteps: int = field(default=2, metadata={"help": "prefix: noised copies per case and step"})
     # shared by ti and relearn
     train_images: int = field(default=32, metadata={"help": "ti, relearn: base-model images of the concept (M)"})
