@@ -319,7 +319,7 @@ def write_eval_grids(out: Path, metrics: dict, prompt_set, base, patched, scored
     side = max(images_side(base), 1)
     scale = max(1, min(4, 128 // side))
     if side > GRID_CELL:  # large SD images: shrink each cell so that a grid stays a few MB, not tens
-        base, patched = _shrink(base, GRID_CELL), _shrink(patched, GRID_CELL)
+        base, patched = shrink_images(base, GRID_CELL), shrink_images(patched, GRID_CELL)
     shown_prompts = {}
     for role in _ROLE_TITLES:
         members = [i for i, r in enumerate(prompt_set.rows) if r.role == role]
@@ -398,7 +398,7 @@ def eval_sections(metrics: dict, shown_prompts: dict[str, str], prefix: str = ""
 GRID_CELL = 192  # largest cell side (px) of an evaluation grid
 
 
-def _shrink(images: np.ndarray, side: int) -> np.ndarray:
+def shrink_images(images: np.ndarray, side: int) -> np.ndarray:
     """Resize ``uint8 [N, H, W, 3]`` images so their longer side is ``side`` (Lanczos, aspect kept)."""
     h, w = images.shape[1:3]
     size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))

@@ -1,0 +1,475 @@
+"""What every attack shares: the target cases, the model under attack (patched, or the base for reference), the
+judgement of success, learned token embeddings injected into the text encoders, a DDIM sampler that can start from a
+noised image and inject extra noise, and the clock that splits time into model passes and the rest.
+
+An attack is a function ``run(session) -> AttackResult``. It reads the session's cases and base-model material
+(latents of each case's base image, training images of the concept), uses the patched pipeline, and returns per case
+whether the concept came back, with the images that show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from eval.attacks.config import AttackConfig
+from pipelines.denoise import (
+    Conditioning,
+    encode_prompts,
+    predicted_epsilon,
+    predicted_x0,
+    sampling_pipeline,
+    unet_output,
+)
+from pipelines.sampling import generate_images, to_uint8
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attacked target: a prompt naming the concept and the seed its image is generated with."""
+
+    case_number: int
+    prompt: str
+    seed: int
+
+
+@dataclass
+class AttackResult:
+    """What one attack found.
+
+    Attributes:
+        name (`str`): the attack (``prefix``, ``prefix_continuous``, ``ti``, ...).
+        success (`list[bool]`): per case, whether the concept came back.
+        budget (`dict`): what the attack was allowed to spend (steps, generations, images, learning rate, ...).
+        records (`list[dict]`): per case, the judge's verdict, the pixel reading and attack details.
+        images (`dict[str, np.ndarray]`): grids to show, label -> ``uint8 [n_cases, H, W, 3]`` in case order.
+        extra (`dict`): attack-specific results (for example the relearning curve).
+        seconds (`float`), model_seconds (`float`): wall time, and the part spent in passes of the attacked model.
+    """
+
+    name: str
+    success: list[bool]
+    budget: dict
+    records: list[dict]
+    images: dict[str, np.ndarray]
+    extra: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+
+    @property
+    def asr(self) -> float:
+        return sum(self.success) / len(self.success) if self.success else 0.0
+
+
+class Clock:
+    """Wall time per section (``model``: passes of the attacked generator, forward and backward; ``judge``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, section: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[section] += time.perf_counter() - start
+
+
+def select_cases(rows, n: int) -> list[Case]:
+    """``n`` target rows spread evenly over the set (every template and seed gets its share), in set order."""
+    if not rows:
+        raise ValueError("the prompt set has no target prompts for this concept: add rows with role target")
+    k = min(n, len(rows))
+    chosen = [rows[(j * len(rows)) // k] for j in range(k)]
+    return [Case(r.case_number, r.prompt, r.evaluation_seed) for r in chosen]
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    return [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+
+class TokenInjection:
+    """Replace the input embedding of one placeholder token in every text encoder of a pipeline.
+
+    A forward hook on each encoder's token-embedding table (composition: nothing is patched) swaps the rows of the
+    placeholder for ``values[i]`` (encoder ``i``): a ``[D]`` vector at every occurrence (textual inversion), or
+    ``[n, D]`` rows, one per occurrence in row-major order (per-case adversarial prefixes). Gradients flow into the
+    values, so the pipeline's own ``encode_prompt`` serves training and sampling alike.
+
+    Args:
+        pipe: the pipeline.
+        token_id (`int`): the placeholder's token id (the same in both SDXL tokenizers).
+    """
+
+    def __init__(self, pipe, token_id: int):
+        self.encoders = text_encoders(pipe)
+        self.token_id = token_id
+        self.values: list[torch.Tensor] | None = None
+        self._handles = []
+
+    def tables(self) -> list[torch.Tensor]:
+        """Each encoder's token-embedding weight ``[V, D]``."""
+        return [e.get_input_embeddings().weight for e in self.encoders]
+
+    def __enter__(self) -> TokenInjection:
+        for i, encoder in enumerate(self.encoders):
+            table = encoder.get_input_embeddings()
+            self._handles.append(table.register_forward_hook(lambda m, args, out, i=i: self._swap(i, args[0], out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _swap(self, i: int, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        mask = ids == self.token_id
+        if self.values is None or not bool(mask.any()):
+            return out
+        value = self.values[i].to(out.device, out.dtype)
+        if value.ndim == 1:
+            return torch.where(mask[..., None], value, out)
+        if value.shape[0] != int(mask.sum()):
+            raise RuntimeError(f"{int(mask.sum())} placeholder positions but {value.shape[0]} injected rows")
+        return out.masked_scatter(mask[..., None].expand_as(out), value)
+
+
+def token_id_of(tokenizer, word: str) -> int:
+    """The id of a word that the tokenizer keeps as one token; a one-line error otherwise."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(
+            f"placeholder {word!r} is {len(ids)} tokens for this tokenizer: pass a one-token --placeholder"
+        )
+    return ids[0]
+
+
+def simplex_projection(w: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``w`` onto the probability simplex (Duchi et al. 2008, Fig. 1)."""
+    u, _ = torch.sort(w, dim=-1, descending=True)
+    cumulative = u.cumsum(-1) - 1
+    k = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
+    rho = ((u - cumulative / k) > 0).sum(-1, keepdim=True)
+    theta = cumulative.gather(-1, rho - 1) / rho.to(w.dtype)
+    return (w - theta).clamp_min(0)
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet,
+    scheduler,
+    x: torch.Tensor,
+    start: int,
+    cond: Conditioning,
+    uncond: Conditioning,
+    guidance: float,
+    eta: float = 0.0,
+    noise_scale: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) with classifier-free guidance from ``scheduler.timesteps[start]`` to the end.
+
+    Each step is ``x_prev = sqrt(a_prev) x0 + sqrt(max(1 - a_prev - s^2, 0)) eps + noise_scale * s * z`` with
+    ``s = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)``: ``eta = 0`` is deterministic DDIM, 1 is
+    DDPM-like, and ``eta > 1`` injects more noise than the schedule removes (the noising probe). Works for epsilon and
+    v-prediction through `predicted_x0` / `predicted_epsilon`. ``generators`` (one per sample) draw the injected noise,
+    so a sample does not depend on the batch it is in.
+    """
+    alphas = scheduler.alphas_cumprod.to(x.device)
+    timesteps = scheduler.timesteps
+    both = Conditioning.cat([uncond, cond])
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
+        out = unet_output(unet, torch.cat([x, x]), t, both)
+        u, c = out.chunk(2)
+        guided = u + guidance * (c - u)
+        tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+        x0, eps = predicted_x0(scheduler, x, guided, tt), predicted_epsilon(scheduler, x, guided, tt)
+        a_t = alphas[int(t)]
+        a_prev = (
+            alphas[int(timesteps[i + 1])] if i + 1 < len(timesteps) else scheduler.final_alpha_cumprod.to(x.device)
+        )
+        s = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp_min(0).sqrt() * eps
+        if eta > 0 and noise_scale > 0:
+            z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in generators])
+            x = x + noise_scale * s * z.to(x.device)
+    return x
+
+
+def start_index(steps: int, strength: float) -> int:
+    """The first DDIM step of an image-to-image run at ``strength`` (diffusers' img2img convention)."""
+    return steps - min(int(steps * strength), steps)
+
+
+def freeze(modules) -> list[tuple[torch.nn.Parameter, bool]]:
+    """Turn off gradients of every parameter; returns what to restore."""
+    saved = []
+    for module in modules:
+        for p in module.parameters():
+            saved.append((p, p.requires_grad))
+            p.requires_grad_(False)
+    return saved
+
+
+class AttackSession:
+    """The model under attack, the cases, base-model material and the judge, shared by every attack of one run.
+
+    Args:
+        config (`AttackConfig`): the run's settings.
+        pipe: the loaded base pipeline (its weights are restored when the session closes).
+        patch: the loaded `erase.patch.Patch` to attack, or ``None`` (the base model itself).
+        prompt_set: the concept's `prompts.sets.PromptSet`.
+        judge: a CLIP judge (``encode_image`` / ``encode_text``).
+        pixels: a pixel check (`eval.attacks.pixels.ShapesPixelCheck`) or ``None`` where none applies.
+        progress (`bool`): show progress bars.
+    """
+
+    def __init__(self, config: AttackConfig, pipe, patch, prompt_set, judge, pixels=None, progress: bool = False):
+        from eval.zero_shot import ZeroShotClassifier
+
+        self.config = config
+        self.pipe = pipe
+        self.patch = patch
+        self.prompt_set = prompt_set
+        self.concept = prompt_set.concept
+        self.task = prompt_set.task
+        self.judge = judge
+        self.pixels = pixels
+        self.progress = progress
+        self.clock = Clock()
+        task = prompt_set.tasks[prompt_set.task]
+        self.classifier = ZeroShotClassifier(judge.encode_text, task.classes, task.templates)
+        self.cases = select_cases(prompt_set.by_role("target"), config.cases)
+        self.placeholder_id = token_id_of(pipe.tokenizer, config.placeholder)
+        if any(config.placeholder.lower() in c.prompt.lower().split() for c in self.cases):
+            raise ValueError(
+                f"placeholder {config.placeholder!r} occurs in a target prompt: pass another --placeholder"
+            )
+        self.size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+        if config.is_shapes:
+            self.size = {"height": 32, "width": 32, **self.size}
+        self._handle = None
+        # every image of a run comes from DDIM with `steps` steps (the sampler `ddim_sample` continues), sharing the
+        # pipeline's modules, so a patch applied to the pipeline is on the sampler too
+        self.sampler = sampling_pipeline(pipe, steps=config.steps)
+        self._frozen = freeze([pipe.unet, pipe.vae, *text_encoders(pipe)])
+        self.base_latents: torch.Tensor | None = None  # x0 of each case's base image
+        self.base_images: np.ndarray | None = None
+        self._train_set: tuple[torch.Tensor, list[str]] | None = None
+
+    # ------------------------------------------------------------------------------------------------ the models
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def apply(self) -> None:
+        """Put the patch (at the configured scale) on the pipeline; a no-op without a patch."""
+        if self.patch is not None and self._handle is None:
+            from pipelines.apply import apply_patch
+
+            self._handle = apply_patch(self.pipe, self.patch, self.config.patch_scale, force=self.config.force)
+            self._frozen += freeze([self.pipe.unet, *text_encoders(self.pipe)])  # LoRA adds parameters
+
+    def unapply(self) -> None:
+        if self._handle is not None:
+            from pipelines.apply import remove_patch
+
+            remove_patch(self._handle)
+            self._handle = None
+
+    @contextlib.contextmanager
+    def base_model(self):
+        """Temporarily the base model (the patch removed), e.g. for the relearning reference."""
+        was_patched = self._handle is not None
+        self.unapply()
+        try:
+            yield
+        finally:
+            if was_patched:
+                self.apply()
+
+    def close(self) -> None:
+        """Remove the patch and restore the parameters' gradient flags."""
+        self.unapply()
+        for p, flag in reversed(self._frozen):  # a parameter frozen twice gets its first flag back
+            p.requires_grad_(flag)
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts: list[str], seeds: list[int], injection=None, rows=None, pipe=None) -> np.ndarray:
+        """Images of ``prompts`` with their ``seeds`` on the current model (DDIM, `sampling_pipeline`), or on ``pipe``
+        (a sampler sharing the pipeline's modules, e.g. with a fine-tuned UNet).
+
+        With ``injection`` (a `TokenInjection` already entered), ``rows`` gives per prompt the rows it injects
+        (``[n_i, D]`` per encoder, ``None`` for one shared vector already set on the injection).
+        """
+        out = []
+        bs = self.config.batch_size
+        for i in range(0, len(prompts), bs):
+            if injection is not None and rows is not None:
+                injection.values = [
+                    torch.cat([r[k] for r in rows[i : i + bs]]) for k in range(len(injection.encoders))
+                ]
+            with self.clock("model"):
+                out.append(
+                    generate_images(
+                        pipe or self.sampler,
+                        prompts[i : i + bs],
+                        seeds[i : i + bs],
+                        steps=self.config.steps,
+                        guidance=self.config.guidance,
+                        batch_size=bs,
+                        **self.size,
+                    )
+                )
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def generate_latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Final latents (``x0``) of ``prompts`` with their ``seeds`` on the current model."""
+        out = []
+        bs = self.config.batch_size
+        for i in range(0, len(prompts), bs):
+            with self.clock("model"):
+                result = self.sampler(
+                    prompts[i : i + bs],
+                    num_inference_steps=self.config.steps,
+                    guidance_scale=self.config.guidance,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + bs]],
+                    output_type="latent",
+                    **self.size,
+                )
+            out.append(result.images)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        z = latents / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            z = z + shift
+        images = []
+        with self.clock("model"):
+            for i in range(0, len(z), self.config.batch_size):
+                images.append(vae.decode(z[i : i + self.config.batch_size].to(vae.dtype)).sample)
+        return to_uint8(torch.cat(images))
+
+    def scheduler(self):
+        """A DDIM scheduler from the pipeline's config, set to the run's number of steps."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(self.config.steps)
+        return scheduler
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """The pipeline's initial latent noise for each seed (as ``generate`` draws it)."""
+        channels = self.pipe.unet.config.in_channels
+        h = self.size.get("height", self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        w = self.size.get("width", self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        shape = (1, channels, h // self.pipe.vae_scale_factor, w // self.pipe.vae_scale_factor)
+        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning of ``prompts`` by the current model (not cached: a patch may change the text encoder)."""
+        with self.clock("model"):
+            return encode_prompts(self.pipe, prompts)
+
+    @property
+    def word(self) -> str:
+        """How the concept is written in the target prompts (its canonical name)."""
+        return self.concept
+
+    def with_word(self, prompt: str, replacement: str) -> str:
+        """``prompt`` with the concept word replaced (an empty replacement drops it, a shape becomes "shape"); prompts
+        that do not contain the word get ``replacement`` in front (e.g. a placeholder before an I2P prompt)."""
+        from prompts.training import NEUTRAL_WORDS, replace_word
+
+        if not self.has_word(prompt):
+            return f"{replacement} {prompt}".strip()
+        if not replacement:
+            replacement = NEUTRAL_WORDS.get(self.task, "")
+        return replace_word(prompt, self.word, replacement)
+
+    def has_word(self, prompt: str) -> bool:
+        import re
+
+        return re.search(rf"(?<![\w-]){re.escape(self.word)}(?![\w-])", prompt, re.IGNORECASE) is not None
+
+    # ------------------------------------------------------------------------------------------------ material
+    def prepare_base(self, train: bool) -> None:
+        """Base-model material, made before the patch goes on: each case's base image (as latents and pixels) and,
+        with ``train``, `train_images` generated images of the concept (prompts cycled over the target prompts,
+        seeds from `prompts.training.training_seeds`, never an evaluation seed)."""
+        from prompts.training import training_seeds
+
+        with self.base_model():
+            if self.base_latents is None:
+                self.base_latents = self.generate_latents([c.prompt for c in self.cases], [c.seed for c in self.cases])
+                self.base_images = self.decode(self.base_latents)
+            if train and self._train_set is None:
+                targets = self.prompt_set.training_prompts()
+                n = self.config.train_images
+                prompts = [targets[i % len(targets)] for i in range(n)]
+                latents = self.generate_latents(prompts, training_seeds(self.config.seed, n))
+                self._train_set = (latents, prompts)
+
+    @property
+    def train_set(self) -> tuple[torch.Tensor, list[str]]:
+        if self._train_set is None:
+            raise RuntimeError("call prepare_base(train=True) first")
+        return self._train_set
+
+    # ------------------------------------------------------------------------------------------------ judging
+    def verdicts(self, images: np.ndarray) -> list[dict]:
+        """Per image: the judge's class, the pixel reading and ``success`` (judged as the concept, and where a pixel
+        check applies, an object present whose colour is the concept's)."""
+        with self.clock("judge"):
+            judged = self.classifier.predict(self.judge.encode_image(images))
+            if self.pixels is None:
+                confirmed, readings = [None] * len(images), [None] * len(images)
+            else:
+                readings = self.pixels.read(images)
+                confirmed = self.pixels.confirms(images, self.task, self.concept)
+        return [
+            {"judged": j, "pixels": r, "confirmed": c, "success": s}
+            for j, r, c, s in zip(judged, readings, confirmed, successes(judged, confirmed, self.concept))
+        ]
+
+    def case_record(self, i: int, verdict: dict, **extra) -> dict:
+        case = self.cases[i]
+        return {"case_number": case.case_number, "prompt": case.prompt, "seed": case.seed, **verdict, **extra}
+
+    def generator(self, salt: int) -> torch.Generator:
+        """A CPU generator seeded from the run's seed and a per-attack salt: every attack is reproducible alone."""
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
+
+
+def successes(judged: list[str], confirmed: list[bool | None], concept: str) -> list[bool]:
+    """The success rule: judged as ``concept``, and not refuted by the pixels (``None``: no pixel check applies)."""
+    return [j == concept and c is not False for j, c in zip(judged, confirmed)]
+
+
+def loss_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def check_steps(total: int, parts: int) -> list[int]:
+    """``parts`` check points spread evenly over ``1..total`` (always including ``total``)."""
+    parts = max(1, min(parts, total))
+    return sorted({math.ceil(total * (j + 1) / parts) for j in range(parts)})

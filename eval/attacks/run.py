@@ -1,0 +1,189 @@
+"""``erase attack``: run the chosen attacks against a patched model and write ``attack.json`` and ``report.html``.
+
+Order of work: every input is checked first (prompt set, judge, model, patch against the model), so bad input fails in
+seconds with a one-line error; then the base-model material is made (each case's base image; training images of the
+concept when ``ti`` or ``relearn`` runs), the patch goes on, the plain prompts are generated (the pre-attack
+reference), and each attack runs in turn. The pipeline is left as it was found (patch removed, gradient flags
+restored).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.attacks import ATTACKS
+from eval.attacks.config import AttackConfig
+from eval.attacks.core import AttackResult, AttackSession
+
+OUTPUT_FILES = ("attack.json", "report.html")
+
+
+def _judge(config: AttackConfig):
+    from eval.clip import load_judge
+
+    name = config.judge or ("judge" if config.is_shapes else None)
+    if name is None:
+        raise ValueError(
+            "no judge for a real model: pass --judge with a local CLIP (an open_clip local-dir: folder, a "
+            "transformers CLIPModel folder, or a checkpoint file with --judge-arch); no weights can be downloaded here"
+        )
+    judge = load_judge(name, arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
+    if judge.describe()["backend"] == "shapes" and not config.is_shapes:
+        raise ValueError(
+            f"the Shapes world's CLIP {judge.name!r} only knows 32x32 shapes and cannot judge {config.model}: "
+            "pass --judge with a real CLIP (open_clip local-dir: folder, transformers folder, or file + --judge-arch)"
+        )
+    return judge
+
+
+def _clear_previous(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
+    for path in [*(out / name for name in OUTPUT_FILES), *out.glob("grid_*.png")]:
+        path.unlink(missing_ok=True)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("erase", "torch", "diffusers", "transformers", "open-clip-torch"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _result_json(result: AttackResult, n_cases: int) -> dict:
+    return {
+        "asr": result.asr,
+        "successes": sum(result.success),
+        "budget": result.budget,
+        "seconds": round(result.seconds, 3),
+        "seconds_per_case": round(result.seconds / n_cases, 4),
+        "model_seconds": round(result.model_seconds, 3),
+        "model_share": round(result.model_seconds / result.seconds, 4) if result.seconds else None,
+        "extra": result.extra,
+        "cases": result.records,
+    }
+
+
+def _timed(session: AttackSession, fn) -> tuple[list[AttackResult], float, float]:
+    model_before, start = session.clock.seconds["model"], time.perf_counter()
+    results = fn()
+    return results, time.perf_counter() - start, session.clock.seconds["model"] - model_before
+
+
+def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pipe=None) -> dict:
+    """Attack ``config.patch`` on ``config.model`` and write ``attack.json`` and ``report.html`` (with its PNGs) into
+    ``out``; returns the summary written to ``attack.json``.
+
+    Args:
+        config (`AttackConfig`): what to attack and how.
+        out (`str` or `Path`): the output folder (earlier attack outputs in it are replaced).
+        progress (`bool`, *optional*, defaults to `True`): one progress bar over the attacks.
+        pipe (*optional*): an already loaded ``config.model`` pipeline (left as found).
+    """
+    import pipelines
+    from eval.attacks.pixels import ShapesPixelCheck
+    from prompts.sets import load_prompt_set
+
+    started = time.perf_counter()
+    out = Path(out)
+    prompt_set = load_prompt_set(
+        config.prompts if config.prompts or not config.is_shapes else "shapes",
+        config.concept,
+        seeds_per_prompt=config.seeds_per_prompt,
+    )
+    judge = _judge(config)
+    if pipe is None:
+        pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
+        pipe.set_progress_bar_config(disable=True)
+    patch = None
+    if config.patch:
+        from erase.patch import load_patch
+        from pipelines.apply import apply_patch, remove_patch
+
+        patch = load_patch(config.patch)
+        remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
+    pixels = ShapesPixelCheck.for_world() if prompt_set.name == "shapes" else None
+    session = AttackSession(config, pipe, patch, prompt_set, judge, pixels, progress)
+    _clear_previous(out)
+    results: list[AttackResult] = []
+    images: dict[str, dict[str, np.ndarray]] = {}
+    from tqdm.auto import tqdm
+
+    try:
+        t0 = time.perf_counter()
+        session.prepare_base(train=any(a in ("ti", "relearn") for a in config.attack_names))
+        base_verdicts = session.verdicts(session.base_images)
+        session.apply()
+        plain_images = session.generate([c.prompt for c in session.cases], [c.seed for c in session.cases])
+        plain_verdicts = session.verdicts(plain_images)
+        setup_s = time.perf_counter() - t0
+        for name in tqdm(config.attack_names, desc="attacks", disable=not progress):
+            module = importlib.import_module(ATTACKS[name].module)
+            produced, seconds, model_seconds = _timed(session, lambda m=module: m.run(session))
+            for result in produced:
+                if not result.seconds:  # a module that runs several variants times each itself
+                    result.seconds, result.model_seconds = seconds / len(produced), model_seconds / len(produced)
+                results.append(result)
+                images[result.name] = result.images
+    finally:
+        session.close()
+
+    n = len(session.cases)
+
+    def plain_block(verdicts) -> dict:
+        records = [session.case_record(i, v) for i, v in enumerate(verdicts)]
+        return {"asr": sum(v["success"] for v in verdicts) / n, "cases": records}
+
+    summary = {
+        "concept": prompt_set.concept,
+        "task": prompt_set.task,
+        "judge": judge.describe(),
+        "pixel_check": pixels.describe() if pixels else None,
+        "settings": {
+            **asdict(config),
+            "patch_info": _patch_info(config.patch, patch),
+            "prompt_set": prompt_set.describe(),
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
+        },
+        "cases": [{"case_number": c.case_number, "prompt": c.prompt, "seed": c.seed} for c in session.cases],
+        "success_rule": "judged as the concept"
+        + (" and confirmed by the pixels (object present in the concept's colour)" if pixels else ""),
+        "base": plain_block(base_verdicts),
+        "plain": plain_block(plain_verdicts),
+        "attacks": {r.name: _result_json(r, n) for r in results},
+        "timing": {"setup_s": round(setup_s, 2)},
+    }
+    from eval.attacks.report import write_attack_report
+    from eval.report import write_json
+
+    write_attack_report(out, summary, {"base": session.base_images, "plain": plain_images, **images})
+    summary["timing"]["total_s"] = round(time.perf_counter() - started, 2)
+    write_json(out / "attack.json", summary)  # last: a folder with attack.json is a finished run
+    return summary
+
+
+def _patch_info(path: str | None, patch) -> dict | None:
+    from eval.clip import sha256_prefix
+
+    if patch is None:
+        return None
+    return {
+        "path": str(path),
+        "sha256": sha256_prefix(path),
+        "kind": patch.kind,
+        "method": patch.method,
+        "concepts": patch.concepts,
+    }
