@@ -68,3 +68,13 @@ register_method(
 register_method(
     "uce", "erase.methods.uce", "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide"
 )
+register_method(
+    "salun",
+    "erase.methods.salun",
+    "SalUn (Fan et al. 2024): remap the concept onto an anchor, moving only the most salient weights (sparse patch)",
+)
+register_method(
+    "doco",
+    "erase.methods.doco",
+    "DoCo (Wu et al. 2025): adversarially align the concept's outputs with an anchor's, with preserving gradients",
+)
