@@ -245,6 +245,7 @@ def train(ctx) -> Patch:
         desc=f"doco: erasing {', '.join(config.concepts)}",
         progress=ctx.progress,
         method="doco",
+        frozen=[teacher],
     )
     # The generator's two gradients come from torch.autograd.grad on the raw modules (DDP hooks only fire in
     # .backward()), averaged across processes by hand; D trains through the prepared module.
@@ -271,11 +272,11 @@ def train(ctx) -> Patch:
         names = list(params)
         if config.surgery == "sum":
             total = loss_adv + 0.1 * config.prior_weight * loss_prior
-            grads = dict(zip(names, torch.autograd.grad(total, list(params.values()), allow_unused=True)))
+            grads = dict(zip(names, loop.gradients(total, list(params.values()))))
             step_grads = clip_gradients(averaged(_present(grads)), config.max_grad_norm)
         else:
-            g_b = torch.autograd.grad(loss_prior, list(params.values()), retain_graph=True, allow_unused=True)
-            g_a = torch.autograd.grad(loss_adv, list(params.values()), allow_unused=True)
+            g_b = loop.gradients(loss_prior, list(params.values()), retain_graph=True)
+            g_a = loop.gradients(loss_adv, list(params.values()))
             g_b = clip_gradients(averaged(_present(dict(zip(names, g_b)))), config.max_grad_norm)
             g_a = clip_gradients(averaged(_present(dict(zip(names, g_a)))), config.max_grad_norm)
             step_grads = surgery(g_a, g_b, config.surgery, config.surgery_lambda, gen)

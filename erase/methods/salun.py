@@ -240,6 +240,7 @@ def train(ctx) -> Patch:
         desc=f"salun: erasing {', '.join(config.concepts)}",
         progress=ctx.progress,
         method="salun",
+        frozen=[teacher],
     )
     trained = loop.modules["student"]
     anchor_model = trained if config.anchor_target == "trained" else teacher

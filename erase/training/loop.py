@@ -54,9 +54,16 @@ class PassTimer:
         self.seconds = 0.0
         self._depth = 0
         self._start = 0.0
+        self._handles = []
         for module in modules:
-            module.register_forward_pre_hook(self._enter)
-            module.register_forward_hook(self._leave)
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def remove(self) -> None:
+        """Take the hooks off (the frozen modules are the user's pipeline components)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _enter(self, *_):
         if self._depth == 0:
@@ -129,6 +136,16 @@ class TrainingLoop:
         self.accelerator.backward(loss)
         self.timer.add(time.perf_counter() - t0)
 
+    def gradients(self, loss: torch.Tensor, parameters: list[torch.Tensor], retain_graph: bool = False) -> list:
+        """``torch.autograd.grad`` of ``loss`` (None for parameters it does not reach), timed as a backward pass.
+
+        For methods that combine several gradients before stepping (gradient surgery). DDP's hooks do not fire here:
+        run the forward through the unwrapped module and average across processes (``accelerator.reduce``)."""
+        t0 = time.perf_counter()
+        grads = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
+        self.timer.add(time.perf_counter() - t0)
+        return list(grads)
+
     def clip(self, parameters) -> None:
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
@@ -181,17 +198,20 @@ class TrainingLoop:
         )
         step_times = []
         passes_before = self.timer.seconds
-        for step in range(self.start_step + 1, steps + 1):
-            t0 = time.perf_counter()
-            logs = step_fn(step, step_generator(self.config.seed, step, self.process))
-            step_times.append(time.perf_counter() - t0)
-            self._check_finite(step, logs)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-            bar.update(1)
-            every = self.config.checkpoint_every
-            if self.checkpoint_dir and every and step % every == 0 and step < steps:
-                self._save(step)
-        bar.close()
+        try:
+            for step in range(self.start_step + 1, steps + 1):
+                t0 = time.perf_counter()
+                logs = step_fn(step, step_generator(self.config.seed, step, self.process))
+                step_times.append(time.perf_counter() - t0)
+                self._check_finite(step, logs)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                bar.update(1)
+                every = self.config.checkpoint_every
+                if self.checkpoint_dir and every and step % every == 0 and step < steps:
+                    self._save(step)
+        finally:
+            self.timer.remove()
+            bar.close()
         passes = self.timer.seconds - passes_before
         self.accelerator.wait_for_everyone()
         self.stats = {
