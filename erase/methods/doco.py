@@ -58,7 +58,7 @@ from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
 from erase.training.data import generate_latents, spread
-from erase.training.loop import TrainingLoop
+from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
 from prompts.training import default_guide, shared_retain
@@ -88,7 +88,9 @@ class DoCoConfig(TrainConfig):
     prior_target: Literal["noise", "frozen"] = field(
         default="noise", metadata={"help": "prior loss target: the noise (paper) or the original's prediction"}
     )
-    prior_weight: float = field(default=1.0, metadata={"help": "prior loss weight (surgery sum: x0.1 as the paper)"})
+    prior_weight: float = field(
+        default=1.0, metadata={"help": "prior loss weight (pcgrad and sum; sum: x0.1 as the paper; doco: no effect)"}
+    )
     anchor_images: int = field(default=64, metadata={"help": "generated anchor images per concept"})
     retain_images: int = field(default=128, metadata={"help": "generated retain images (prior retain/both)"})
     disc_width: int = field(default=64, metadata={"help": "channels of D's first layer (doubling per layer)"})
@@ -234,8 +236,8 @@ def train(ctx) -> Patch:
     disc = PatchDiscriminator(
         anchor_sets[0].latents.shape[1], config.disc_width, config.disc_layers or discriminator_layers(h, w)
     ).to(teacher.device)
-    opt_g = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=0.0)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=config.dlr, betas=(0.5, 0.999))
+    opt_g = adam(params.values(), lr=config.lr)
+    opt_d = adam(disc.parameters(), lr=config.dlr, betas=(0.5, 0.999))
     loop = TrainingLoop(
         config,
         {"student": student.module, "discriminator": disc},
@@ -275,7 +277,7 @@ def train(ctx) -> Patch:
             grads = dict(zip(names, loop.gradients(total, list(params.values()))))
             step_grads = clip_gradients(averaged(_present(grads)), config.max_grad_norm)
         else:
-            g_b = loop.gradients(loss_prior, list(params.values()), retain_graph=True)
+            g_b = loop.gradients(config.prior_weight * loss_prior, list(params.values()), retain_graph=True)
             g_a = loop.gradients(loss_adv, list(params.values()))
             g_b = clip_gradients(averaged(_present(dict(zip(names, g_b)))), config.max_grad_norm)
             g_a = clip_gradients(averaged(_present(dict(zip(names, g_a)))), config.max_grad_norm)

@@ -53,7 +53,7 @@ from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
 from erase.training.data import LatentSet, generate_latents, spread
-from erase.training.loop import TrainingLoop
+from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
 from prompts.training import default_guide, shared_retain
@@ -230,7 +230,7 @@ def train(ctx) -> Patch:
     student, mask = prep.student, prep.mask
     params = student.named_trainable()
     masks = {name: mask[name].to(p.device) for name, p in params.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=0.0)  # no decay: masked entries stay
+    optimizer = adam(params.values(), lr=config.lr)  # no weight decay: masked entries never move
     loop = TrainingLoop(
         config,
         {"student": student.module},

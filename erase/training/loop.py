@@ -79,6 +79,17 @@ class PassTimer:
         self.seconds += seconds
 
 
+def adam(parameters, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam without weight decay (a zero gradient never moves a weight: gradient masks stay exact), fused where
+    torch has a fused kernel for the parameters' device (4x faster than the per-tensor loop for hundreds of tensors
+    on CPU)."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, weight_decay=0.0)
+
+
 class TrainingLoop:
     """Runs ``steps`` optimisation steps of a method.
 
@@ -169,10 +180,16 @@ class TrainingLoop:
         bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
         if not bad:
             for name, module in self.raw_modules.items():
-                for pname, p in module.named_parameters():
-                    if p.requires_grad and not torch.isfinite(p).all():
-                        bad = {f"{name}.{pname}": float("nan")}
-                        break
+                named = [(pname, p) for pname, p in module.named_parameters() if p.requires_grad]
+                if not named:
+                    continue
+                # one fused norm per module: a NaN/inf entry makes its tensor's norm non-finite (hundreds of
+                # per-tensor isfinite calls cost ~10% of a step on a small UNet)
+                norms = torch.stack(torch._foreach_norm([p.detach() for _, p in named]))
+                if not torch.isfinite(norms).all():
+                    pname = named[int((~torch.isfinite(norms)).nonzero()[0])][0]
+                    bad = {f"{name}.{pname}": float("nan")}
+                    break
         if bad:
             what, value = next(iter(bad.items()))
             where = (
