@@ -57,7 +57,7 @@ from erase.grad import clip_gradients, surgery
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
-from erase.training.data import generate_latents, spread
+from erase.training.data import generate_latents, retain_prompts, spread
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
@@ -93,6 +93,9 @@ class DoCoConfig(TrainConfig):
     )
     anchor_images: int = field(default=64, metadata={"help": "generated anchor images per concept"})
     retain_images: int = field(default=128, metadata={"help": "generated retain images (prior retain/both)"})
+    retain_far_share: float = field(
+        default=0.5, metadata={"help": "share of retain images from prompts outside the concept's family"}
+    )
     disc_width: int = field(default=64, metadata={"help": "channels of D's first layer (doubling per layer)"})
     disc_layers: int | None = field(
         default=None, metadata={"help": "stride-2 layers of D (default: up to 4, leaving at least 4x4)"}
@@ -104,6 +107,8 @@ class DoCoConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0.0 <= self.retain_far_share <= 1.0:
+            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
         for name in ("dlr", "surgery_lambda", "prior_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -207,12 +212,11 @@ def _data(ctx, config: DoCoConfig, anchors: list[str], encode: PromptEncoder):
         pairs.append(targets)
     retain = None
     if config.prior in ("retain", "both"):
-        prompts = shared_retain(concepts)
-        if not prompts:
+        if not shared_retain(concepts):
             raise ValueError(f"prior {config.prior!r} needs retain prompts, and the prompt set has none; use anchor")
         retain = generate_latents(
             pipe,
-            spread(prompts, config.retain_images, "doco-retain"),
+            retain_prompts(concepts, config.retain_images, config.retain_far_share, "doco-retain"),
             seed=config.seed * 7919 + 104_729,
             desc="retain images",
             encoder=encode,

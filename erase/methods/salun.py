@@ -52,7 +52,7 @@ from erase.grad import mask_share, saliency_mask
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
-from erase.training.data import LatentSet, generate_latents, spread
+from erase.training.data import LatentSet, generate_latents, retain_prompts, spread
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
@@ -87,6 +87,9 @@ class SalUnConfig(TrainConfig):
     )
     forget_images: int = field(default=64, metadata={"help": "generated forget images per concept (D_f)"})
     retain_images: int = field(default=128, metadata={"help": "generated retain images (D_r)"})
+    retain_far_share: float = field(
+        default=0.5, metadata={"help": "share of retain images from prompts outside the concept's family"}
+    )
     sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps generating D_f/D_r (50; shapes 25)"})
     sample_guidance: float | None = field(
         default=None, metadata={"help": "guidance generating D_f/D_r (7.5; shapes 5)"}
@@ -94,6 +97,8 @@ class SalUnConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0.0 <= self.retain_far_share <= 1.0:
+            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
         for name in ("mask_guidance", "alpha"):
@@ -173,12 +178,11 @@ def _data(ctx, config: SalUnConfig, anchors: list[str], encode: PromptEncoder):
             )
         )
         remap.append({p: concept.with_word(p, anchor) for p in concept.targets})
-    retain_prompts = shared_retain(concepts)
-    if not retain_prompts:
+    if not shared_retain(concepts):
         raise ValueError("SalUn needs retain prompts, and the prompt set has none for these concepts; add retain rows")
     retain = generate_latents(
         pipe,
-        spread(retain_prompts, config.retain_images, "salun-retain"),
+        retain_prompts(concepts, config.retain_images, config.retain_far_share, "salun-retain"),
         seed=config.seed * 7919 + 104_729,
         desc="D_r",
         encoder=encode,

@@ -8,6 +8,7 @@ Latents stay in the model's latent space (nothing is decoded): trainers noise th
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.denoise import PromptEncoder, sample_latents, sampling_pipeline
-from prompts.training import training_seeds
+from prompts.training import ConceptPrompts, shared_retain, training_seeds
 
 
 @dataclass
@@ -47,6 +48,30 @@ def spread(prompts: list[str], n: int, salt: str) -> list[str]:
     order = list(prompts)
     random.Random(zlib.crc32(f"{salt}|{'|'.join(prompts)}".encode())).shuffle(order)
     return [order[i % len(order)] for i in range(n)]
+
+
+def split_retain(concepts: list[ConceptPrompts]) -> tuple[list[str], list[str]]:
+    """The retain prompts of ``concepts`` (`shared_retain`) split into those naming another class of a concept's own
+    family (the near neighbours: "an orange circle" for "red") and the rest (other families: "a striped circle")."""
+    others = [w for c in concepts for w in c.others if w not in {x.concept for x in concepts}]
+    patterns = [re.compile(rf"(?<![\w-]){re.escape(w)}(?![\w-])", re.IGNORECASE) for w in others]
+    near, far = [], []
+    for prompt in shared_retain(concepts):
+        (near if any(p.search(prompt) for p in patterns) else far).append(prompt)
+    return near, far
+
+
+def retain_prompts(concepts: list[ConceptPrompts], n: int, far_share: float, salt: str) -> list[str]:
+    """``n`` retain prompts: ``far_share`` of them from other families, the rest from the concepts' own family
+    (`split_retain`; all from one side when the other has none). Near neighbours alone make up most retain sets
+    (185 of 223 for "red"), yet a concept's edit leaks most into the prompts that do not name its family at all
+    (measured on the Shapes world: colourless prompts kept 0.82 image similarity, coloured ones 0.995)."""
+    near, far = split_retain(concepts)
+    if not near and not far:
+        raise ValueError("no retain prompts for these concepts; add retain rows to the prompt set")
+    n_far = n if not near else 0 if not far else round(n * far_share)
+    chosen = spread(near, n - n_far, f"{salt}|near") if n > n_far else []
+    return chosen + (spread(far, n_far, f"{salt}|far") if n_far else [])
 
 
 @torch.no_grad()
