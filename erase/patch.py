@@ -569,6 +569,38 @@ def make_delta_patch(
     )
 
 
+def _masked_deltas(
+    base: Mapping[str, Mapping[str, torch.Tensor]],
+    tuned: Mapping[str, Mapping[str, torch.Tensor]],
+    masks: Mapping[str, Mapping[str, torch.Tensor]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """fp32 deltas of every tuned tensor with a non-empty mask; a change outside the mask is an error."""
+    changed = _changed(base, tuned)
+    missing = [f"{c}.{n}" for c, ds in changed.items() for n in ds if n not in masks.get(c, {})]
+    if missing:
+        raise PatchError(f"patch: no mask for changed tensors {first_offenders(missing)}; pass a mask for each")
+    deltas: dict[str, dict[str, torch.Tensor]] = {}
+    outside = []
+    for component, named in masks.items():
+        for name, mask in named.items():
+            mask = mask.to("cpu", torch.bool)
+            delta = changed.get(component, {}).get(name)
+            if delta is None:
+                delta = torch.zeros(mask.shape, dtype=torch.float32)
+            if delta.shape != mask.shape:
+                raise PatchError(
+                    f"patch: mask of {component}.{name} is {list(mask.shape)}, the tensor is "
+                    f"{list(delta.shape)}; pass masks of the tuned tensors' shapes"
+                )
+            if (delta[~mask] != 0).any():
+                outside.append(f"{component}.{name}")
+            if mask.any():
+                deltas.setdefault(component, {})[name] = delta
+    if outside:
+        raise PatchError(f"patch: changes outside the mask in {first_offenders(outside)}; mask the update")
+    return deltas
+
+
 def make_sparse_patch(
     base: Mapping[str, Mapping[str, torch.Tensor]],
     tuned: Mapping[str, Mapping[str, torch.Tensor]],
@@ -577,6 +609,7 @@ def make_sparse_patch(
     method: str = "",
     config: Mapping[str, Any] | None = None,
     concepts: list[str] | None = None,
+    masks: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Patch:
     """A ``sparse`` patch: per changed tensor, a bit-packed mask of changed entries plus their deltas.
 
@@ -585,15 +618,19 @@ def make_sparse_patch(
         dtype (`str`, *optional*, defaults to `"fp16"`): value storage, ``"fp32"``, ``"fp16"``, ``"bf16"`` or
             ``"int8"`` (symmetric per-tensor quantisation with an fp32 scale; error at most half a step).
         method, config, concepts: provenance stored in the header.
+        masks (`Mapping[str, Mapping[str, torch.Tensor]]`, *optional*): per component and tuned name, the ``bool``
+            mask to store (SalUn's saliency mask) instead of "entries that changed": entries inside it are stored even
+            where their delta is zero; a change outside it is an error. Tensors whose mask is empty are left out.
     """
     if dtype not in (*DTYPES, "int8"):
         raise PatchError(f"patch: unknown sparse dtype {dtype!r}; expected fp32, fp16, bf16 or int8")
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
-    deltas = _changed(base, tuned)
+    deltas = _changed(base, tuned) if masks is None else _masked_deltas(base, tuned, masks)
     for component, named in deltas.items():
         for name, delta in named.items():
-            key, mask = f"{component}.{name}", delta != 0
+            key = f"{component}.{name}"
+            mask = delta != 0 if masks is None else masks[component][name].to("cpu", torch.bool)
             tensors[key + MASK] = pack_mask(mask)
             shapes[key] = list(delta.shape)
             if dtype == "int8":

@@ -69,6 +69,16 @@ register_method(
     "uce", "erase.methods.uce", "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide"
 )
 register_method(
+    "salun",
+    "erase.methods.salun",
+    "SalUn (Fan et al. 2024): remap the concept onto an anchor, moving only the most salient weights (sparse patch)",
+)
+register_method(
+    "doco",
+    "erase.methods.doco",
+    "DoCo (Wu et al. 2025): adversarially align the concept's outputs with an anchor's, with preserving gradients",
+)
+register_method(
     "text2unlearn",
     "erase.methods.text2unlearn",
     "Text-to-Unlearn (2025): fine-tune a GAN generator away from a concept with a guide CLIP, from text alone",

@@ -240,6 +240,38 @@ def denoise_to_step(
     return latents, torch.full((len(cond),), int(t), dtype=torch.long)
 
 
+@torch.no_grad()
+def sample_latents(
+    sampler,
+    cond: Conditioning,
+    uncond: Conditioning,
+    steps: int,
+    guidance: float,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Clean latents ``x_0`` sampled by the pipeline's own loop with classifier-free guidance (no VAE decoding).
+
+    Args:
+        sampler: a pipeline from `sampling_pipeline` (DDIM scheduler).
+        cond (`Conditioning`): one row per sample; ``uncond`` the negative (usually empty-prompt) conditioning.
+        generators (`list[torch.Generator]`): one per sample, for the initial noise.
+    """
+    h, w = image_size(sampler)
+    kwargs = {
+        "prompt_embeds": cond.hidden,
+        "negative_prompt_embeds": uncond.hidden,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "generator": generators,
+        "output_type": "latent",
+        "height": h,
+        "width": w,
+    }
+    if cond.pooled is not None:
+        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+    return sampler(**kwargs).images
+
+
 def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) -> torch.Tensor:
     h, w = latent_size(sampler)
     channels = sampler.unet.config.in_channels

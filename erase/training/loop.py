@@ -54,9 +54,16 @@ class PassTimer:
         self.seconds = 0.0
         self._depth = 0
         self._start = 0.0
+        self._handles = []
         for module in modules:
-            module.register_forward_pre_hook(self._enter)
-            module.register_forward_hook(self._leave)
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def remove(self) -> None:
+        """Take the hooks off (the frozen modules are the user's pipeline components)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _enter(self, *_):
         if self._depth == 0:
@@ -70,6 +77,17 @@ class PassTimer:
 
     def add(self, seconds: float) -> None:
         self.seconds += seconds
+
+
+def adam(parameters, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam without weight decay (a zero gradient never moves a weight: gradient masks stay exact), fused where
+    torch has a fused kernel for the parameters' device (4x faster than the per-tensor loop for hundreds of tensors
+    on CPU)."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, weight_decay=0.0)
 
 
 class TrainingLoop:
@@ -129,6 +147,16 @@ class TrainingLoop:
         self.accelerator.backward(loss)
         self.timer.add(time.perf_counter() - t0)
 
+    def gradients(self, loss: torch.Tensor, parameters: list[torch.Tensor], retain_graph: bool = False) -> list:
+        """``torch.autograd.grad`` of ``loss`` (None for parameters it does not reach), timed as a backward pass.
+
+        For methods that combine several gradients before stepping (gradient surgery). DDP's hooks do not fire here:
+        run the forward through the unwrapped module and average across processes (``accelerator.reduce``)."""
+        t0 = time.perf_counter()
+        grads = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
+        self.timer.add(time.perf_counter() - t0)
+        return list(grads)
+
     def clip(self, parameters) -> None:
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
@@ -152,10 +180,16 @@ class TrainingLoop:
         bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
         if not bad:
             for name, module in self.raw_modules.items():
-                for pname, p in module.named_parameters():
-                    if p.requires_grad and not torch.isfinite(p).all():
-                        bad = {f"{name}.{pname}": float("nan")}
-                        break
+                named = [(pname, p) for pname, p in module.named_parameters() if p.requires_grad]
+                if not named:
+                    continue
+                # one fused norm per module: a NaN/inf entry makes its tensor's norm non-finite (hundreds of
+                # per-tensor isfinite calls cost ~10% of a step on a small UNet)
+                norms = torch.stack(torch._foreach_norm([p.detach() for _, p in named]))
+                if not torch.isfinite(norms).all():
+                    pname = named[int((~torch.isfinite(norms)).nonzero()[0])][0]
+                    bad = {f"{name}.{pname}": float("nan")}
+                    break
         if bad:
             what, value = next(iter(bad.items()))
             where = (
@@ -181,17 +215,20 @@ class TrainingLoop:
         )
         step_times = []
         passes_before = self.timer.seconds
-        for step in range(self.start_step + 1, steps + 1):
-            t0 = time.perf_counter()
-            logs = step_fn(step, step_generator(self.config.seed, step, self.process))
-            step_times.append(time.perf_counter() - t0)
-            self._check_finite(step, logs)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-            bar.update(1)
-            every = self.config.checkpoint_every
-            if self.checkpoint_dir and every and step % every == 0 and step < steps:
-                self._save(step)
-        bar.close()
+        try:
+            for step in range(self.start_step + 1, steps + 1):
+                t0 = time.perf_counter()
+                logs = step_fn(step, step_generator(self.config.seed, step, self.process))
+                step_times.append(time.perf_counter() - t0)
+                self._check_finite(step, logs)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                bar.update(1)
+                every = self.config.checkpoint_every
+                if self.checkpoint_dir and every and step % every == 0 and step < steps:
+                    self._save(step)
+        finally:
+            self.timer.remove()
+            bar.close()
         passes = self.timer.seconds - passes_before
         self.accelerator.wait_for_everyone()
         self.stats = {

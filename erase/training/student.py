@@ -109,7 +109,10 @@ class Student:
         tuned = self.tuned_state()
         if mask is not None:  # entries outside the mask never move; make that exact in storage too
             tuned = {n: torch.where(mask[n], t, base[component][n]) for n, t in tuned.items()}
-        maker = make_sparse_patch if self.kind == "sparse" else make_delta_patch
-        patch = maker(base, {component: tuned}, dtype=dtype, **common)
+        if self.kind == "sparse":  # a given mask is stored as the patch's mask (entries that did not move included)
+            masks = None if mask is None else {component: {n: mask[n] for n in tuned}}
+            patch = make_sparse_patch(base, {component: tuned}, dtype=dtype, masks=masks, **common)
+        else:
+            patch = make_delta_patch(base, {component: tuned}, dtype=dtype, **common)
         patch.notes.update(dict(notes or {}))
         return patch

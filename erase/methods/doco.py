@@ -1,0 +1,334 @@
+"""DoCo: concept domain correction (Wu et al., "Unlearning Concepts in Diffusion Model via Concept Domain Correction
+and Concept Preserving Gradient", AAAI 2025; official code ``yongliang-wu/DoCo``, ``train.py`` and ``gan.py``).
+
+Data: anchor images drawn by the frozen model itself from anchor prompts (the concept's training prompts with the
+concept word replaced by the anchor: "a red striped circle" -> "a blue striped circle"; `prompts.training
+.default_guide`), as clean latents with training seeds (`erase.training.data`).
+
+**Concept domain correction.** On noisy anchor latents ``x_t`` (``t ~ U{0..T-1}``), the trainable model's prediction
+for the concept prompt ``c`` and the frozen model's for the anchor prompt ``a`` become predicted clean latents, per
+sample from ``alphas_cumprod`` (`pipelines.denoise.predicted_x0`; no patched scheduler):
+
+    x0_tgt = x0_hat(eps_theta(x_t, c)),   x0_anc = x0_hat(eps*(x_t, a))
+
+A PatchGAN discriminator ``D`` (logits per patch) learns to tell them apart, anchor = 0, concept = 1, and the UNet
+learns to make concept outputs look like anchor-domain outputs:
+
+    L_D   = BCE(D(sg x0_anc), 0) + BCE(D(sg x0_tgt), 1)
+    L_adv = BCE(D(x0_tgt), 0)
+
+For the first ``warm_up`` steps only ``D`` trains. **Prior preservation** keeps the model's ordinary behaviour on
+anchor images with anchor captions (``prior="anchor"``, the paper's), on the prompt set's retain images
+(``"retain"``), or on both (half each):
+
+    L_prior = || eps_theta(x_t^p, a_p) - target_p ||^2,  target_p = eps (``prior_target="noise"``, the paper's) or the
+              frozen model's prediction eps*(x_t^p, a_p) (``"frozen"``)
+
+**Concept-preserving gradient** (``surgery``): ``g_b = clip(grad L_prior)`` and ``g_a = clip(grad L_adv)`` (each
+clipped jointly over the trained tensors to ``max_grad_norm``), then per parameter tensor `erase.grad.surgery`:
+``"doco"`` steps ``g_a - lam cos u_b`` where the two conflict (``g_b`` itself is never added), ``"pcgrad"`` steps the
+sum of both PCGrad-projected gradients, ``"sum"`` is the paper's branch without surgery, ``L_adv + 0.1 prior_weight
+L_prior``.
+
+Trained by default: cross-attention ``attn2.to_k`` and ``attn2.to_v`` (the README's ``--parameter_group cross-attn``).
+Writes a ``delta`` patch (``erase export --to lora --rank R`` makes a LoRA), or trains a LoRA directly (``kind
+lora``).
+
+Defaults (README, all tasks): batch 8, lr 6e-6 scaled by the batch (``--scale_lr``), 2000 steps with ``warm_up``
+1000, ``lambda`` 1, surgery on, prior preservation on, ``dlr`` 5e-4 for styles (1e-4 for instances; the argparse
+default is 1e-2), D's Adam betas (0.5, 0.999), ``max_grad_norm`` 1. Differences: the generator's optimizer is Adam
+without weight decay (the official code inherits AdamW with decay 1e-2 from Concept Ablation, which shrinks every
+trained weight); the generator-loss gradients that the official code lets leak into ``D``'s step are not added to it;
+gradients are paired with their tensors by name. Shapes-world settings are in ``_resolve``. Several concepts: one
+concept sampled per step, one discriminator for all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erase.grad import clip_gradients, surgery
+from erase.patch import Patch
+from erase.targets import resolve
+from erase.training.config import TrainConfig
+from erase.training.data import generate_latents, retain_prompts, spread
+from erase.training.loop import TrainingLoop, adam
+from erase.training.student import Student
+from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
+from prompts.training import default_guide, shared_retain
+
+
+@dataclass
+class DoCoConfig(TrainConfig):
+    """DoCo's settings (defaults from the official ``yongliang-wu/DoCo`` README unless stated)."""
+
+    KINDS = ("delta", "lora")
+
+    batch_size: int = field(default=8, metadata={"help": "anchor images per step (and as many prior images)"})
+    preset: Literal["xattn-kv", "xattn", "unet"] = field(default="xattn-kv", metadata={"help": "trained layers"})
+    anchor: list[str] = field(
+        default_factory=list,
+        metadata={"help": "anchor word per concept (one for all, or one per --concept); default: the prompt set's"},
+    )
+    warm_up: int | None = field(default=None, metadata={"help": "steps that train only D (default: half the steps)"})
+    dlr: float = field(default=5e-4, metadata={"help": "discriminator learning rate"})
+    surgery: Literal["doco", "pcgrad", "sum"] = field(
+        default="doco", metadata={"help": "gradient surgery between L_adv and L_prior (sum: none)"}
+    )
+    surgery_lambda: float = field(default=1.0, metadata={"help": "lambda of the doco rule"})
+    prior: Literal["anchor", "retain", "both"] = field(
+        default="anchor", metadata={"help": "prior-preservation images: anchor images (paper), retain images, both"}
+    )
+    prior_target: Literal["noise", "frozen"] = field(
+        default="noise", metadata={"help": "prior loss target: the noise (paper) or the original's prediction"}
+    )
+    prior_weight: float = field(
+        default=1.0, metadata={"help": "prior loss weight (pcgrad and sum; sum: x0.1 as the paper; doco: no effect)"}
+    )
+    anchor_images: int = field(default=64, metadata={"help": "generated anchor images per concept"})
+    retain_images: int = field(default=128, metadata={"help": "generated retain images (prior retain/both)"})
+    retain_far_share: float = field(
+        default=0.5, metadata={"help": "share of retain images from prompts outside the concept's family"}
+    )
+    disc_width: int = field(default=64, metadata={"help": "channels of D's first layer (doubling per layer)"})
+    disc_layers: int | None = field(
+        default=None, metadata={"help": "stride-2 layers of D (default: up to 4, leaving at least 4x4)"}
+    )
+    sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps generating images (50; shapes 25)"})
+    sample_guidance: float | None = field(
+        default=None, metadata={"help": "guidance generating images (7.5; shapes 5)"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.retain_far_share <= 1.0:
+            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
+        for name in ("dlr", "surgery_lambda", "prior_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.dlr == 0:
+            raise ValueError("dlr must be above 0")
+        if self.warm_up is not None and not 0 <= self.warm_up < self.steps:
+            raise ValueError(f"warm_up must be in [0, steps) = [0, {self.steps}), got {self.warm_up}")
+        for name in ("anchor_images", "retain_images", "disc_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.disc_layers is not None and self.disc_layers < 1:
+            raise ValueError(f"disc_layers must be at least 1, got {self.disc_layers}")
+        if self.sample_steps is not None and self.sample_steps < 2:
+            raise ValueError(f"sample_steps must be at least 2, got {self.sample_steps}")
+        if self.sample_guidance is not None and not (
+            math.isfinite(self.sample_guidance) and self.sample_guidance >= 0
+        ):
+            raise ValueError(f"sample_guidance must be a finite number >= 0, got {self.sample_guidance}")
+
+
+CONFIG = DoCoConfig
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix ``NLayerDiscriminator``, DoCo's ``gan.py``): stride-2 4x4 convolutions doubling the width
+    (the first without normalisation, the rest with BatchNorm), LeakyReLU 0.2, and a final 4x4 convolution to one
+    logit per patch.
+
+    Args:
+        in_channels (`int`): latent channels (4 for Stable Diffusion).
+        width (`int`): channels of the first layer (64), doubled per layer up to 8x.
+        layers (`int`): stride-2 layers (4 for 64x64 latents).
+    """
+
+    def __init__(self, in_channels: int = 4, width: int = 64, layers: int = 4):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        channels = width
+        for i in range(1, layers):
+            nxt = width * min(2**i, 8)
+            blocks += [nn.Conv2d(channels, nxt, 4, 2, 1, bias=False), nn.BatchNorm2d(nxt), nn.LeakyReLU(0.2)]
+            channels = nxt
+        blocks.append(nn.Conv2d(channels, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def discriminator_layers(height: int, width: int) -> int:
+    """Stride-2 layers for a latent of this size: up to 4 (DoCo's 64x64), leaving a map of at least 4x4."""
+    size = min(height, width)
+    return max(1, min(4, int(math.log2(size)) - 2)) if size >= 8 else 1
+
+
+def discriminator_loss(d: nn.Module, x0_tgt: torch.Tensor, x0_anc: torch.Tensor) -> torch.Tensor:
+    """``L_D = BCE(D(sg x0_anc), 0) + BCE(D(sg x0_tgt), 1)``: anchor-domain outputs are 0, concept outputs 1."""
+    real, fake = d(x0_anc.detach()), d(x0_tgt.detach())
+    return F.binary_cross_entropy_with_logits(real, torch.zeros_like(real)) + F.binary_cross_entropy_with_logits(
+        fake, torch.ones_like(fake)
+    )
+
+
+def adversarial_loss(d: nn.Module, x0_tgt: torch.Tensor) -> torch.Tensor:
+    """``L_adv = BCE(D(x0_tgt), 0)``: the concept's outputs should pass for anchor-domain outputs."""
+    logits = d(x0_tgt)
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+
+
+def _resolve(config: DoCoConfig, is_shapes: bool, concepts) -> list[str]:
+    """Fill the per-model defaults into ``config`` (it is saved in the patch); returns the anchor of each concept."""
+    if config.lr is None:
+        config.lr = 1e-3 if is_shapes else 6e-6 * config.batch_size  # README: 6e-6 with --scale_lr
+    if config.warm_up is None:
+        config.warm_up = config.steps // 2
+    if config.sample_steps is None:
+        config.sample_steps = 25 if is_shapes else 50
+    if config.sample_guidance is None:
+        config.sample_guidance = 5.0 if is_shapes else 7.5
+    if config.anchor and len(config.anchor) not in (1, len(concepts)):
+        raise ValueError(f"give one --anchor for all concepts or one per concept ({len(concepts)})")
+    if not config.anchor:
+        config.anchor = [default_guide(concepts, i) for i in range(len(concepts))]
+    return (config.anchor * len(concepts))[: len(concepts)]
+
+
+def _data(ctx, config: DoCoConfig, anchors: list[str], encode: PromptEncoder):
+    """Per concept, the anchor images with (concept prompt, anchor prompt) pairs; the retain images if asked."""
+    pipe, concepts = ctx.pipe, ctx.concepts
+    common = {"steps": config.sample_steps, "guidance": config.sample_guidance, "progress": ctx.progress}
+    sets, pairs = [], []
+    for i, (concept, anchor) in enumerate(zip(concepts, anchors)):
+        targets = spread(concept.targets, config.anchor_images, f"doco-anchor|{concept.concept}")
+        anchor_prompts = [concept.with_word(p, anchor) for p in targets]
+        sets.append(
+            generate_latents(
+                pipe, anchor_prompts, seed=config.seed * 7919 + i, desc=f"anchors {anchor}", encoder=encode, **common
+            )
+        )
+        pairs.append(targets)
+    retain = None
+    if config.prior in ("retain", "both"):
+        if not shared_retain(concepts):
+            raise ValueError(f"prior {config.prior!r} needs retain prompts, and the prompt set has none; use anchor")
+        retain = generate_latents(
+            pipe,
+            retain_prompts(concepts, config.retain_images, config.retain_far_share, "doco-retain"),
+            seed=config.seed * 7919 + 104_729,
+            desc="retain images",
+            encoder=encode,
+            **common,
+        )
+    return sets, pairs, retain
+
+
+def train(ctx) -> Patch:
+    config: DoCoConfig = ctx.config
+    pipe, concepts = ctx.pipe, ctx.concepts
+    anchors = _resolve(config, config.model == "shapes", concepts)
+    scheduler, teacher = pipe.scheduler, pipe.unet
+    encode = PromptEncoder(pipe)
+    anchor_sets, concept_prompts, retain = _data(ctx, config, anchors, encode)
+
+    student = Student(teacher, resolve(config.preset, "unet", teacher), config.kind, config.rank, config.lora_alpha)
+    params = student.named_trainable()
+    h, w = anchor_sets[0].latents.shape[-2:]
+    torch.manual_seed(config.seed)  # D's initial weights
+    disc = PatchDiscriminator(
+        anchor_sets[0].latents.shape[1], config.disc_width, config.disc_layers or discriminator_layers(h, w)
+    ).to(teacher.device)
+    opt_g = adam(params.values(), lr=config.lr)
+    opt_d = adam(disc.parameters(), lr=config.dlr, betas=(0.5, 0.999))
+    loop = TrainingLoop(
+        config,
+        {"student": student.module, "discriminator": disc},
+        {"adam": opt_g, "adam_d": opt_d},
+        checkpoint_dir=ctx.checkpoint_dir,
+        resume=ctx.resume,
+        desc=f"doco: erasing {', '.join(config.concepts)}",
+        progress=ctx.progress,
+        method="doco",
+        frozen=[teacher],
+    )
+    # The generator's two gradients come from torch.autograd.grad on the raw modules (DDP hooks only fire in
+    # .backward()), averaged across processes by hand; D trains through the prepared module.
+    trained, d_prepared = student.module, loop.modules["discriminator"]
+    b, n_train = config.batch_size, scheduler.config.num_train_timesteps
+
+    def prior_batch(k: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        if config.prior == "anchor":
+            x0, prompts, _ = anchor_sets[k].draw(b, gen)
+        elif config.prior == "retain":
+            x0, prompts, _ = retain.draw(b, gen)
+        else:
+            xa, pa, _ = anchor_sets[k].draw(b - b // 2, gen)
+            xr, pr, _ = retain.draw(b // 2, gen)
+            x0, prompts = torch.cat([xa, xr]), pa + pr
+        return x0, prompts
+
+    def averaged(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if loop.accelerator.num_processes == 1:
+            return grads
+        return {n: loop.accelerator.reduce(g, "mean") for n, g in grads.items()}
+
+    def generator_step(loss_adv: torch.Tensor, loss_prior: torch.Tensor, gen: torch.Generator) -> None:
+        names = list(params)
+        if config.surgery == "sum":
+            total = loss_adv + 0.1 * config.prior_weight * loss_prior
+            grads = dict(zip(names, loop.gradients(total, list(params.values()))))
+            step_grads = clip_gradients(averaged(_present(grads)), config.max_grad_norm)
+        else:
+            g_b = loop.gradients(config.prior_weight * loss_prior, list(params.values()), retain_graph=True)
+            g_a = loop.gradients(loss_adv, list(params.values()))
+            g_b = clip_gradients(averaged(_present(dict(zip(names, g_b)))), config.max_grad_norm)
+            g_a = clip_gradients(averaged(_present(dict(zip(names, g_a)))), config.max_grad_norm)
+            step_grads = surgery(g_a, g_b, config.surgery, config.surgery_lambda, gen)
+        for name, p in params.items():
+            p.grad = step_grads.get(name)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+
+    def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
+        k = int(torch.randint(len(concepts), (1,), generator=gen))
+        x0_a, anchor_prompts, index = anchor_sets[k].draw(b, gen)
+        target_prompts = [concept_prompts[k][i] for i in index]
+        x0_p, prior_prompts = prior_batch(k, gen)
+        x0 = torch.cat([x0_a, x0_p])
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        t = torch.randint(n_train, (2 * b,), generator=gen)
+        x_t = add_noise(scheduler, x0, noise, t)
+        adversarial = step > config.warm_up
+        with torch.set_grad_enabled(adversarial):
+            out = unet_output(trained, x_t, t, encode(target_prompts + prior_prompts))
+        with torch.no_grad():
+            frozen_prompts = anchor_prompts + (prior_prompts if config.prior_target == "frozen" else [])
+            frozen = unet_output(teacher, x_t[: len(frozen_prompts)], t[: len(frozen_prompts)], encode(frozen_prompts))
+        x0_tgt = predicted_x0(scheduler, x_t[:b], out[:b], t[:b])
+        x0_anc = predicted_x0(scheduler, x_t[:b], frozen[:b], t[:b])
+        logs = {}
+        if adversarial:
+            loss_adv = adversarial_loss(disc, x0_tgt)  # raw D; autograd.grad below gives its weights no gradient
+            if config.prior_target == "frozen":
+                target_p = frozen[b:]
+            else:
+                target_p = training_target(scheduler, x0_p, noise[b:], t[b:])
+            loss_prior = F.mse_loss(out[b:], target_p)
+            generator_step(loss_adv, loss_prior, gen)
+            logs.update(adv=loss_adv.item(), prior=loss_prior.item())
+        loss_d = discriminator_loss(d_prepared, x0_tgt, x0_anc)
+        opt_d.zero_grad(set_to_none=True)
+        loop.backward(loss_d)
+        opt_d.step()
+        logs["d"] = loss_d.item()
+        return logs
+
+    ctx.stats.update(loop.run(step_fn))
+    return student.to_patch(dtype=config.dtype, method="doco", config={}, concepts=config.concepts, notes={})
+
+
+def _present(grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The gradients a loss reached (``allow_unused`` gives None for the others)."""
+    return {n: g for n, g in grads.items() if g is not None}

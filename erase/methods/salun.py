@@ -1,0 +1,288 @@
+"""SalUn: saliency unlearning (Fan et al., "SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency
+in Image Classification and Generation", ICLR 2024; official code ``OPTML-Group/Unlearn-Saliency``, ``SD/``).
+
+Data: the frozen model draws its own forget set ``D_f`` (the concept's training prompts) and retain set ``D_r`` (the
+prompt set's retain prompts), as clean latents with training seeds (`erase.training.data`).
+
+**Step 1, weight saliency** (``generate_mask.py``). On ``D_f`` (one pass, batches of ``batch_size``), with the
+classifier-free-guided prediction of the paper's code (``w = mask_guidance``, 7.5),
+
+    eps~ = (1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")
+    s    = | sum_batches  grad_theta [ -|| eps - eps~ ||^2 ] |                                          (Eq. 5)
+    m    = 1[s >= gamma],  gamma = the global k-th largest s,  k = floor(mask_ratio * N)
+
+ranked over every trained weight at once (`erase.grad.saliency_mask`: ``kthvalue``, ties in parameter order, a
+``bool`` mask; the official code's ascending-sort bug kept the *least* salient half until commit ``b874ee9``).
+
+**Step 2, unlearning** (``random_label.py`` / ``nsfw_removal.py``). With ``c_p`` the forget prompt with the concept
+word replaced by the anchor (the paper's fixed "remap" class; here a concrete class of the same family, ``blue`` for
+``red``, `prompts.training.default_guide`), on the same ``x_t``, noise and ``t`` in both branches:
+
+    L_f = || eps_theta(x_t, c_f) - sg[eps_anchor(x_t, c_p)] ||^2
+    L_r = || eps_theta(x_t^r, c_r) - target_r ||^2
+    L   = L_f + alpha L_r ;   theta <- Adam(theta, m * grad L)            (Eq. 6, masked; Adam, no weight decay)
+
+- ``anchor_target="trained"`` is the paper's: ``eps_anchor`` is the model being trained, so the anchor drifts with
+  it (measured on the Shapes world: erased red became purple, not blue). ``"frozen"`` takes it from the original
+  model, a fixed target.
+- ``retain_target="noise"`` is the paper's ordinary diffusion loss on ``D_r`` (``target_r = eps``, or ``v`` for a
+  v-prediction model); ``"frozen"`` distils the original model's prediction on ``D_r`` instead (lower variance).
+
+Masked entries get a zero gradient every step; under Adam without weight decay their moments stay zero and they never
+move (decoupled decay would move them: the classification code's fix ``a6e89fd``). Tensors whose mask is empty are
+not trained at all. The ``sparse`` patch stores the saliency mask itself as its mask.
+
+Defaults: ``mask_ratio`` 0.5, ``mask_guidance`` 7.5, batch 8, Adam, ``preset unet-full`` (the paper's "full": every
+UNet parameter) as the official code; ``alpha`` 0.5 as the README's Imagenette runs (``random_label.py``'s argparse
+default is 0.1; nudity uses 0.1); lr 1e-5 for Stable Diffusion (the official default), Shapes settings as measured in
+this file's ``_resolve``. Several concepts: one concept sampled per step; the mask is taken over all their forget sets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from erase.grad import mask_share, saliency_mask
+from erase.patch import Patch
+from erase.targets import resolve
+from erase.training.config import TrainConfig
+from erase.training.data import LatentSet, generate_latents, retain_prompts, spread
+from erase.training.loop import TrainingLoop, adam
+from erase.training.student import Student
+from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
+from prompts.training import default_guide, shared_retain
+
+
+@dataclass
+class SalUnConfig(TrainConfig):
+    """SalUn's settings (defaults from the official ``OPTML-Group/Unlearn-Saliency`` SD code unless stated)."""
+
+    KINDS = ("sparse", "delta")
+
+    kind: Literal["sparse", "delta"] = field(
+        default="sparse", metadata={"help": "patch kind: the masked entries only (sparse) or a dense delta"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "forget (and as many retain) images per step"})
+    preset: Literal["unet-full", "unet", "no-xattn", "xattn", "xattn-kv"] = field(
+        default="unet-full", metadata={"help": "weights the saliency mask ranks and the step may move"}
+    )
+    mask_ratio: float = field(default=0.5, metadata={"help": "share of the preset's weights kept by the mask"})
+    mask_guidance: float = field(default=7.5, metadata={"help": "guidance w of the saliency loss's prediction"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the retain loss"})
+    anchor: list[str] = field(
+        default_factory=list,
+        metadata={"help": "remap word per concept (one for all, or one per --concept); default: the prompt set's"},
+    )
+    anchor_target: Literal["trained", "frozen"] = field(
+        default="frozen", metadata={"help": "the remap prediction: from the trained model (paper) or the original"}
+    )
+    retain_target: Literal["noise", "frozen"] = field(
+        default="frozen", metadata={"help": "retain loss target: the noise (paper) or the original's prediction"}
+    )
+    forget_images: int = field(default=64, metadata={"help": "generated forget images per concept (D_f)"})
+    retain_images: int = field(default=128, metadata={"help": "generated retain images (D_r)"})
+    retain_far_share: float = field(
+        default=0.5, metadata={"help": "share of retain images from prompts outside the concept's family"}
+    )
+    sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps generating D_f/D_r (50; shapes 25)"})
+    sample_guidance: float | None = field(
+        default=None, metadata={"help": "guidance generating D_f/D_r (7.5; shapes 5)"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.retain_far_share <= 1.0:
+            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
+        if not 0.0 < self.mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        for name in ("mask_guidance", "alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("forget_images", "retain_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sample_steps is not None and self.sample_steps < 2:
+            raise ValueError(f"sample_steps must be at least 2, got {self.sample_steps}")
+        if self.sample_guidance is not None and not (
+            math.isfinite(self.sample_guidance) and self.sample_guidance >= 0
+        ):
+            raise ValueError(f"sample_guidance must be a finite number >= 0, got {self.sample_guidance}")
+
+
+CONFIG = SalUnConfig
+
+
+def _resolve(config: SalUnConfig, is_shapes: bool, concepts) -> list[str]:
+    """Fill the per-model defaults into ``config`` (it is saved in the patch); returns the anchor of each concept."""
+    if config.lr is None:
+        config.lr = 1e-4 if is_shapes else 1e-5
+    if config.sample_steps is None:
+        config.sample_steps = 25 if is_shapes else 50
+    if config.sample_guidance is None:
+        config.sample_guidance = 5.0 if is_shapes else 7.5
+    if config.anchor and len(config.anchor) not in (1, len(concepts)):
+        raise ValueError(f"give one --anchor for all concepts or one per concept ({len(concepts)})")
+    if not config.anchor:
+        config.anchor = [default_guide(concepts, i) for i in range(len(concepts))]
+    return (config.anchor * len(concepts))[: len(concepts)]
+
+
+def guided_prediction(unet, x_t, t, cond: Conditioning, uncond: Conditioning, w: float) -> torch.Tensor:
+    """The saliency loss's prediction ``(1 + w) eps(x_t, c) - w eps(x_t, "")`` (one batched UNet pass)."""
+    out = unet_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
+    cond_out, uncond_out = out.chunk(2)
+    return (1 + w) * cond_out - w * uncond_out
+
+
+def compute_saliency(
+    unet, params: dict[str, torch.nn.Parameter], forget: LatentSet, encode, scheduler, config, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """``|sum of grad(-||eps - eps~||^2)|`` over one pass of ``forget`` in batches (SalUn Eq. 5); gradients are
+    accumulated raw over the batches, as the official ``generate_mask.py`` does, and cleared afterwards."""
+    for p in params.values():
+        p.grad = None
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    n, b = len(forget), config.batch_size
+    for start in tqdm(range(0, n, b), desc="salun: saliency", disable=not progress, leave=False):
+        x0 = forget.latents[start : start + b]
+        prompts = forget.prompts[start : start + b]
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        x_t = add_noise(scheduler, x0, noise, t)
+        pred = guided_prediction(unet, x_t, t, encode(prompts), encode([""] * len(prompts)), config.mask_guidance)
+        loss = -F.mse_loss(pred, training_target(scheduler, x0, noise, t))
+        loss.backward()
+    saliency = {name: p.grad.detach().abs() for name, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return saliency
+
+
+def _data(ctx, config: SalUnConfig, anchors: list[str], encode: PromptEncoder):
+    """The forget set of each concept (with the remap prompt of each image) and the shared retain set."""
+    pipe, concepts = ctx.pipe, ctx.concepts
+    common = {"steps": config.sample_steps, "guidance": config.sample_guidance, "progress": ctx.progress}
+    forget, remap = [], []
+    for i, (concept, anchor) in enumerate(zip(concepts, anchors)):
+        prompts = spread(concept.targets, config.forget_images, f"salun-forget|{concept.concept}")
+        forget.append(
+            generate_latents(
+                pipe, prompts, seed=config.seed * 7919 + i, desc=f"D_f {concept.concept}", encoder=encode, **common
+            )
+        )
+        remap.append({p: concept.with_word(p, anchor) for p in concept.targets})
+    if not shared_retain(concepts):
+        raise ValueError("SalUn needs retain prompts, and the prompt set has none for these concepts; add retain rows")
+    retain = generate_latents(
+        pipe,
+        retain_prompts(concepts, config.retain_images, config.retain_far_share, "salun-retain"),
+        seed=config.seed * 7919 + 104_729,
+        desc="D_r",
+        encoder=encode,
+        **common,
+    )
+    return forget, remap, retain
+
+
+@dataclass
+class Prepared:
+    """What the unlearning steps need: the generated sets, the student and its saliency mask."""
+
+    encode: PromptEncoder
+    forget: list[LatentSet]  # one per concept
+    remap: list[dict[str, str]]  # per concept: forget prompt -> remap (anchor) prompt
+    retain: LatentSet
+    student: Student
+    mask: dict[str, torch.Tensor]  # the saliency mask over every weight of the preset
+
+
+def prepare(ctx) -> Prepared:
+    """Resolve the config, generate D_f and D_r, and compute the saliency mask (step 1)."""
+    config: SalUnConfig = ctx.config
+    anchors = _resolve(config, config.model == "shapes", ctx.concepts)
+    encode = PromptEncoder(ctx.pipe)
+    forget, remap, retain = _data(ctx, config, anchors, encode)
+    student = Student(ctx.pipe.unet, resolve(config.preset, "unet", ctx.pipe.unet), config.kind)
+    saliency = compute_saliency(
+        student.module,
+        student.named_trainable(),
+        LatentSet(torch.cat([f.latents for f in forget]), [p for f in forget for p in f.prompts]),
+        encode,
+        ctx.pipe.scheduler,
+        config,
+        ctx.progress,
+    )
+    mask = saliency_mask(saliency, config.mask_ratio)
+    for name, p in student.named_trainable().items():
+        if not mask[name].any():  # nothing to move in this tensor: do not train it at all
+            p.requires_grad_(False)
+    return Prepared(encode, forget, remap, retain, student, mask)
+
+
+def train(ctx) -> Patch:
+    config: SalUnConfig = ctx.config
+    prep = prepare(ctx)
+    concepts, scheduler, teacher = ctx.concepts, ctx.pipe.scheduler, ctx.pipe.unet
+    encode, forget, remap, retain = prep.encode, prep.forget, prep.remap, prep.retain
+    student, mask = prep.student, prep.mask
+    params = student.named_trainable()
+    masks = {name: mask[name].to(p.device) for name, p in params.items()}
+    optimizer = adam(params.values(), lr=config.lr)  # no weight decay: masked entries never move
+    loop = TrainingLoop(
+        config,
+        {"student": student.module},
+        {"adam": optimizer},
+        checkpoint_dir=ctx.checkpoint_dir,
+        resume=ctx.resume,
+        desc=f"salun: erasing {', '.join(config.concepts)}",
+        progress=ctx.progress,
+        method="salun",
+        frozen=[teacher],
+    )
+    trained = loop.modules["student"]
+    anchor_model = trained if config.anchor_target == "trained" else teacher
+    b, n_train = config.batch_size, scheduler.config.num_train_timesteps
+
+    def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
+        k = int(torch.randint(len(concepts), (1,), generator=gen))
+        x0_f, prompts_f, _ = forget[k].draw(b, gen)
+        x0_r, prompts_r, _ = retain.draw(b, gen)
+        x0 = torch.cat([x0_f, x0_r])
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        t = torch.randint(n_train, (2 * b,), generator=gen)
+        x_t = add_noise(scheduler, x0, noise, t)
+        out = unet_output(trained, x_t, t, encode(prompts_f + prompts_r))
+        with torch.no_grad():  # sg[eps_anchor(x_t, c_p)] on the forget half (and the original on retain, if asked)
+            if config.retain_target == "frozen" and anchor_model is teacher:
+                ref = unet_output(teacher, x_t, t, encode([remap[k][p] for p in prompts_f] + prompts_r))
+                target_f, target_r = ref[:b], ref[b:]
+            else:
+                target_f = unet_output(anchor_model, x_t[:b], t[:b], encode([remap[k][p] for p in prompts_f]))
+                target_r = (
+                    unet_output(teacher, x_t[b:], t[b:], encode(prompts_r))
+                    if config.retain_target == "frozen"
+                    else training_target(scheduler, x0_r, noise[b:], t[b:])
+                )
+        loss_f = F.mse_loss(out[:b], target_f)
+        loss_r = F.mse_loss(out[b:], target_r)
+        optimizer.zero_grad(set_to_none=True)
+        loop.backward(loss_f + config.alpha * loss_r)
+        for name, p in params.items():
+            if p.grad is not None:
+                p.grad.mul_(masks[name])
+        loop.clip(params.values())
+        optimizer.step()
+        return {"forget": loss_f.item(), "retain": loss_r.item()}
+
+    ctx.stats.update(loop.run(step_fn))
+    ctx.stats["mask_share"] = round(mask_share(mask), 6)
+    return student.to_patch(
+        dtype=config.dtype, method="salun", config={}, concepts=config.concepts, mask=mask, notes={}
+    )
