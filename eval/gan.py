@@ -21,8 +21,9 @@ Per judge:
   relative"); ``total_variation`` per task;
 - ``fd_clip``: Frechet distance of the judge-CLIP embeddings (L2-normalised), base against patched, on kept latents.
 
-Outputs in one folder: ``metrics.json`` (last, so a folder with it is a finished evaluation), ``images.csv`` (one row
-per latent), ``report.html`` with grids of the same latents before and after, and their PNGs.
+Outputs in one folder, published as ``erase eval`` publishes its own (written beside ``out``, then moved in with
+``metrics.json`` last): ``metrics.json``, ``images.csv`` (one row per latent), ``report.html`` with grids of the same
+latents before and after, and their PNGs.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def judge_metrics(
 def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict:
     """Evaluate ``config.gan`` (with ``config.patch``) on fixed latents; write ``metrics.json``, ``images.csv`` and
     ``report.html`` into ``out``. Every input is checked before any image is generated."""
+    from erase.fsutil import check_output_folder
     from eval.clip import load_judge
     from eval.oracle import OracleJudge, ShapesOracle
     from pipelines.apply import apply_patch, remove_patch
@@ -146,6 +148,7 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
 
     start = time.perf_counter()
     out = Path(out)
+    check_output_folder(out, overwrite=True, label="--out", create_parents=True)  # files in it are replaced
     generator = load_generator(config.gan, trust_remote_code=config.trust_remote_code)
     if generator.module is None:
         raise ValueError(f"{config.gan} is a plain callable: a patch needs an nn.Module generator")
@@ -165,11 +168,8 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
     if config.patch:
         from erase.patch import load_patch
 
-        patch = load_patch(config.patch)
+        patch = load_patch(config.patch, verify=not config.skip_hash_check)
         remove_patch(apply_patch(generator.module, patch, config.patch_scale, force=config.force))  # refuse now
-    from eval.evaluate import _clear_previous
-
-    _clear_previous(out)
 
     t0 = time.perf_counter()
     z = generator.sample_latents(config.latents, seed=config.latent_seed)
@@ -231,12 +231,22 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
         "timing": {"generation_s": round(generation_s, 2), "scoring_s": round(scoring_s, 2)},
     }
     t0 = time.perf_counter()
-    _write_outputs(out, metrics, labels, cosine, base, patched, config.grid_size)
-    metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
-    metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)
+    from erase.fsutil import output_error, remove_tree, temp_folder
+    from eval.evaluate import _publish
     from eval.report import write_json
 
-    write_json(out / "metrics.json", metrics)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_folder(out, label="--out")  # as `erase eval`: the earlier evaluation stays until the swap
+    try:
+        _write_outputs(staging, metrics, labels, cosine, base, patched, config.grid_size)
+        metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
+        metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)
+        write_json(staging / "metrics.json", metrics)
+        _publish(staging, out)
+    except OSError as err:
+        raise output_error(err, out, "--out", reword=True) or err from None
+    finally:
+        remove_tree(staging)
     return metrics
 
 
