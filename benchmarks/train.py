@@ -86,7 +86,8 @@ def uce_solve_sd15(repeats: int = 3) -> dict:
 
     def shared():
         k = shared_edit(erase, guide, preserve, 1.0, 1.0, 0.5)
-        return [(w.to(torch.float64) @ k).to(w.dtype) for w in weights]
+        k32 = k.to(torch.float32)
+        return [w @ k32 for w in weights]
 
     def per_layer():
         return [solve_layer(w, erase, guide, preserve, 1.0, 1.0, 0.5).to(w.dtype) for w in weights[:4]]
@@ -179,7 +180,8 @@ def main() -> None:
                 [sys.executable, __file__, "--one", name, "--concept", args.concept],
                 capture_output=True,
                 text=True,
-                env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+                # PYTHONSAFEPATH: benchmarks/ must not shadow the `eval` package with benchmarks/eval.py
+                env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"},
             )
             if done.returncode != 0:
                 print(f"{name}: failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -205,9 +205,10 @@ def train(ctx) -> Patch:
     ctx.stats.update(notes)
     if config.kind == "delta":
         tuned = {}
+        k_layer = k.to(torch.float32)  # K is solved in float64; applying it is a float32 product (fp32 weights)
         for name in target.modules:
             w = modules[name].weight
-            tuned[f"{name}.weight"] = (w.detach().to(torch.float64) @ k).to(w.dtype)
+            tuned[f"{name}.weight"] = (w.detach().to(torch.float32) @ k_layer).to(w.dtype)
         patch = make_delta_patch(base, {"unet": tuned}, dtype=config.dtype, method="uce", concepts=config.concepts)
         patch.notes.update(notes)
         return patch
