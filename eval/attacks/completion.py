@@ -22,7 +22,7 @@ def run(session: AttackSession) -> list[AttackResult]:
     start = start_index(config.steps, config.completion_strength)
     t = scheduler.timesteps[start]
     cases = session.cases
-    gens = [torch.Generator().manual_seed(session.config.seed * 1_000_003 + 4 + 7919 * c.seed) for c in cases]
+    gens = [session.generator(4, c.seed) for c in cases]
     noise = torch.cat([torch.randn((1, *session.base_latents.shape[1:]), generator=g) for g in gens])
     x0 = session.base_latents
     x_t = add_noise(scheduler, x0, noise, torch.full((len(x0),), int(t)))

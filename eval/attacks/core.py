@@ -2,9 +2,9 @@
 judgement of success, learned token embeddings injected into the text encoders, a DDIM sampler that can start from a
 noised image and inject extra noise, and the clock that splits time into model passes and the rest.
 
-An attack is a function ``run(session) -> AttackResult``. It reads the session's cases and base-model material
-(latents of each case's base image, training images of the concept), uses the patched pipeline, and returns per case
-whether the concept came back, with the images that show it.
+An attack module has one function, ``run(session) -> list[AttackResult]`` (one result per variant). It reads the
+session's cases and base-model material (latents of each case's base image, training images of the concept), uses the
+patched pipeline, and returns per case whether the concept came back, with the images that show it.
 """
 
 from __future__ import annotations
@@ -450,9 +450,16 @@ class AttackSession:
         case = self.cases[i]
         return {"case_number": case.case_number, "prompt": case.prompt, "seed": case.seed, **verdict, **extra}
 
-    def generator(self, salt: int) -> torch.Generator:
-        """A CPU generator seeded from the run's seed and a per-attack salt: every attack is reproducible alone."""
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
+    def generator(self, salt: int, case_seed: int = 0, round_: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the run's seed, a per-attack salt and optionally a case's seed and a round of
+        the attack: every attack is reproducible alone, and a case's draws do not depend on the batch it is in."""
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt + 7919 * case_seed + 104729 * round_)
+
+    def steps(self, n: int, desc: str):
+        """``range(1, n + 1)`` with a progress bar when the run shows progress."""
+        from tqdm.auto import tqdm
+
+        return tqdm(range(1, n + 1), desc=desc, leave=False, disable=not self.progress)
 
 
 def successes(judged: list[str], confirmed: list[bool | None], concept: str) -> list[bool]:
@@ -462,11 +469,6 @@ def successes(judged: list[str], confirmed: list[bool | None], concept: str) -> 
 
 def loss_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-
-
-def chunks(n: int, size: int):
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
 
 
 def check_steps(total: int, parts: int) -> list[int]:

@@ -36,7 +36,7 @@ def run(session: AttackSession) -> list[AttackResult]:
             part = pending[start : start + config.batch_size]
             seeds = [cases[i].seed for i in part]
             x = session.initial_noise(seeds).to(session.device) * scheduler.init_noise_sigma
-            gens = [torch.Generator().manual_seed(config.seed * 1_000_003 + 5 + 7919 * s + 104729 * k) for s in seeds]
+            gens = [session.generator(5, s, k) for s in seeds]
             with session.clock("model"):
                 outs.append(
                     ddim_sample(

@@ -128,7 +128,7 @@ def _run_variant(session: AttackSession, continuous: bool, candidates: torch.Ten
     losses = []
     generations = 0
     with injection:
-        for step in range(1, config.prefix_steps + 1):
+        for step in session.steps(config.prefix_steps, "prefix (continuous)" if continuous else "prefix"):
             optimizer.zero_grad(set_to_none=True)
             if continuous:
                 rows = params

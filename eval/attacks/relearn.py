@@ -36,7 +36,7 @@ def _trainable(unet, which: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def finetune(session: AttackSession, train_prompts: list[str], eval_prompts: list[str], salt: int) -> dict:
+def finetune(session: AttackSession, train_prompts: list[str], eval_prompts: list[str], salt: int, label: str) -> dict:
     """Fine-tune a copy of the current UNet; returns the curve, the step of first success above half, and the last
     check's images and verdicts."""
     config = session.config
@@ -62,9 +62,7 @@ def finetune(session: AttackSession, train_prompts: list[str], eval_prompts: lis
         return share > 0.5
 
     reached = 0 if check(0) else None
-    step = 0
-    while reached is None and step < config.relearn_steps:
-        step += 1
+    for step in session.steps(0 if reached is not None else config.relearn_steps, f"relearn ({label})"):
         idx = torch.randint(len(latents), (config.relearn_batch_size,), generator=gen)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
@@ -78,6 +76,7 @@ def finetune(session: AttackSession, train_prompts: list[str], eval_prompts: lis
         optimizer.step()
         if (step % config.relearn_every == 0 or step == config.relearn_steps) and check(step):
             reached = step
+            break
     return {"curve": curve, "steps_to_half": reached, **last}
 
 
@@ -86,13 +85,14 @@ def run(session: AttackSession) -> list[AttackResult]:
     _, prompts = session.train_set
     placeholder = config.placeholder
     cases = session.cases
-    patched = finetune(session, prompts, [c.prompt for c in cases], salt=6)
+    patched = finetune(session, prompts, [c.prompt for c in cases], salt=6, label="patched")
     with session.base_model():
         reference = finetune(
             session,
             [session.with_word(p, placeholder) for p in prompts],
             [session.with_word(c.prompt, placeholder) for c in cases],
             salt=7,
+            label="base, new word",
         )
     records = [
         session.case_record(i, v, checked_at_step=patched["step"], new_word_on_base=reference["verdicts"][i])

@@ -38,7 +38,7 @@ def run(session: AttackSession) -> list[AttackResult]:
     losses = []
     unet = session.pipe.unet
     with injection:
-        for _ in range(config.ti_steps):
+        for _ in session.steps(config.ti_steps, "ti"):
             idx = torch.randint(len(latents), (config.ti_batch_size,), generator=gen)
             x0 = latents[idx]
             noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
