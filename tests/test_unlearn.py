@@ -57,7 +57,7 @@ def test_salun_and_doco_on_every_architecture(arch, tmp_path):
         if method == "doco":
             assert patch.kind == "delta" and names
             assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in names)
-            assert patch.config["anchor"] == ["blue", "square"]
+            assert patch.config["anchor"] == ["blue", "triangle"]
         else:
             assert patch.kind == "sparse" and patch.config["anchor"] == ["blue"]
         handle = apply_patch(pipe, patch)
