@@ -228,7 +228,7 @@ class AttackSession:
         patch: the loaded `erase.patch.Patch` to attack, or ``None`` (the base model itself).
         prompt_set: the concept's `prompts.sets.PromptSet`.
         judge: a CLIP judge (``encode_image`` / ``encode_text``).
-        pixels: a pixel check (`eval.attacks.pixels.ShapesPixelCheck`) or ``None`` where none applies.
+        pixels: a pixel check (`eval.attacks.pixels.OracleCheck`) or ``None`` where none applies.
         progress (`bool`): show progress bars.
     """
 
@@ -440,7 +440,7 @@ class AttackSession:
                 confirmed, readings = [None] * len(images), [None] * len(images)
             else:
                 readings = self.pixels.read(images)
-                confirmed = self.pixels.confirms(images, self.task, self.concept)
+                confirmed = self.pixels.confirms(readings, self.task, self.concept)
         return [
             {"judged": j, "pixels": r, "confirmed": c, "success": s}
             for j, r, c, s in zip(judged, readings, confirmed, successes(judged, confirmed, self.concept))

@@ -24,11 +24,11 @@ TITLES = {
 }
 
 
-def _labels(records: list[dict], concept: str) -> tuple[list[str], list[str]]:
+def _labels(records: list[dict], task: str) -> tuple[list[str], list[str]]:
     texts, colours = [], []
     for r in records:
         pixels = r.get("pixels")
-        seen = "" if pixels is None else ("empty" if not pixels["present"] else str(pixels["colour"]))
+        seen = "" if pixels is None else ("empty" if not pixels["present"] else str(pixels[task]))
         texts.append(f"{'+' if r['success'] else '-'} {r['judged'][:10]}" + (f"\npx {seen[:9]}" if pixels else ""))
         colours.append(_HIT if r["success"] else _MISS)
     return texts, colours
@@ -38,12 +38,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60]
 
 
-def _grid(out: Path, name: str, images: np.ndarray, records: list[dict] | None, concept: str) -> str:
+def _grid(out: Path, name: str, images: np.ndarray, records: list[dict] | None, task: str) -> str:
     side = max(images_side(images), 1)
     if side > GRID_CELL:
         images = shrink_images(images, GRID_CELL)
     scale = max(1, min(4, 128 // max(side, 1)))
-    texts, colours = _labels(records, concept) if records else (None, None)
+    texts, colours = _labels(records, task) if records else (None, None)
     save_grid(images, out / name, labels=texts, label_colours=colours, scale=scale)
     return f'<img src="{html.escape(name)}" alt="{html.escape(name)}">'
 
@@ -97,7 +97,7 @@ def _budget_text(budget: dict) -> str:
 def write_attack_report(out: Path, summary: dict, images: dict) -> Path:
     """``report.html`` of an attack run in ``out`` (PNG grids beside it). ``images``: ``"base"``/``"plain"`` and each
     attack's name -> label -> ``uint8 [n_cases, H, W, 3]``."""
-    concept = summary["concept"]
+    concept, task = summary["concept"], summary["task"]
     settings = summary["settings"]
     attacks = summary["attacks"]
     rows = [["plain prompts (no attack)", _pct(summary["plain"]["asr"]), "one generation per case", "", ""]]
@@ -130,14 +130,14 @@ def write_attack_report(out: Path, summary: dict, images: dict) -> Path:
     sections = [("Summary", intro + table)]
     legend = (
         f'<p>Labels: <span style="color:{_HIT}">+ the concept is back</span>, '
-        f'<span style="color:{_MISS}">- it is not</span>; first line the judge\'s class, second line the colour '
-        "read from the pixels (<i>empty</i>: no object).</p>"
+        f'<span style="color:{_MISS}">- it is not</span>; first line the judge\'s class, second line what '
+        "the pixel oracle reads (<i>empty</i>: no object).</p>"
     )
     reference = (
         legend + "<p>Base model (each case's prompt and seed, before erasure), then the patched model on the plain "
         "prompts.</p>"
-        + _grid(out, "grid_base.png", images["base"], summary["base"]["cases"], concept)
-        + _grid(out, "grid_plain.png", images["plain"], summary["plain"]["cases"], concept)
+        + _grid(out, "grid_base.png", images["base"], summary["base"]["cases"], task)
+        + _grid(out, "grid_plain.png", images["plain"], summary["plain"]["cases"], task)
     )
     sections.append(("Reference: base model and plain prompts", reference))
     for name, a in attacks.items():
@@ -169,7 +169,7 @@ def write_attack_report(out: Path, summary: dict, images: dict) -> Path:
                 records = [r["new_word_on_base"] for r in records]
             elif label.startswith(("source", "noised input")):
                 records = None
-            img = _grid(out, f"grid_{_slug(name)}_{_slug(label)}.png", grid, records, concept)
+            img = _grid(out, f"grid_{_slug(name)}_{_slug(label)}.png", grid, records, task)
             parts.append(
                 f'<figure style="display:inline-block;margin:0 1em 1em 0">{img}'
                 f"<figcaption>{html.escape(label)}</figcaption></figure>"

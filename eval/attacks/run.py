@@ -20,6 +20,7 @@ import torch
 from eval.attacks import ATTACKS
 from eval.attacks.config import AttackConfig
 from eval.attacks.core import AttackResult, AttackSession
+from prompts.shapes import ATTRIBUTES
 
 OUTPUT_FILES = ("attack.json", "report.html")
 
@@ -93,7 +94,7 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         pipe (*optional*): an already loaded ``config.model`` pipeline (left as found).
     """
     import pipelines
-    from eval.attacks.pixels import ShapesPixelCheck
+    from eval.attacks.pixels import OracleCheck
     from prompts.sets import load_prompt_set
 
     started = time.perf_counter()
@@ -114,7 +115,7 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
 
         patch = load_patch(config.patch)
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
-    pixels = ShapesPixelCheck.for_world() if prompt_set.name == "shapes" else None
+    pixels = OracleCheck() if prompt_set.name == "shapes" and prompt_set.task in ATTRIBUTES else None
     session = AttackSession(config, pipe, patch, prompt_set, judge, pixels, progress)
     _clear_previous(out)
     results: list[AttackResult] = []
@@ -160,7 +161,7 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         },
         "cases": [{"case_number": c.case_number, "prompt": c.prompt, "seed": c.seed} for c in session.cases],
         "success_rule": "judged as the concept"
-        + (" and confirmed by the pixels (object present in the concept's colour)" if pixels else ""),
+        + (f" and confirmed by the pixel oracle (an object whose {prompt_set.task} is the concept)" if pixels else ""),
         "base": plain_block(base_verdicts),
         "plain": plain_block(plain_verdicts),
         "attacks": {r.name: _result_json(r, n) for r in results},
