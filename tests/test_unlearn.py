@@ -17,6 +17,7 @@ from erase.methods.doco import DoCoConfig
 from erase.methods.salun import SalUnConfig
 from erase.patch import MASK, load_patch, unpack_mask
 from erase.training.checkpoint import list_checkpoints
+from erase.training.data import retain_prompts, split_retain, with_anchors
 from erase.training.run import TrainContext, train_patch
 from pipelines.apply import apply_patch, remove_patch
 from pipelines.denoise import Conditioning, PromptEncoder, unet_output
@@ -221,3 +222,22 @@ def test_cli_trains_both_methods_from_a_json_config(tmp_path, capsys):
         == 2
     )
     assert "mask_ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_anchor_mixes_and_balanced_retain_prompts():
+    red = concept_prompts("red", "shapes")
+    prompts = ["a red circle", "a red square", "a red cross"]
+    assert with_anchors(red, prompts, "blue|green") == ["a blue circle", "a green square", "a blue cross"]
+    assert with_anchors(red, prompts[:1], "purple") == ["a purple circle"]
+    with pytest.raises(ValueError, match="empty alternative"):
+        with_anchors(red, prompts, "blue|")
+    near, far = split_retain([red])
+    assert near and far and not any("red" in p for p in near + far)
+    assert all(any(c in p for c in ("orange", "yellow", "green", "blue", "purple")) for p in near)
+    assert not any(c in p for p in far for c in ("orange", "yellow", "green", "blue", "purple"))
+    chosen = retain_prompts([red], 16, 0.25, "test")
+    assert len(chosen) == 16 and sum(p in far for p in chosen) == 4
+    assert retain_prompts([red], 16, 0.25, "test") == chosen  # a fixed choice
+    pipe = tiny_pipeline("sd1")
+    patch = train_patch("doco", doco_config(anchor=["blue|green"], steps=2), pipe=pipe, progress=False)
+    assert patch.config["anchor"] == ["blue|green"]

@@ -57,7 +57,7 @@ from erase.grad import clip_gradients, surgery
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
-from erase.training.data import generate_latents, retain_prompts, spread
+from erase.training.data import generate_latents, retain_prompts, spread, with_anchors
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
@@ -74,7 +74,10 @@ class DoCoConfig(TrainConfig):
     preset: Literal["xattn-kv", "xattn", "unet"] = field(default="xattn-kv", metadata={"help": "trained layers"})
     anchor: list[str] = field(
         default_factory=list,
-        metadata={"help": "anchor word per concept (one for all, or one per --concept); default: the prompt set's"},
+        metadata={
+            "help": "anchor word per concept (one for all, or one per --concept; 'a|b' mixes several); "
+            "default: the prompt set's"
+        },
     )
     warm_up: int | None = field(default=None, metadata={"help": "steps that train only D (default: half the steps)"})
     dlr: float = field(default=5e-4, metadata={"help": "discriminator learning rate"})
@@ -203,10 +206,15 @@ def _data(ctx, config: DoCoConfig, anchors: list[str], encode: PromptEncoder):
     sets, pairs = [], []
     for i, (concept, anchor) in enumerate(zip(concepts, anchors)):
         targets = spread(concept.targets, config.anchor_images, f"doco-anchor|{concept.concept}")
-        anchor_prompts = [concept.with_word(p, anchor) for p in targets]
+        anchor_prompts = with_anchors(concept, targets, anchor)
         sets.append(
             generate_latents(
-                pipe, anchor_prompts, seed=config.seed * 7919 + i, desc=f"anchors {anchor}", encoder=encode, **common
+                pipe,
+                anchor_prompts,
+                seed=config.seed * 7919 + i,
+                desc=f"anchors {concept.concept}",
+                encoder=encode,
+                **common,
             )
         )
         pairs.append(targets)

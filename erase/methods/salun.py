@@ -52,7 +52,7 @@ from erase.grad import mask_share, saliency_mask
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
-from erase.training.data import LatentSet, generate_latents, retain_prompts, spread
+from erase.training.data import LatentSet, generate_latents, retain_prompts, spread, with_anchors
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
@@ -77,7 +77,10 @@ class SalUnConfig(TrainConfig):
     alpha: float = field(default=0.5, metadata={"help": "weight of the retain loss"})
     anchor: list[str] = field(
         default_factory=list,
-        metadata={"help": "remap word per concept (one for all, or one per --concept); default: the prompt set's"},
+        metadata={
+            "help": "remap word per concept (one for all, or one per --concept; 'a|b' mixes several); "
+            "default: the prompt set's"
+        },
     )
     anchor_target: Literal["trained", "frozen"] = field(
         default="frozen", metadata={"help": "the remap prediction: from the trained model (paper) or the original"}
@@ -177,7 +180,7 @@ def _data(ctx, config: SalUnConfig, anchors: list[str], encode: PromptEncoder):
                 pipe, prompts, seed=config.seed * 7919 + i, desc=f"D_f {concept.concept}", encoder=encode, **common
             )
         )
-        remap.append({p: concept.with_word(p, anchor) for p in concept.targets})
+        remap.append(with_anchors(concept, prompts, anchor))
     if not shared_retain(concepts):
         raise ValueError("SalUn needs retain prompts, and the prompt set has none for these concepts; add retain rows")
     retain = generate_latents(
@@ -197,7 +200,7 @@ class Prepared:
 
     encode: PromptEncoder
     forget: list[LatentSet]  # one per concept
-    remap: list[dict[str, str]]  # per concept: forget prompt -> remap (anchor) prompt
+    remap: list[list[str]]  # per concept: the remap (anchor) prompt of each forget image
     retain: LatentSet
     student: Student
     mask: dict[str, torch.Tensor]  # the saliency mask over every weight of the preset
@@ -252,7 +255,8 @@ def train(ctx) -> Patch:
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
         k = int(torch.randint(len(concepts), (1,), generator=gen))
-        x0_f, prompts_f, _ = forget[k].draw(b, gen)
+        x0_f, prompts_f, index = forget[k].draw(b, gen)
+        remapped = [remap[k][i] for i in index]
         x0_r, prompts_r, _ = retain.draw(b, gen)
         x0 = torch.cat([x0_f, x0_r])
         noise = torch.randn(x0.shape, generator=gen).to(x0)
@@ -261,10 +265,10 @@ def train(ctx) -> Patch:
         out = unet_output(trained, x_t, t, encode(prompts_f + prompts_r))
         with torch.no_grad():  # sg[eps_anchor(x_t, c_p)] on the forget half (and the original on retain, if asked)
             if config.retain_target == "frozen" and anchor_model is teacher:
-                ref = unet_output(teacher, x_t, t, encode([remap[k][p] for p in prompts_f] + prompts_r))
+                ref = unet_output(teacher, x_t, t, encode(remapped + prompts_r))
                 target_f, target_r = ref[:b], ref[b:]
             else:
-                target_f = unet_output(anchor_model, x_t[:b], t[:b], encode([remap[k][p] for p in prompts_f]))
+                target_f = unet_output(anchor_model, x_t[:b], t[:b], encode(remapped))
                 target_r = (
                     unet_output(teacher, x_t[b:], t[b:], encode(prompts_r))
                     if config.retain_target == "frozen"

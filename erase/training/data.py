@@ -50,6 +50,21 @@ def spread(prompts: list[str], n: int, salt: str) -> list[str]:
     return [order[i % len(order)] for i in range(n)]
 
 
+def anchor_words(entry: str) -> list[str]:
+    """The anchor words of one ``--anchor`` entry: ``"blue"``, or several as ``"blue|green|purple"`` (images cycle
+    through them, so the concept is mapped onto the mix instead of onto one class)."""
+    words = [w.strip() for w in entry.split("|")]
+    if len(words) > 1 and not all(words):
+        raise ValueError(f"--anchor {entry!r} has an empty alternative; write words separated by '|'")
+    return words
+
+
+def with_anchors(concept: ConceptPrompts, prompts: list[str], entry: str) -> list[str]:
+    """``prompts`` (each naming ``concept``) with the word replaced by the anchors of ``entry``, in turn."""
+    words = anchor_words(entry)
+    return [concept.with_word(p, words[i % len(words)]) for i, p in enumerate(prompts)]
+
+
 def split_retain(concepts: list[ConceptPrompts]) -> tuple[list[str], list[str]]:
     """The retain prompts of ``concepts`` (`shared_retain`) split into those naming another class of a concept's own
     family (the near neighbours: "an orange circle" for "red") and the rest (other families: "a striped circle")."""
