@@ -5,7 +5,8 @@ prompt set) and judged the same way: the CLIP judge's verdict, confirmed by the 
 (`eval.attacks.pixels`), so a nearly empty frame never counts as the concept.
 
 Costs quoted per attack are measured on the Shapes world at the defaults: 24 cases, one torch thread on a shared
-2-core machine, against the base model and UCE and ESD patches of "red" (the range over those). This module only
+2-core machine, against the base model and UCE, ESD, SalUn and DoCo patches of "red" (the range over those and
+over the machine's load, which moves them by about 2x). This module only
 names the attacks (standard library only, so that ``erase --help`` stays instant); the attacks live in
 one module each (`eval.attacks.prefix`, ``ti``, ``completion``, ``noising``, ``relearn``) and `eval.attacks.run` runs
 them.
@@ -37,7 +38,7 @@ ATTACKS: dict[str, AttackSpec] = {
             "random timesteps; the continuous-embedding version (not a real prompt) is reported beside it as an "
             "upper bound",
             "per variant prefix_steps batched gradient steps over all cases, plus one generation per pending case at "
-            "each of prefix_checks checks (Shapes world: 1.8-3.4 s per case and variant)",
+            "each of prefix_checks checks (Shapes world: 1.1-3.4 s per case and variant)",
         ),
         AttackSpec(
             "ti",
@@ -45,14 +46,14 @@ ATTACKS: dict[str, AttackSpec] = {
             "textual inversion on the patched model: one new token embedding learned from base-model images of the "
             "concept (standard diffusion loss), then the target prompts generated with the token in place of the word",
             "ti_steps gradient steps of ti_batch_size images (shared by all cases), plus one generation per case "
-            "(Shapes world: 1.7-2.4 s per case)",
+            "(Shapes world: 0.9-2.4 s per case)",
         ),
         AttackSpec(
             "completion",
             "eval.attacks.completion",
             "image completion: a base-model image of the concept noised to completion_strength and denoised by the "
             "patched model under the target prompt, beside the same without the concept word",
-            "two partial generations per case, with and without the word (Shapes world: 0.2-0.4 s per case)",
+            "two partial generations per case, with and without the word (Shapes world: 0.1-0.4 s per case)",
         ),
         AttackSpec(
             "noising",
@@ -68,7 +69,7 @@ ATTACKS: dict[str, AttackSpec] = {
             "relearning: fine-tune the patched UNet on train_images base-model images of the concept; steps until the "
             "concept is back in over half the cases, against the base model learning a new word for the same images",
             "two fine-tunings of up to relearn_steps steps, with a generation of every case each relearn_every steps "
-            "(Shapes world: 1.0-4.3 s per case)",
+            "(Shapes world: 0.9-4.3 s per case)",
         ),
     )
 }

@@ -17,8 +17,9 @@ Every step draws a token from ``w`` (one-hot), embeds it, and passes the loss gr
 check, the argmax tokens are written out as text, prepended to the prompt and the case is generated with its seed; a
 case succeeds at its first successful check (the paper's early stop).
 
-**Continuous (an upper bound).** The same loss on ``k`` free input embeddings, not restricted to any token: no user
-can type them, so this bounds what any prefix could do.
+**Continuous (an upper bound).** The same loss on ``k`` free input embeddings (Adam, starting from the embeddings of
+random candidate tokens), not restricted to any token: no user can type them, so this bounds what a prefix of ``k``
+tokens could do. Checks as above, with the embeddings injected in place of the placeholder tokens.
 """
 
 from __future__ import annotations
@@ -154,7 +155,6 @@ def _run_variant(session: AttackSession, continuous: bool, candidates: torch.Ten
                 prompts = _prefix_prompts(session, k)
                 current = [p.detach() for p in params]
                 images, verdicts = _check(session, pending, prompts, injection, current)
-                texts = [None] * n
             else:
                 tokens = candidates[weights.detach().argmax(-1)]  # [n, k]
                 texts = [" ".join(tokenizer.convert_ids_to_tokens(row.tolist())).replace("</w>", "") for row in tokens]
