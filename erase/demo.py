@@ -26,9 +26,11 @@ THRESHOLDS = {"colour": 0.98, "shape": 0.95, "style": 0.95}
 METHOD_SETTINGS: dict[str, dict] = {
     "uce": {},
     "esd": {"steps": 300, "batch_size": 8, "eta": 2.0, "preserve_weight": 1.0},
+    "salun": {},  # its defaults are its Shapes acceptance settings (erase/methods/salun.py)
+    "doco": {},  # likewise (erase/methods/doco.py)
 }
 # Rough seconds per stage on 2 CPU cores, one thread, for the progress messages.
-EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 180, "doco": 180, "eval": 60}
+EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 110, "eval": 60}
 
 
 def run_demo(
