@@ -30,7 +30,7 @@ METHOD_SETTINGS: dict[str, dict] = {
     "doco": {},  # likewise (erase/methods/doco.py)
 }
 # Rough seconds per stage on 2 CPU cores, one thread, for the progress messages.
-EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 110, "eval": 60}
+EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 145, "eval": 60}
 
 
 def run_demo(
