@@ -179,6 +179,12 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="evaluator prompts per template (default: 12)",
     )
+    demo.add_argument(
+        "--threads",
+        type=_integer("--threads", 1, 256),
+        default=1,
+        help="torch threads (default: 1; on a shared 2-core machine two threads stall at random)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_patch_commands(commands)
     _add_eval_command(commands)
@@ -391,6 +397,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             max_per_template=args.max_per_template,
             methods=args.methods,
             progress=not args.quiet,
+            threads=args.threads,
         )
         return 0
     raise CliError(f"unknown command {args.command!r}")

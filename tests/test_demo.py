@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from erase.cli import main
 from eval.report import referenced_files
 
@@ -7,12 +9,17 @@ from eval.report import referenced_files
 def test_demo_erases_evaluates_and_writes_a_self_contained_report(tmp_path, capsys):
     out = tmp_path / "demo"
     small = ["--steps", "4", "--seeds-per-prompt", "1", "--max-per-template", "2", "--quiet"]
-    assert main(["demo", "--out", str(out), "--n", "8", "--eval-n", "24", "--method", "uce", *small]) == 0
+    before = torch.get_num_threads()
+    threads = 2 if before == 1 else 1
+    args = ["demo", "--out", str(out), "--n", "8", "--eval-n", "24", "--method", "uce", "--threads", str(threads)]
+    assert main([*args, *small]) == 0
+    assert torch.get_num_threads() == before  # the caller's setting is restored
     printed = capsys.readouterr().out
     assert "[1/4] training uce on 'red'" in printed and "[2/4] evaluating the uce patch" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == {"judge", "guide"}
     assert metrics["accuracy"]["judge"]["n"] == 24
+    assert metrics["torch_threads"] == threads
     # the comparison row is erase eval's own output for the demo's patch, in out/eval/uce
     evaluation = json.loads((out / "eval" / "uce" / "metrics.json").read_text())
     row = metrics["methods"]["uce"]
