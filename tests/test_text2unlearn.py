@@ -58,6 +58,15 @@ def test_adaptive_layers_train_the_top_k_groups_only(tmp_path):
     assert len(touched) == 1 and touched <= set(groups) - {"mapping"}
 
 
+def test_mapping_layers_edit_only_the_mapping_network(tmp_path):
+    import pipelines
+
+    patch = load_patch(_train(tmp_path, "mapping", "--layers", "mapping"))
+    names = set(patch.target_names("generator"))
+    assert names and names <= set(pipelines.load_generator("shapes").layer_groups()["mapping"])
+    assert not any(n.startswith("synthesis.") for n in names)  # a W-space edit: the synthesis network stays
+
+
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     whole = load_patch(_train(tmp_path, "whole", "--steps", "4"))
     out = str(tmp_path / "split.safetensors")
