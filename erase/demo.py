@@ -72,16 +72,17 @@ def run_demo(
 
 
 def _run_demo(
-    out: str | Path = "out/demo",
-    n: int = 48,
-    eval_n: int = 600,
-    seed: int = 0,
-    concept: str = "red",
-    steps: int = 25,
-    seeds_per_prompt: int | None = None,
-    max_per_template: int | None = None,
-    methods: list[str] | None = None,
-    progress: bool = True,
+    *,
+    out: str | Path,
+    n: int,
+    eval_n: int,
+    seed: int,
+    concept: str,
+    steps: int,
+    seeds_per_prompt: int | None,
+    max_per_template: int | None,
+    methods: list[str] | None,
+    progress: bool,
 ) -> dict:
     from erase.registry import list_methods
 
