@@ -123,25 +123,14 @@ class DoCoConfig(TrainConfig):
         super().__post_init__()
         if not 0.0 <= self.retain_far_share <= 1.0:
             raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
-        for name in ("dlr", "surgery_lambda", "prior_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.check_finite_nonnegative("dlr", "surgery_lambda", "prior_weight")
         if self.dlr == 0:
             raise ValueError("dlr must be above 0")
         if self.warm_up is not None and not 0 <= self.warm_up < self.steps:
             raise ValueError(f"warm_up must be in [0, steps) = [0, {self.steps}), got {self.warm_up}")
-        for name in ("anchor_images", "retain_images", "disc_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.disc_layers is not None and self.disc_layers < 1:
-            raise ValueError(f"disc_layers must be at least 1, got {self.disc_layers}")
-        if self.sample_steps is not None and self.sample_steps < 2:
-            raise ValueError(f"sample_steps must be at least 2, got {self.sample_steps}")
-        if self.sample_guidance is not None and not (
-            math.isfinite(self.sample_guidance) and self.sample_guidance >= 0
-        ):
-            raise ValueError(f"sample_guidance must be a finite number >= 0, got {self.sample_guidance}")
+        self.check_at_least(1, "anchor_images", "retain_images", "disc_width", "disc_layers")
+        self.check_at_least(2, "sample_steps")
+        self.check_finite_nonnegative("sample_guidance")
 
 
 CONFIG = DoCoConfig

@@ -32,7 +32,6 @@ resolve to 1e-3 and 25 on the Shapes world, whose tiny UNet and 25-step sampling
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,14 +82,10 @@ class ESDConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("eta", "guidance", "preserve_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.check_finite_nonnegative("eta", "guidance", "preserve_weight")
         if self.trajectories is not None and self.trajectories < 0:
             raise ValueError(f"trajectories must be 0 (sample every step) or more, got {self.trajectories}")
-        if self.sample_steps is not None and self.sample_steps < 2:
-            raise ValueError(f"sample_steps must be at least 2, got {self.sample_steps}")
+        self.check_at_least(2, "sample_steps")
 
 
 CONFIG = ESDConfig

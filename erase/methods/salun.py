@@ -47,7 +47,6 @@ their forget sets.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,19 +112,9 @@ class SalUnConfig(TrainConfig):
             raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
-        for name in ("mask_guidance", "alpha"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for name in ("forget_images", "retain_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.sample_steps is not None and self.sample_steps < 2:
-            raise ValueError(f"sample_steps must be at least 2, got {self.sample_steps}")
-        if self.sample_guidance is not None and not (
-            math.isfinite(self.sample_guidance) and self.sample_guidance >= 0
-        ):
-            raise ValueError(f"sample_guidance must be a finite number >= 0, got {self.sample_guidance}")
+        self.check_finite_nonnegative("mask_guidance", "alpha", "sample_guidance")
+        self.check_at_least(1, "forget_images", "retain_images")
+        self.check_at_least(2, "sample_steps")
 
 
 CONFIG = SalUnConfig

@@ -108,10 +108,7 @@ class TextToUnlearnConfig(TrainConfig):
             raise ValueError(f"augment must be 0 or more, got {self.augment}")
         if self.top_k < 1 or self.pool < self.batch_size:
             raise ValueError(f"top_k must be >= 1 and pool >= batch_size, got {self.top_k}, {self.pool}")
-        for name in ("lambda_dir", "lambda_away", "margin", "lambda_clip", "lambda_pixel"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.check_finite_nonnegative("lambda_dir", "lambda_away", "margin", "lambda_clip", "lambda_pixel")
         _refuse_judge(self.guide)
 
 

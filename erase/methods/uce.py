@@ -39,7 +39,6 @@ own default for styles).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,10 +77,7 @@ class UCEConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("erase_scale", "preserve_scale", "lamb"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.check_finite_nonnegative("erase_scale", "preserve_scale", "lamb")
         if self.lamb == 0 and self.preserve_scale == 0:
             raise ValueError("lamb and preserve_scale cannot both be 0: the solve would be singular")
 

@@ -28,9 +28,22 @@ class MethodConfig:
     # which kinds a method can write; subclasses narrow it
     KINDS = ("lora", "delta", "sparse")
 
+    def check_at_least(self, minimum: int, *names: str) -> None:
+        """One-line ``ValueError`` unless each named field is ``None`` or at least ``minimum``."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+    def check_finite_nonnegative(self, *names: str) -> None:
+        """One-line ``ValueError`` unless each named field is ``None`` or a finite number >= 0."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
     def __post_init__(self):
-        if self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        self.check_at_least(1, "threads")
         if self.kind not in self.KINDS:
             raise ValueError(f"this method writes {' or '.join(self.KINDS)} patches, not {self.kind!r}")
         if self.dtype == "int8" and self.kind != "sparse":
@@ -54,9 +67,7 @@ class TrainConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("steps", "batch_size", "rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.check_at_least(1, "steps", "batch_size", "rank")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (off) or more, got {self.checkpoint_every}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
