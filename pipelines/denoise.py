@@ -187,6 +187,26 @@ def sampling_pipeline(pipe, unet=None, steps: int = 50):
 
 
 @torch.no_grad()
+def _sampler_kwargs(
+    sampler, cond: Conditioning, uncond: Conditioning, steps: int, guidance: float, generators: list[torch.Generator]
+) -> dict:
+    """Arguments of one guided, latent-output call of ``sampler`` (SDXL's pooled embeddings when present)."""
+    h, w = image_size(sampler)
+    kwargs = {
+        "prompt_embeds": cond.hidden,
+        "negative_prompt_embeds": uncond.hidden,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "generator": generators,
+        "output_type": "latent",
+        "height": h,
+        "width": w,
+    }
+    if cond.pooled is not None:
+        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+    return kwargs
+
+
 def denoise_to_step(
     sampler,
     cond: Conditioning,
@@ -209,7 +229,6 @@ def denoise_to_step(
     """
     if not 0 <= stop_after < steps:
         raise ValueError(f"stop_after must be in [0, {steps}), got {stop_after}")
-    h, w = image_size(sampler)
     captured = {}
 
     def stop(pipe, i, t, callback_kwargs):
@@ -218,21 +237,10 @@ def denoise_to_step(
             pipe._interrupt = True
         return callback_kwargs
 
-    kwargs = {
-        "prompt_embeds": cond.hidden,
-        "negative_prompt_embeds": uncond.hidden,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "generator": generators,
-        "output_type": "latent",
-        "height": h,
-        "width": w,
-    }
-    if cond.pooled is not None:
-        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
     if stop_after == 0:
         latents = _initial_latents(sampler, len(cond), generators, cond.hidden.dtype)
     else:
+        kwargs = _sampler_kwargs(sampler, cond, uncond, steps, guidance, generators)
         sampler(**kwargs, callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents"])
         latents = captured["latents"]
     sampler.scheduler.set_timesteps(steps)
@@ -256,20 +264,7 @@ def sample_latents(
         cond (`Conditioning`): one row per sample; ``uncond`` the negative (usually empty-prompt) conditioning.
         generators (`list[torch.Generator]`): one per sample, for the initial noise.
     """
-    h, w = image_size(sampler)
-    kwargs = {
-        "prompt_embeds": cond.hidden,
-        "negative_prompt_embeds": uncond.hidden,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "generator": generators,
-        "output_type": "latent",
-        "height": h,
-        "width": w,
-    }
-    if cond.pooled is not None:
-        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
-    return sampler(**kwargs).images
+    return sampler(**_sampler_kwargs(sampler, cond, uncond, steps, guidance, generators)).images
 
 
 def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) -> torch.Tensor:
@@ -312,26 +307,8 @@ def sample_trajectories(
                 states.append(callback_kwargs["latents"].clone())
             return callback_kwargs
 
-        sub, neg = cond.select(index), uncond.select(index)
-        h, w = image_size(sampler)
-        kwargs = (
-            {"pooled_prompt_embeds": sub.pooled, "negative_pooled_prompt_embeds": neg.pooled}
-            if sub.pooled is not None
-            else {}
-        )
-        sampler(
-            prompt_embeds=sub.hidden,
-            negative_prompt_embeds=neg.hidden,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens,
-            output_type="latent",
-            height=h,
-            width=w,
-            callback_on_step_end=keep,
-            callback_on_step_end_tensor_inputs=["latents"],
-            **kwargs,
-        )
+        kwargs = _sampler_kwargs(sampler, cond.select(index), uncond.select(index), steps, guidance, gens)
+        sampler(**kwargs, callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
         chunks.append(torch.stack(states, dim=1))
     sampler.scheduler.set_timesteps(steps)
     return torch.cat(chunks), sampler.scheduler.timesteps.clone().long()
