@@ -148,6 +148,19 @@ def test_doco_warm_up_trains_only_the_discriminator(tmp_path):
     assert patch.target_names("unet")  # step 3 moved it
 
 
+def test_doco_trains_one_discriminator_per_concept_or_one_shared(tmp_path):
+    pipe = tiny_pipeline("sd1")
+    prefixes = {}
+    for mode in ("per-concept", "shared"):
+        config = doco_config(concepts=["red", "circle"], steps=3, checkpoint_every=2, discriminator=mode)
+        train_patch("doco", config, pipe=pipe, checkpoint_dir=tmp_path / mode, progress=False)
+        with safe_open(str(list_checkpoints(tmp_path / mode)[-1]), framework="pt") as f:
+            prefixes[mode] = {k.split(".")[1] for k in f.keys() if k.startswith("module.discriminator")}
+    assert prefixes == {"per-concept": {"discriminator", "discriminator_1"}, "shared": {"discriminator"}}
+    # one concept trains per step, so the default step count grows with the concepts
+    assert DoCoConfig(concepts=["red"]).steps * 3 == DoCoConfig(concepts=["red", "green", "blue"]).steps
+
+
 def test_doco_surgery_rules_give_different_updates():
     pipe = tiny_pipeline("sd1")
     deltas = {}
@@ -159,12 +172,17 @@ def test_doco_surgery_rules_give_different_updates():
     assert not torch.equal(deltas["pcgrad"][name], deltas["sum"][name])
 
 
-@pytest.mark.parametrize("method", ["salun", "doco"])
-def test_resume_equals_an_uninterrupted_run(method, tmp_path):
+@pytest.mark.parametrize("method,adversarial", [("salun", 0), ("doco", 0), ("salun", 2), ("doco", 2)])
+def test_resume_equals_an_uninterrupted_run(method, adversarial, tmp_path):
+    """With adversarial tokens the checkpoint must carry the token embeddings and their optimizer too."""
     pipe = tiny_pipeline("sd1")
-    make = salun_config if method == "salun" else doco_config
-    whole = train_patch(method, make(steps=4, warm_up=1) if method == "doco" else make(steps=4), pipe=pipe)
+    base = salun_config if method == "salun" else doco_config
+
+    def make(**kw):
+        return base(adversarial_every=adversarial, adversarial_steps=2, **kw)
+
     extra = {"warm_up": 1} if method == "doco" else {}
+    whole = train_patch(method, make(steps=4, **extra), pipe=pipe)
     # interrupted after step 3 with a checkpoint at step 2, then resumed to step 4
     train_patch(method, make(steps=3, checkpoint_every=2, **extra), pipe=pipe, checkpoint_dir=tmp_path, progress=False)
     resumed = train_patch(
@@ -174,6 +192,40 @@ def test_resume_equals_an_uninterrupted_run(method, tmp_path):
     assert set(whole.tensors) == set(resumed.tensors)
     for key, value in whole.tensors.items():
         assert torch.equal(value, resumed.tensors[key]), key
+
+
+def test_adversarial_search_learns_the_token_and_leaves_the_unet_alone():
+    from erase.training.adversarial import AdversarialToken
+    from erase.training.data import generate_latents
+
+    pipe = tiny_pipeline("sd1")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    token = AdversarialToken(pipe, "red", "sks")
+    start = [v.detach().clone() for v in token.vectors]
+    images = generate_latents(
+        pipe, ["a red circle", "a red square"] * 2, seed=0, steps=2, guidance=5.0, progress=False
+    )
+    prompts = ["a sks circle", "a sks square"] * 2
+    optimizer = torch.optim.Adam(token.parameters(), lr=1e-2)
+    # the loss is measured before each step: the second call sees the same batch after one step of v
+    first = token.search(pipe.unet, pipe.scheduler, images.latents, prompts, optimizer, 1, 4, torch.manual_seed(0))
+    again = token.search(pipe.unet, pipe.scheduler, images.latents, prompts, optimizer, 1, 4, torch.manual_seed(0))
+    assert again < first
+    assert not torch.equal(token.vectors[0].detach(), start[0])
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    # the token's prompts now encode differently from the word's and from the token's own embedding
+    word, adv = PromptEncoder(pipe)(["a red circle"]).hidden, token.encode(["a sks circle"]).hidden
+    assert not torch.allclose(word, adv) and not torch.allclose(PromptEncoder(pipe)(["a sks circle"]).hidden, adv)
+
+
+def test_adversarial_settings_are_checked():
+    with pytest.raises(ValueError, match="adversarial_share must be in"):
+        salun_config(adversarial_share=0)
+    with pytest.raises(ValueError, match="adversarial_token must be one word"):
+        doco_config(adversarial_token="two words")
+    with pytest.raises(ValueError, match="adversarial_every must be at least 0"):
+        salun_config(adversarial_every=-1)
 
 
 def test_doco_delta_exports_to_an_equivalent_lora():

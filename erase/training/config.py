@@ -76,3 +76,31 @@ class TrainConfig(MethodConfig):
             raise ValueError(f"max_grad_norm must be 0 (off) or a finite positive number, got {self.max_grad_norm}")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha must be a finite number above 0, got {self.lora_alpha}")
+
+
+@dataclass
+class AdversarialTrainConfig(TrainConfig):
+    """`TrainConfig` plus textual inversion inside the loop (`erase.training.adversarial`)."""
+
+    adversarial_every: int = field(
+        default=25, metadata={"help": "steps between searches for the adversarial token embedding (0: off)"}
+    )
+    adversarial_steps: int = field(default=10, metadata={"help": "textual-inversion steps per search"})
+    adversarial_share: float = field(
+        default=0.5, metadata={"help": "share of each step's concept prompts given the adversarial token"}
+    )
+    adversarial_lr: float = field(default=0.02, metadata={"help": "Adam lr of the adversarial embedding"})
+    adversarial_token: str = field(
+        default="sks", metadata={"help": "a one-token word carrying the adversarial embedding (its own is unused)"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_at_least(0, "adversarial_every")
+        self.check_at_least(1, "adversarial_steps")
+        if not 0.0 < self.adversarial_share <= 1.0:
+            raise ValueError(f"adversarial_share must be in (0, 1], got {self.adversarial_share}")
+        if not (math.isfinite(self.adversarial_lr) and self.adversarial_lr > 0):
+            raise ValueError(f"adversarial_lr must be a finite number above 0, got {self.adversarial_lr}")
+        if not self.adversarial_token.strip() or " " in self.adversarial_token.strip():
+            raise ValueError(f"adversarial_token must be one word, got {self.adversarial_token!r}")
