@@ -44,8 +44,7 @@ def test_a_few_steps_write_a_generator_delta_patch(tmp_path):
     assert patch.kind == "delta" and patch.targets == ["generator"] and patch.method == "text2unlearn"
     assert patch.concepts == ["red"] and patch.config["gan"] == "shapes" and patch.config["guide"] == "guide"
     assert patch.config["lr"] == 1e-4  # resolved default saved with the patch
-    names = patch.target_names("generator")
-    assert names and all(n.startswith("synthesis.") for n in names)  # layers=synthesis: the mapping stays
+    assert patch.config["layers"] == "mapping"  # the Shapes GAN has a mapping network: a W-space edit by default
     assert patch.notes["steps"] == 3 and patch.notes["step_over_passes"] > 0
 
 
@@ -58,13 +57,15 @@ def test_adaptive_layers_train_the_top_k_groups_only(tmp_path):
     assert len(touched) == 1 and touched <= set(groups) - {"mapping"}
 
 
-def test_mapping_layers_edit_only_the_mapping_network(tmp_path):
+def test_mapping_layers_edit_only_the_mapping_network_and_synthesis_only_the_synthesis(tmp_path):
     import pipelines
 
     patch = load_patch(_train(tmp_path, "mapping", "--layers", "mapping"))
     names = set(patch.target_names("generator"))
     assert names and names <= set(pipelines.load_generator("shapes").layer_groups()["mapping"])
     assert not any(n.startswith("synthesis.") for n in names)  # a W-space edit: the synthesis network stays
+    names = load_patch(_train(tmp_path, "synthesis", "--layers", "synthesis")).target_names("generator")
+    assert names and all(n.startswith("synthesis.") for n in names)  # the mapping stays
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
