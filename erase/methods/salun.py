@@ -80,12 +80,15 @@ class SalUnConfig(AdversarialTrainConfig):
     """SalUn's settings (defaults from the official ``OPTML-Group/Unlearn-Saliency`` SD code unless stated)."""
 
     KINDS = ("sparse", "delta")
+    STEPS_PER_CONCEPT = 400
 
     kind: Literal["sparse", "delta"] = field(
         default="sparse", metadata={"help": "patch kind: the masked entries only (sparse) or a dense delta"}
     )
     batch_size: int = field(default=8, metadata={"help": "forget (and as many retain) images per step"})
-    steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps (default: 400 per concept, each step trains one)"}
+    )
     preset: Literal["unet-full", "unet", "no-xattn", "xattn", "xattn-kv"] = field(
         default="xattn-kv",
         metadata={"help": "weights the saliency mask ranks and the step may move (paper: unet-full)"},

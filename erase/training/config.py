@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 PatchKind = Literal["lora", "delta", "sparse"]
 StorageDtype = Literal["fp32", "fp16", "bf16", "int8"]
@@ -64,9 +64,13 @@ class TrainConfig(MethodConfig):
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: off)"})
+    # methods that train one concept per step default to this many steps per concept (``steps`` None: resolved here)
+    STEPS_PER_CONCEPT: ClassVar[int | None] = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.steps is None and self.STEPS_PER_CONCEPT:
+            self.steps = self.STEPS_PER_CONCEPT * max(1, len(self.concepts))
         self.check_at_least(1, "steps", "batch_size", "rank")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (off) or more, got {self.checkpoint_every}")
