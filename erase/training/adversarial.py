@@ -46,12 +46,19 @@ class AdversarialToken(nn.Module):
         ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
         tables = [e.get_input_embeddings().weight for e in text_encoders(pipe)]
         self.vectors = nn.ParameterList([nn.Parameter(t.detach()[ids].float().mean(0).clone()) for t in tables])
+        self._cache: dict[str, Conditioning] = {}  # encodings with the current v; emptied by every search
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        """Text conditioning of prompts holding the token, with the current ``v`` (no gradient)."""
-        with torch.no_grad(), TokenInjection(self.pipe, self.token_id) as injection:
-            injection.values = [v.detach() for v in self.vectors]
-            return encode_prompts(self.pipe, prompts)
+        """Text conditioning of prompts holding the token, with the current ``v`` (no gradient; each prompt encoded
+        once between searches)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            with torch.no_grad(), TokenInjection(self.pipe, self.token_id) as injection:
+                injection.values = [v.detach() for v in self.vectors]
+                encoded = encode_prompts(self.pipe, missing)
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = encoded.select(slice(i, i + 1))
+        return Conditioning.cat([self._cache[p] for p in prompts])
 
     def search(
         self,
@@ -66,6 +73,7 @@ class AdversarialToken(nn.Module):
     ) -> float:
         """``steps`` textual-inversion steps of ``v`` against ``unet`` on ``latents`` (clean, with ``prompts`` that
         hold the token); only ``v`` receives gradients. Returns the last loss."""
+        self._cache.clear()
         loss = torch.zeros(())
         params = list(self.vectors)
         with TokenInjection(self.pipe, self.token_id) as injection:
