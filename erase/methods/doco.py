@@ -84,6 +84,7 @@ from erase.training.data import generate_latents, retain_prompts, spread, with_a
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import Conditioning, PromptEncoder, add_noise, predicted_x0, training_target, unet_output
+from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
 
@@ -308,7 +309,7 @@ def train(ctx) -> Patch:
         desc=f"doco: erasing {', '.join(config.concepts)}",
         progress=ctx.progress,
         method="doco",
-        frozen=[teacher],
+        frozen=[teacher, *(text_encoders(ctx.pipe) if adv else [])],  # the token search's text passes
     )
     # The generator's two gradients come from torch.autograd.grad on the raw modules (DDP hooks only fire in
     # .backward()), averaged across processes by hand; D trains through the prepared module.
@@ -349,7 +350,7 @@ def train(ctx) -> Patch:
         opt_g.zero_grad(set_to_none=True)
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
-        logs = adv.maybe_search(step, student.module, scheduler, gen) if adv else {}
+        logs = adv.maybe_search(step, student.module, scheduler, gen, loop.gradients) if adv else {}
         k = int(torch.randint(len(concepts), (1,), generator=gen))
         x0_a, anchor_prompts, index = anchor_sets[k].draw(b, gen)
         target_prompts = [concept_prompts[k][i] for i in index]

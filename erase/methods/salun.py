@@ -72,6 +72,7 @@ from erase.training.data import LatentSet, generate_latents, retain_prompts, spr
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
 from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
+from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
 
@@ -259,14 +260,14 @@ def train(ctx) -> Patch:
         desc=f"salun: erasing {', '.join(config.concepts)}",
         progress=ctx.progress,
         method="salun",
-        frozen=[teacher],
+        frozen=[teacher, *(text_encoders(ctx.pipe) if adv else [])],  # the token search's text passes
     )
     trained = loop.modules["student"]
     anchor_model = trained if config.anchor_target == "trained" else teacher
     b, n_train = config.batch_size, scheduler.config.num_train_timesteps
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
-        logs = adv.maybe_search(step, student.module, scheduler, gen) if adv else {}
+        logs = adv.maybe_search(step, student.module, scheduler, gen, loop.gradients) if adv else {}
         k = int(torch.randint(len(concepts), (1,), generator=gen))
         x0_f, prompts_f, index = forget[k].draw(b, gen)
         remapped = [remap[k][i] for i in index]

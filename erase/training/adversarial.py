@@ -70,9 +70,11 @@ class AdversarialToken(nn.Module):
         steps: int,
         batch_size: int,
         generator: torch.Generator,
+        gradients=None,
     ) -> float:
         """``steps`` textual-inversion steps of ``v`` against ``unet`` on ``latents`` (clean, with ``prompts`` that
-        hold the token); only ``v`` receives gradients. Returns the last loss."""
+        hold the token); only ``v`` receives gradients, from ``gradients(loss, params)`` (the training loop's timed
+        ``torch.autograd.grad``, or that itself). Returns the last loss."""
         self._cache.clear()
         loss = torch.zeros(())
         params = list(self.vectors)
@@ -87,7 +89,7 @@ class AdversarialToken(nn.Module):
                     cond = encode_prompts(self.pipe, [prompts[i] for i in idx.tolist()])
                     out = unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
                     loss = F.mse_loss(out, training_target(scheduler, x0, noise, t))
-                    grads = torch.autograd.grad(loss, params)
+                    grads = (gradients or torch.autograd.grad)(loss, params)
                 for p, g in zip(params, grads):
                     p.grad = g
                 optimizer.step()
@@ -118,7 +120,9 @@ class AdversarialTraining:
         """How many of ``n`` concept prompts of a step carry the token."""
         return max(1, round(n * self.config.adversarial_share))
 
-    def maybe_search(self, step: int, unet: nn.Module, scheduler, generator: torch.Generator) -> dict[str, float]:
+    def maybe_search(
+        self, step: int, unet: nn.Module, scheduler, generator: torch.Generator, gradients=None
+    ) -> dict[str, float]:
         """At the first training step and every ``adversarial_every`` steps after, search one concept's token (the
         concepts in turn: with one concept trained per step, each token is searched as often per step of its own
         concept as a single concept's)."""
@@ -134,6 +138,7 @@ class AdversarialTraining:
             self.config.adversarial_steps,
             self.config.batch_size,
             generator,
+            gradients,
         )
         return {"adv_ti": loss}
 
