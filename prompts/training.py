@@ -88,7 +88,10 @@ def replace_word(prompt: str, word: str, replacement: str) -> str:
     ("a red apple" -> "an orange apple") and spaces tidied. An empty replacement drops the word."""
     pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
     if not pattern.search(prompt):
-        raise ValueError(f"training prompt {prompt!r} does not contain the concept word {word!r}")
+        raise ValueError(
+            f"training prompt {prompt!r} does not contain the concept word {word!r}: this method swaps the word "
+            "for an anchor or a token, so give a prompt set (--prompts FILE.csv) whose target prompts name it"
+        )
     out = pattern.sub(replacement, prompt)
     return fix_articles(" ".join(out.split()))
 
