@@ -293,3 +293,37 @@ def test_anchor_mixes_and_balanced_retain_prompts():
     pipe = tiny_pipeline("sd1")
     patch = train_patch("doco", doco_config(anchor=["blue|green"], steps=2), pipe=pipe, progress=False)
     assert patch.config["anchor"] == ["blue|green"]
+
+
+def test_doco_two_processes_with_two_concepts_train_the_same_discriminator(tmp_path):
+    """Each process must step the same per-concept discriminator (DDP): a per-process concept draw would hang."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "doco.safetensors"
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"),
+        *(
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "erase",
+            "train",
+            "--method",
+            "doco",
+            "--concept",
+            "red",
+            "--concept",
+            "blue",
+        ),
+        *("--steps", "6", "--warm-up", "1", "--anchor-images", "4", "--retain-images", "4", "--batch-size", "2"),
+        *("--sample-steps", "2", "--adversarial-every", "2", "--adversarial-steps", "2", "--out", str(out), "--quiet"),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    patch = load_patch(out)
+    assert patch.notes["processes"] == 2 and patch.config["discriminator"] == "per-concept"

@@ -73,6 +73,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import broadcast
 from torch import nn
 
 from erase.grad import clip_gradients, surgery
@@ -350,8 +351,10 @@ def train(ctx) -> Patch:
         opt_g.zero_grad(set_to_none=True)
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
-        logs = adv.maybe_search(step, student.module, scheduler, gen, loop.gradients) if adv else {}
+        logs = adv.maybe_search(step, student.module, scheduler, gen, loop) if adv else {}
         k = int(torch.randint(len(concepts), (1,), generator=gen))
+        if n_disc > 1 and loop.accelerator.num_processes > 1:  # every process must step the same D (DDP)
+            k = int(broadcast(torch.tensor([k]), from_process=0))
         x0_a, anchor_prompts, index = anchor_sets[k].draw(b, gen)
         target_prompts = [concept_prompts[k][i] for i in index]
         x0_p, prior_prompts = prior_batch(k, gen)

@@ -267,7 +267,7 @@ def train(ctx) -> Patch:
     b, n_train = config.batch_size, scheduler.config.num_train_timesteps
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
-        logs = adv.maybe_search(step, student.module, scheduler, gen, loop.gradients) if adv else {}
+        logs = adv.maybe_search(step, student.module, scheduler, gen, loop) if adv else {}
         k = int(torch.randint(len(concepts), (1,), generator=gen))
         x0_f, prompts_f, index = forget[k].draw(b, gen)
         remapped = [remap[k][i] for i in index]

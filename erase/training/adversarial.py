@@ -70,11 +70,12 @@ class AdversarialToken(nn.Module):
         steps: int,
         batch_size: int,
         generator: torch.Generator,
-        gradients=None,
+        loop=None,
     ) -> float:
         """``steps`` textual-inversion steps of ``v`` against ``unet`` on ``latents`` (clean, with ``prompts`` that
-        hold the token); only ``v`` receives gradients, from ``gradients(loss, params)`` (the training loop's timed
-        ``torch.autograd.grad``, or that itself). Returns the last loss."""
+        hold the token); only ``v`` receives gradients. With the training ``loop``, the backward is timed as a model
+        pass and the gradients are averaged across its processes, so ``v`` stays the same in every process. Returns
+        the last loss."""
         self._cache.clear()
         loss = torch.zeros(())
         params = list(self.vectors)
@@ -89,7 +90,9 @@ class AdversarialToken(nn.Module):
                     cond = encode_prompts(self.pipe, [prompts[i] for i in idx.tolist()])
                     out = unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
                     loss = F.mse_loss(out, training_target(scheduler, x0, noise, t))
-                    grads = (gradients or torch.autograd.grad)(loss, params)
+                    grads = loop.gradients(loss, params) if loop else torch.autograd.grad(loss, params)
+                if loop is not None and loop.accelerator.num_processes > 1:
+                    grads = [loop.accelerator.reduce(g, "mean") for g in grads]
                 for p, g in zip(params, grads):
                     p.grad = g
                 optimizer.step()
@@ -121,7 +124,7 @@ class AdversarialTraining:
         return max(1, round(n * self.config.adversarial_share))
 
     def maybe_search(
-        self, step: int, unet: nn.Module, scheduler, generator: torch.Generator, gradients=None
+        self, step: int, unet: nn.Module, scheduler, generator: torch.Generator, loop=None
     ) -> dict[str, float]:
         """At the first training step and every ``adversarial_every`` steps after, search one concept's token (the
         concepts in turn: with one concept trained per step, each token is searched as often per step of its own
@@ -138,7 +141,7 @@ class AdversarialTraining:
             self.config.adversarial_steps,
             self.config.batch_size,
             generator,
-            gradients,
+            loop,
         )
         return {"adv_ti": loss}
 
