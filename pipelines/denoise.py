@@ -11,6 +11,7 @@ Notation (DDPM): ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` with ``a_t = schedu
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -73,17 +74,21 @@ class PromptEncoder:
 
     Args:
         pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline.
+        injection (`pipelines.tokens.TokenInjection`, *optional*): encode with its current values in place of its
+            token (empty ``cache`` whenever they change).
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, injection=None):
         self.pipe = pipe
+        self.injection = injection
         self.cache: dict[str, Conditioning] = {}
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
-            encoded = encode_prompts(self.pipe, missing)
+            with self.injection or contextlib.nullcontext():
+                encoded = encode_prompts(self.pipe, missing)
             for i, prompt in enumerate(missing):
                 self.cache[prompt] = encoded.select(slice(i, i + 1))
         return Conditioning.cat([self.cache[p] for p in prompts])

@@ -64,3 +64,9 @@ def token_id_of(tokenizer, word: str) -> int:
             f"placeholder {word!r} is {len(ids)} tokens for this tokenizer: pass a one-token --placeholder"
         )
     return ids[0]
+
+
+def word_embedding(tokenizer, table: torch.Tensor, word: str) -> torch.Tensor:
+    """The mean input embedding of ``word``'s tokens in ``table`` (the usual textual-inversion initializer)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return table.detach()[ids].float().mean(0)

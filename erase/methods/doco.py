@@ -84,7 +84,7 @@ from erase.training.config import AdversarialTrainConfig
 from erase.training.data import generate_latents, retain_prompts, spread, with_anchors
 from erase.training.loop import TrainingLoop, adam
 from erase.training.student import Student
-from pipelines.denoise import Conditioning, PromptEncoder, add_noise, predicted_x0, training_target, unet_output
+from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
@@ -363,14 +363,8 @@ def train(ctx) -> Patch:
         t = torch.randint(n_train, (2 * b,), generator=gen)
         x_t = add_noise(scheduler, x0, noise, t)
         adversarial = step > config.warm_up
-        if adv and adversarial:  # the first concept prompts carry the adversarial token instead of the word
-            n_adv = adv.count(b)
-            cond = Conditioning.cat(
-                [
-                    adv.tokens[k].encode(adv.replace(k, target_prompts[:n_adv])),
-                    encode(target_prompts[n_adv:] + prior_prompts),
-                ]
-            )
+        if adv and adversarial:  # a share of the concept prompts carry the adversarial token instead of the word
+            cond = adv.condition(k, target_prompts, prior_prompts, encode)
         else:
             cond = encode(target_prompts + prior_prompts)
         with torch.set_grad_enabled(adversarial):

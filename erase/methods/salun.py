@@ -276,11 +276,8 @@ def train(ctx) -> Patch:
         noise = torch.randn(x0.shape, generator=gen).to(x0)
         t = torch.randint(n_train, (2 * b,), generator=gen)
         x_t = add_noise(scheduler, x0, noise, t)
-        if adv:  # the first forget prompts carry the adversarial token instead of the word
-            n_adv = adv.count(b)
-            cond = Conditioning.cat(
-                [adv.tokens[k].encode(adv.replace(k, prompts_f[:n_adv])), encode(prompts_f[n_adv:] + prompts_r)]
-            )
+        if adv:  # a share of the concept prompts carry the adversarial token instead of the word
+            cond = adv.condition(k, prompts_f, prompts_r, encode)
         else:
             cond = encode(prompts_f + prompts_r)
         out = unet_output(trained, x_t, t, cond)

@@ -26,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.denoise import Conditioning, add_noise, encode_prompts, training_target, unet_output
-from pipelines.tokens import TokenInjection, text_encoders, token_id_of
+from pipelines.denoise import (
+    Conditioning,
+    PromptEncoder,
+    add_noise,
+    encode_prompts,
+    training_target,
+    unet_output,
+)
+from pipelines.tokens import TokenInjection, token_id_of, word_embedding
 
 
 class AdversarialToken(nn.Module):
@@ -42,23 +49,18 @@ class AdversarialToken(nn.Module):
     def __init__(self, pipe, word: str, token: str):
         super().__init__()
         self.pipe, self.token = pipe, token
-        self.token_id = token_id_of(pipe.tokenizer, token)
-        ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
-        tables = [e.get_input_embeddings().weight for e in text_encoders(pipe)]
-        self.vectors = nn.ParameterList([nn.Parameter(t.detach()[ids].float().mean(0).clone()) for t in tables])
-        self._cache: dict[str, Conditioning] = {}  # encodings with the current v; emptied by every search
+        self.injection = TokenInjection(pipe, token_id_of(pipe.tokenizer, token))
+        tables = self.injection.tables()
+        self.vectors = nn.ParameterList(
+            [nn.Parameter(word_embedding(pipe.tokenizer, t, word).clone()) for t in tables]
+        )
+        self._encoder = PromptEncoder(pipe, self.injection)  # encodings with the current v; emptied by every search
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """Text conditioning of prompts holding the token, with the current ``v`` (no gradient; each prompt encoded
         once between searches)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            with torch.no_grad(), TokenInjection(self.pipe, self.token_id) as injection:
-                injection.values = [v.detach() for v in self.vectors]
-                encoded = encode_prompts(self.pipe, missing)
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = encoded.select(slice(i, i + 1))
-        return Conditioning.cat([self._cache[p] for p in prompts])
+        self.injection.values = [v.detach() for v in self.vectors]
+        return self._encoder(prompts)
 
     def search(
         self,
@@ -76,10 +78,10 @@ class AdversarialToken(nn.Module):
         hold the token); only ``v`` receives gradients. With the training ``loop``, the backward is timed as a model
         pass and the gradients are averaged across its processes, so ``v`` stays the same in every process. Returns
         the last loss."""
-        self._cache.clear()
+        self._encoder.cache.clear()
         loss = torch.zeros(())
         params = list(self.vectors)
-        with TokenInjection(self.pipe, self.token_id) as injection:
+        with self.injection as injection:
             for _ in range(steps):
                 idx = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=generator)
                 x0 = latents[idx]
@@ -115,9 +117,7 @@ class AdversarialTraining:
         self.concepts, self.config, self.images, self.start = concepts, config, images, start
         self.tokens = nn.ModuleList([AdversarialToken(pipe, c.word, config.adversarial_token) for c in concepts])
         self.optimizer = torch.optim.Adam(self.tokens.parameters(), lr=config.adversarial_lr)
-        self.prompts = [
-            [c.with_word(p, config.adversarial_token) for p in s.prompts] for c, s in zip(concepts, images)
-        ]
+        self.prompts = [self.replace(k, s.prompts) for k, s in enumerate(images)]
 
     def count(self, n: int) -> int:
         """How many of ``n`` concept prompts of a step carry the token."""
@@ -148,3 +148,11 @@ class AdversarialTraining:
     def replace(self, k: int, prompts: list[str]) -> list[str]:
         """Concept ``k``'s prompts with the word replaced by the token."""
         return [self.concepts[k].with_word(p, self.config.adversarial_token) for p in prompts]
+
+    def condition(self, k: int, concept_prompts: list[str], rest: list[str], encode: PromptEncoder) -> Conditioning:
+        """The conditioning of a step's concept prompts, followed by ``rest``: the first `count` concept prompts
+        carry concept ``k``'s token instead of the word."""
+        n = self.count(len(concept_prompts))
+        return Conditioning.cat(
+            [self.tokens[k].encode(self.replace(k, concept_prompts[:n])), encode(concept_prompts[n:] + rest)]
+        )

@@ -18,11 +18,11 @@ import torch
 
 from eval.attacks.core import AttackResult, AttackSession, TokenInjection, loss_per_sample
 from pipelines.denoise import add_noise, encode_prompts, training_target, unet_output
+from pipelines.tokens import word_embedding
 
 
 def initial_embedding(session: AttackSession, table: torch.Tensor) -> torch.Tensor:
-    ids = session.pipe.tokenizer(session.word, add_special_tokens=False).input_ids
-    return table.detach()[ids].float().mean(0)
+    return word_embedding(session.pipe.tokenizer, table, session.word)
 
 
 def run(session: AttackSession) -> list[AttackResult]:
