@@ -61,8 +61,8 @@ whose colour the model picks itself (0.966 -> 0.922 over all retain images). ``a
 
 **Several concepts**: one concept sampled per step, so the default step count is 800 per concept; one discriminator
 per concept (``discriminator="per-concept"``), each separating its concept's outputs from its own anchor's. With one
-discriminator for red, green and blue (``"shared"``, 2400 steps) blue was left at 9.5% (3200 steps: 8.6%); with one
-each, 0.9%.
+discriminator for red, green and blue (``"shared"``, 2400 steps, no adversarial token) blue was left at 9.5% (3200
+steps: 8.6%); with one each, 0.9% (with the token, the default: 4.3%).
 """
 
 from __future__ import annotations
