@@ -56,12 +56,12 @@ class TokenInjection:
         return out.masked_scatter(mask[..., None].expand_as(out), value)
 
 
-def token_id_of(tokenizer, word: str) -> int:
-    """The id of a word that the tokenizer keeps as one token; a one-line error otherwise."""
+def token_id_of(tokenizer, word: str, flag: str = "--placeholder") -> int:
+    """The id of a word that the tokenizer keeps as one token; a one-line error naming ``flag`` otherwise."""
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(
-            f"placeholder {word!r} is {len(ids)} tokens for this tokenizer: pass a one-token --placeholder"
+            f"{flag.lstrip('-')} {word!r} is {len(ids)} tokens for this tokenizer: pass a one-token {flag}"
         )
     return ids[0]
 

@@ -228,6 +228,16 @@ def test_adversarial_settings_are_checked():
         salun_config(adversarial_every=-1)
 
 
+def test_a_multi_token_adversarial_token_is_refused_before_any_work(tmp_path, capsys):
+    for method in ("salun", "doco"):
+        out = tmp_path / f"{method}.safetensors"
+        argv = ["train", "--method", method, "--concept", "red", "--adversarial-token", "sks,x", "--out", str(out)]
+        assert main([*argv, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "pass a one-token --adversarial-token" in err and "Traceback" not in err and "images" not in err
+        assert not out.exists()
+
+
 def test_doco_delta_exports_to_an_equivalent_lora():
     pipe = tiny_pipeline("sd2")
     delta = train_patch("doco", doco_config(), pipe=pipe, progress=False)

@@ -79,7 +79,7 @@ from torch import nn
 from erase.grad import clip_gradients, surgery
 from erase.patch import Patch
 from erase.targets import resolve
-from erase.training.adversarial import AdversarialTraining
+from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.config import AdversarialTrainConfig
 from erase.training.data import generate_latents, retain_prompts, spread, with_anchors
 from erase.training.loop import TrainingLoop, adam
@@ -278,6 +278,7 @@ def train(ctx) -> Patch:
     config: DoCoConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
     anchors = _resolve(config, config.model == "shapes", concepts)
+    check_token(ctx.pipe, config)
     scheduler, teacher = pipe.scheduler, pipe.unet
     encode = PromptEncoder(pipe)
     anchor_sets, concept_prompts, concept_sets, retain = _data(ctx, config, anchors, encode)

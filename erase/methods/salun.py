@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from erase.grad import mask_share, saliency_mask
 from erase.patch import Patch
 from erase.targets import resolve
-from erase.training.adversarial import AdversarialTraining
+from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.config import AdversarialTrainConfig
 from erase.training.data import LatentSet, generate_latents, retain_prompts, spread, with_anchors
 from erase.training.loop import TrainingLoop, adam
@@ -222,6 +222,7 @@ def prepare(ctx) -> Prepared:
     """Resolve the config, generate D_f and D_r, and compute the saliency mask (step 1)."""
     config: SalUnConfig = ctx.config
     anchors = _resolve(config, config.model == "shapes", ctx.concepts)
+    check_token(ctx.pipe, config)
     encode = PromptEncoder(ctx.pipe)
     forget, remap, retain = _data(ctx, config, anchors, encode)
     student = Student(ctx.pipe.unet, resolve(config.preset, "unet", ctx.pipe.unet), config.kind)

@@ -36,6 +36,14 @@ from pipelines.denoise import (
 )
 from pipelines.tokens import TokenInjection, token_id_of, word_embedding
 
+TOKEN_FLAG = "--adversarial-token"
+
+
+def check_token(pipe, config) -> None:
+    """Refuse a multi-token ``adversarial_token`` before any image is generated (one-line error)."""
+    if config.adversarial_every:
+        token_id_of(pipe.tokenizer, config.adversarial_token, TOKEN_FLAG)
+
 
 class AdversarialToken(nn.Module):
     """The adversarial embedding of one concept word (one vector per text encoder of ``pipe``).
@@ -49,7 +57,7 @@ class AdversarialToken(nn.Module):
     def __init__(self, pipe, word: str, token: str):
         super().__init__()
         self.pipe, self.token = pipe, token
-        self.injection = TokenInjection(pipe, token_id_of(pipe.tokenizer, token))
+        self.injection = TokenInjection(pipe, token_id_of(pipe.tokenizer, token, TOKEN_FLAG))
         tables = self.injection.tables()
         self.vectors = nn.ParameterList(
             [nn.Parameter(word_embedding(pipe.tokenizer, t, word).clone()) for t in tables]
