@@ -1,0 +1,190 @@
+"""``erase inspect``, ``erase apply`` and ``erase export``: read, bake in and convert erase patches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from erase.commands._args import _SKIP_HASH_HELP, CliError, _integer, _number
+
+if TYPE_CHECKING:
+    from erase.patch import Patch
+
+
+def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
+    """``inspect``, ``apply`` and ``export``: read, bake in and convert erase patches."""
+    inspect = commands.add_parser("inspect", help="show a patch's metadata, targets and size")
+    inspect.add_argument("patch", metavar="PATCH", help="an erase patch (.safetensors)")
+    inspect.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    inspect.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
+
+    apply = commands.add_parser("apply", help="bake patches into a base pipeline and save a new diffusers folder")
+    apply.add_argument("--model", required=True, metavar="M", help="base: a diffusers folder or a .safetensors file")
+    apply.add_argument("--patch", required=True, action="append", metavar="P", help="a patch (repeatable, in order)")
+    apply.add_argument(
+        "--scale", type=_number("--scale"), action="append", metavar="S", help="one per --patch (default 1.0)"
+    )
+    apply.add_argument("--force", action="store_true", help="apply even if a patch's base fingerprint does not match")
+    apply.add_argument("--out", required=True, metavar="DIR", help="output folder (must be new or empty)")
+    apply.add_argument("--overwrite", action="store_true", help="replace an existing pipeline folder at --out")
+    apply.add_argument("--config", metavar="DIR", help="single-file --model: local diffusers folder with its configs")
+    apply.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a pickled .ckpt/.pt --model (unpickling can run code)"
+    )
+    apply.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
+
+    export = commands.add_parser("export", help="convert a patch to a diffusers/PEFT LoRA or a kohya/A1111 LoRA file")
+    export.add_argument("patch", metavar="PATCH", help="an erase patch (.safetensors)")
+    export.add_argument("--to", required=True, choices=["lora", "kohya"], help="output format")
+    export.add_argument(
+        "--rank", type=_integer("--rank", 1), metavar="R", help="LoRA rank for a delta or sparse patch (truncated SVD)"
+    )
+    export.add_argument("--out", required=True, metavar="FILE", help="output file")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"inspect": _inspect, "apply": _apply, "export": _export}[args.command](args)
+
+
+def patch_summary(patch: Patch, path: Path) -> dict[str, Any]:
+    """What ``erase inspect --json`` prints: the patch header plus file size and per-component tensor counts.
+
+    ``components`` maps each target to its stored ``tensors``, their total ``elements`` and the number of base
+    ``weights`` the patch changes (a LoRA module or a sparse mask/values group stores several tensors per weight).
+    """
+    summary = patch.metadata
+    summary.pop("n_tensors")  # per-target weight counts; reported under "components" instead
+    components = {}
+    for component in patch.targets:
+        stored = [t for k, t in patch.tensors.items() if k.startswith(component + ".")]
+        components[component] = {
+            "tensors": len(stored),
+            "elements": sum(t.numel() for t in stored),
+            "weights": len(patch.target_names(component)),
+        }
+    return {
+        "file": str(path),
+        "file_size": path.stat().st_size,
+        **summary,
+        "n_tensors": len(patch.tensors),
+        "components": components,
+    }
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The text form of `patch_summary`: one ``label: value`` line per field, components indented."""
+    fingerprints = summary["base_fingerprint"]
+    lines = [
+        f"file:            {summary['file']}",
+        f"file size:       {summary['file_size']:,} bytes",
+        f"format version:  {summary['format_version']}",
+        f"kind:            {summary['kind']}",
+        f"method:          {summary['method'] or '-'}",
+        f"concepts:        {', '.join(summary['concepts']) or '-'}",
+        f"targets:         {', '.join(summary['targets'])}",
+        f"tensors:         {summary['n_tensors']}",
+    ]
+    for component, counts in summary["components"].items():
+        lines.append(
+            f"  {component + ':':<15}{counts['tensors']} tensors, {counts['elements']:,} elements "
+            f"({counts['weights']} weights changed)"
+        )
+    lines.append("fingerprint:")
+    for component in summary["targets"]:
+        entry = fingerprints.get(component, {"hash": "-", "n_tensors": 0})
+        lines.append(f"  {component + ':':<15}{entry['hash']} (over {entry['n_tensors']} base tensors)")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(summary["versions"].items()))
+    lines.append(f"versions:        {versions or '-'}")
+    lines.append(f"data hash:       {_HASH_LINES[summary['data_hash']].format(n=summary['n_tensors'])}")
+    if summary["lora_config"]:
+        lora = summary["lora_config"]
+        ranks = "; ".join(f"{c} r={lora[c]['r']} lora_alpha={lora[c]['lora_alpha']}" for c in summary["targets"])
+        lines.append(f"lora:            {ranks}")
+    if summary["config"]:
+        lines.append(f"config:          {json.dumps(summary['config'], sort_keys=True)}")
+    scalars = {k: v for k, v in summary["notes"].items() if isinstance(v, (str, int, float))}
+    if scalars:
+        lines.append(f"notes:           {', '.join(f'{k}={v}' for k, v in sorted(scalars.items()))}")
+    return lines
+
+
+_HASH_LINES = {
+    "verified": "verified (the sha256 of each of the {n} tensors matches the header)",
+    "skipped": "not checked (--skip-hash-check)",
+    "absent": "none stored (written before erase stored tensor hashes): the data cannot be checked; re-save to add",
+    "in memory": "-",
+}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from erase.patch import load_patch
+
+    path = Path(args.patch)  # load_patch gets the text: Path("") would be "."
+    summary = patch_summary(load_patch(args.patch, verify=not args.skip_hash_check), path)
+    print(json.dumps(summary, indent=2, sort_keys=True) if args.json else "\n".join(_summary_lines(summary)))
+    return 0
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from erase.fsutil import check_output_folder
+    from erase.patch import load_patch
+
+    scales = args.scale or [1.0] * len(args.patch)
+    if len(scales) != len(args.patch):
+        raise CliError(f"give one --scale per --patch ({len(args.patch)} patches, {len(scales)} scales)")
+    out = Path(args.out)
+    if _same_path(out, Path(args.model)):
+        raise CliError("--out must differ from --model; choose a new folder")
+    from pipelines.apply import check_replaceable, save_patched_pipeline, stack_patches
+
+    # --overwrite replaces a folder erase apply wrote before, never an unrelated one; decided again when writing.
+    check_output_folder(out, args.overwrite, label="--out", may_replace=check_replaceable)
+    # every patch is validated (and its data hash checked) before the slow model load
+    patches = [load_patch(p, verify=not args.skip_hash_check) for p in args.patch]
+
+    from pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, trust_remote_code=args.trust_remote_code, config=args.config)
+    stack_patches(pipe, patches, scales, force=args.force)
+    save_patched_pipeline(pipe, out, overwrite=args.overwrite, label="--out")
+    applied = ", ".join(f"{p} x{s:g}" for p, s in zip(args.patch, scales))
+    print(f"wrote {out} ({type(pipe).__name__}; {applied})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from erase.fsutil import check_output_file
+    from erase.lora_export import delta_to_lora, lora_to_kohya
+    from erase.patch import load_patch, save_patch
+
+    source, out = Path(args.patch), Path(args.out)
+    if _same_path(out, source):
+        raise CliError("--out must differ from PATCH; choose a new file")
+    check_output_file(out, args.overwrite, label="--out")
+    patch = load_patch(args.patch, verify=not args.skip_hash_check)
+    if patch.kind == "lora":
+        if args.rank is not None:
+            raise CliError("--rank applies to delta and sparse patches; this patch is already a LoRA, drop --rank")
+        if args.to == "lora":
+            raise CliError(f"{source} is already a lora patch (diffusers loads it as is); use --to kohya")
+    else:
+        if args.rank is None:
+            raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank")
+        patch, error = delta_to_lora(patch, args.rank)
+        print(f"relative reconstruction error at rank {args.rank}: {error:.3e}")
+    # whether --out exists is decided again when the file is complete: of two runs, the second fails
+    if args.to == "lora":
+        save_patch(patch, out, overwrite=args.overwrite, label="--out")
+    else:
+        lora_to_kohya(patch, out, overwrite=args.overwrite, label="--out")
+    print(f"wrote {out} ({args.to})")
+    return 0
