@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 class CliError(Exception):
@@ -63,3 +64,14 @@ def _integer(flag: str, low: int, high: int | None = None):
 
 
 _SKIP_HASH_HELP = "do not check the patch's tensors against the sha256 in its header (saves ~1 s per GB)"
+
+
+def status(message: str, quiet: bool = False) -> None:
+    """Print a progress line on stderr before a slow start (loading torch, the method, the models), so that a
+    command shows it started within a second, not after the 5-20 s its imports take.
+
+    As git does with its progress, only when stderr is a terminal: logs, pipes and the one-line error of bad input
+    stay as they were. Never with ``--quiet``.
+    """
+    if not quiet and sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)

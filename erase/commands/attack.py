@@ -7,6 +7,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from erase.commands._args import status
+
 _ATTACK_FLAGS = {"patch_scale": "--scale"}
 _ATTACK_METAVARS = {"model": "M", "patch": "P", "concept": "C", "prompts": "SET", "judge": "J", "judge_arch": "ARCH"}
 
@@ -43,6 +45,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def run(args: argparse.Namespace) -> int:
+    status("erase attack: loading torch, the model and the judge ...", args.quiet)
     from erase.config_args import config_from_args
     from eval.attacks.config import AttackConfig
     from eval.attacks.run import run_attacks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from erase.commands._args import SEED_MAX, _integer
+from erase.commands._args import SEED_MAX, _integer, status
 
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
@@ -46,6 +46,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def run(args: argparse.Namespace) -> int:
+    status("erase demo: loading torch and the Shapes world ...", args.quiet)
     from erase.demo import run_demo
     from erase.fsutil import check_output_folder
 

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from erase.commands._args import status
+
 _EVAL_FLAGS = {"patch_scale": "--scale"}  # flag names that differ from the EvalConfig field name
 _EVAL_METAVARS = {"model": "M", "patch": "P", "concept": "C", "prompts": "SET", "judge": "J", "judge_arch": "ARCH"}
 
@@ -24,6 +26,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def run(args: argparse.Namespace) -> int:
+    status("erase eval: loading torch, the model and the judge ...", args.quiet)
     from erase.config_args import config_from_args
     from eval.config import EvalConfig
     from eval.evaluate import run_eval

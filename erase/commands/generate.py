@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from erase.commands._args import _SKIP_HASH_HELP, MAX_IMAGES, SEED_MAX, CliError, _integer, _number
+from erase.commands._args import _SKIP_HASH_HELP, MAX_IMAGES, SEED_MAX, CliError, _integer, _number, status
 
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
@@ -47,9 +47,6 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from erase.fsutil import check_output_folder
-    from erase.world import generate_to_folder
-
     if args.seed + args.n - 1 > SEED_MAX:
         raise CliError(
             f"--seed {args.seed} + --n {args.n} runs past the largest seed {SEED_MAX}; pass a smaller --seed"
@@ -66,7 +63,12 @@ def run(args: argparse.Namespace) -> int:
     scales = args.scale or [1.0] * len(patches)
     if len(scales) != len(patches):
         raise CliError(f"give one --scale per --patch ({len(patches)} patches, {len(scales)} scales)")
+    from erase.fsutil import check_output_folder
+
     check_output_folder(args.out, overwrite=True, label="--out", create_parents=True)  # before the model loads
+    status(f"erase generate: loading torch and the {'GAN' if args.gan is not None else 'model'} ...")
+    from erase.world import generate_to_folder
+
     written = generate_to_folder(
         args.out,
         model=args.model,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from erase.commands._args import _SKIP_HASH_HELP, CliError, _integer, _number
+from erase.commands._args import _SKIP_HASH_HELP, CliError, _integer, _number, status
 
 if TYPE_CHECKING:
     from erase.patch import Patch
@@ -136,7 +136,6 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def _apply(args: argparse.Namespace) -> int:
     from erase.fsutil import check_output_folder
-    from erase.patch import load_patch
 
     scales = args.scale or [1.0] * len(args.patch)
     if len(scales) != len(args.patch):
@@ -144,6 +143,8 @@ def _apply(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if _same_path(out, Path(args.model)):
         raise CliError("--out must differ from --model; choose a new folder")
+    status("erase apply: loading torch, the patches and the model ...")
+    from erase.patch import load_patch
     from pipelines.apply import check_replaceable, save_patched_pipeline, stack_patches
 
     # --overwrite replaces a folder erase apply wrote before, never an unrelated one; decided again when writing.
@@ -163,12 +164,14 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from erase.fsutil import check_output_file
-    from erase.lora_export import delta_to_lora, lora_to_kohya
-    from erase.patch import load_patch, save_patch
 
     source, out = Path(args.patch), Path(args.out)
     if _same_path(out, source):
         raise CliError("--out must differ from PATCH; choose a new file")
+    status("erase export: loading torch and the patch ...")
+    from erase.lora_export import delta_to_lora, lora_to_kohya
+    from erase.patch import load_patch, save_patch
+
     check_output_file(out, args.overwrite, label="--out")
     patch = load_patch(args.patch, verify=not args.skip_hash_check)
     if patch.kind == "lora":

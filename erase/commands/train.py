@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from erase.commands._args import CliError
+from erase.commands._args import CliError, status
 
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
@@ -37,6 +37,8 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     method = _train_method(argv)
     if method in {m.name for m in specs}:
+        if not {"-h", "--help", "--list"} & set(argv):
+            status(f"erase train: loading {method} (torch, diffusers) ...", quiet="--quiet" in argv)
         from erase.config_args import add_config_arguments
         from erase.registry import get_method
 

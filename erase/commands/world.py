@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from erase.commands._args import SEED_MAX, _integer, _Parser
+from erase.commands._args import SEED_MAX, _integer, _Parser, status
 
 WORLD_MODELS = ("guide", "judge", "sd", "gan")
 
@@ -50,6 +50,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def run(args: argparse.Namespace) -> int:
+    status("erase world: loading torch and the Shapes world ...", getattr(args, "quiet", False))
     if args.world_command == "train":
         from erase.world import train_world
 
