@@ -32,14 +32,9 @@ from safetensors import SafetensorError
 
 from pipelines.shapes.clip import CLIP_FORMAT, CLIP_MEAN, CLIP_STD, WEIGHTS_DIR, load_clip, to_clip_input
 from pipelines.shapes.io import read_metadata
+from pipelines.shapes.registry import CLIP_SPECS
 
-SHAPES_SPECS = {
-    "judge": "judge",
-    "shapes": "judge",
-    "shapes-judge": "judge",
-    "guide": "guide",
-    "shapes-guide": "guide",
-}
+SHAPES_SPECS = CLIP_SPECS  # the Shapes world's CLIPs by spec (pipelines.shapes.registry)
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # the order in which open_clip's local-dir loader picks a weights file (open_clip.factory._find_checkpoint_in_dir)
