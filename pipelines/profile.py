@@ -19,8 +19,9 @@ class ModelProfile:
     """The properties defaults are chosen by.
 
     Attributes:
-        key (`str`): the row of a defaults table: an embedded world's name (``"shapes"``), else ``"sd"`` for a
-            diffusion pipeline or ``"gan"`` for a GAN generator.
+        key (`str`): the row of a defaults table: an embedded world's name (``"shapes"``; its GAN:
+            ``"shapes-gan"``), else ``"sd"`` for a diffusion pipeline or ``"gan"`` for a GAN generator. A table
+            without the key's row uses the general row of the model's kind (``"sd"`` or ``"gan"``).
         world (`str | None`): the embedded world the model belongs to, or ``None``.
         architecture (`str`): ``"sd"`` (SD 1.x/2.x class), ``"sdxl"`` or ``"gan"``.
         sample_size (`int | None`): the default image side in pixels (UNet sample size x VAE scale), if known.
@@ -47,7 +48,17 @@ def model_profile(model) -> ModelProfile:
         architecture = "sdxl" if hasattr(model, "text_encoder_2") else "sd"
         return ModelProfile(world or GENERAL_DIFFUSION, world, architecture, side)
     world = getattr(model, "world", None)
-    return ModelProfile(world or GENERAL_GAN, world, "gan", None)
+    return ModelProfile(f"{world}-{GENERAL_GAN}" if world else GENERAL_GAN, world, "gan", None)
+
+
+def peek_profile(model) -> ModelProfile:
+    """The profile of a ``--model`` value (a name or a local path) read without loading the weights: enough for the
+    defaults that must be known before the model loads (an evaluation's judge and prompt set). Architecture and
+    sample size are those of `model_profile` once the model is loaded."""
+    from pipelines.shapes.registry import peek_world
+
+    world = peek_world(model)
+    return ModelProfile(world or GENERAL_DIFFUSION, world, "sd", None)
 
 
 def table_row(table: dict, profile: ModelProfile, what: str = "defaults") -> dict:

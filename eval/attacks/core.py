@@ -195,8 +195,6 @@ class AttackSession:
                 f"placeholder {config.placeholder!r} occurs in a target prompt: pass another --placeholder"
             )
         self.size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
-        if config.is_shapes:
-            self.size = {"height": 32, "width": 32, **self.size}
         self._handle = None
         # every image of a run comes from DDIM with `steps` steps (the sampler `ddim_sample` continues), sharing the
         # pipeline's modules, so a patch applied to the pipeline is on the sampler too

@@ -69,21 +69,35 @@ def mark_pipeline(pipe, world: str | None = WORLD):
 
 def _same_architecture(pipe) -> bool:
     """The Shapes pipeline's exact component architecture (a user's copy built without the loaders)."""
-    from pipelines.shapes.diffusion import text_encoder_config, unet_config, vae_config
-
     unet, vae, text = (getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder"))
     if unet is None or vae is None or text is None:
         return False
-    want_unet, want_vae, want_text = unet_config(), vae_config(), text_encoder_config()
-    same = all(_same(unet.config.get(k), v) for k, v in want_unet.items())
-    same = same and all(_same(vae.config.get(k), want_vae[k]) for k in ("block_out_channels", "latent_channels"))
-    return same and all(
-        _same(getattr(text.config, k, None), want_text[k]) for k in ("hidden_size", "num_hidden_layers")
+    return _matches(dict(unet.config), dict(vae.config), text.config.to_dict())
+
+
+def _matches(unet: dict, vae: dict, text: dict) -> bool:
+    from pipelines.shapes.diffusion import text_encoder_config, unet_config, vae_config
+
+    want_vae, want_text = vae_config(), text_encoder_config()
+    return (
+        all(_same(unet.get(k), v) for k, v in unet_config().items())
+        and all(_same(vae.get(k), want_vae[k]) for k in ("block_out_channels", "latent_channels"))
+        and all(_same(text.get(k), want_text[k]) for k in ("hidden_size", "num_hidden_layers"))
     )
 
 
 def _same(a, b) -> bool:
     return list(a) == list(b) if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)) else a == b
+
+
+def _folder_configs(folder: Path) -> tuple[dict, dict, dict] | None:
+    configs = []
+    for name in ("unet", "vae", "text_encoder"):
+        try:
+            configs.append(json.loads((folder / name / "config.json").read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    return tuple(configs) if all(isinstance(c, dict) for c in configs) else None
 
 
 def pipeline_world(pipe) -> str | None:
@@ -93,6 +107,21 @@ def pipeline_world(pipe) -> str | None:
     if marked is not False:
         return marked
     return WORLD if _same_architecture(pipe) else None
+
+
+def peek_world(spec) -> str | None:
+    """The world of a ``--model`` value without loading it: the world's name, an exported folder's marker, or a
+    diffusers folder whose component configs are the world pipeline's; ``None`` otherwise (single files included)."""
+    if shipped_pipeline(spec) is not None:
+        return WORLD
+    path = Path(str(spec)).expanduser()
+    if not path.is_dir():
+        return None
+    world = marker_world(path)
+    if world:
+        return world
+    configs = _folder_configs(path)
+    return WORLD if configs and _matches(*configs) else None
 
 
 def is_world_gan_file(path: Path) -> bool:
