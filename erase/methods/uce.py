@@ -85,6 +85,7 @@ class UCEConfig(MethodConfig):
 
 
 CONFIG = UCEConfig
+DEFAULTS: dict = {}  # per-model defaults (`erase.training.run`): the closed form has none that depend on the model
 
 
 # ------------------------------------------------------------------------------------------------ contexts

@@ -163,6 +163,61 @@ def _words(entry: str) -> list[str]:
     return [w for w in (part.strip() for part in str(entry).split("|")) if w]
 
 
+def make_context(
+    method: str,
+    config,
+    *,
+    pipe=None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainContext:
+    """The `TrainContext` a method's ``train`` gets: a copy of ``config`` with the per-concept words checked (before
+    any model work) and the per-model defaults resolved from the loaded model's profile, the model, and the training
+    prompts. `train_patch` trains from it; call it directly to run parts of a method (e.g. ``salun.prepare``).
+
+    Args:
+        method (`str`): a registered method name; config: its ``CONFIG`` instance (left unchanged).
+        pipe (*optional*): an already loaded base pipeline or GAN generator (default: loaded from ``config.model``
+            or ``config.gan``).
+    """
+    spec = method_spec(method)
+    module = get_method(method)
+    if not isinstance(config, module.CONFIG):
+        raise TypeError(f"method {method!r} takes a {module.CONFIG.__name__}, got {type(config).__name__}")
+    if not config.concepts:
+        raise ValueError("no concept to erase: pass --concept NAME (repeatable) or --concepts FILE")
+    from pipelines.profile import model_profile
+
+    config = copy.deepcopy(config)  # defaults are resolved into the copy: the caller's config stays as given
+    check_words(config, None, None)  # counts and a word equal to its concept: refused before anything loads
+    ctx = TrainContext(
+        config=config,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        resume=resume,
+        progress=progress,
+        method=method,
+    )
+    if spec.family == "diffusion":
+        from pipelines.loading import load_pipeline
+        from prompts.training import concept_prompts
+
+        ctx.concepts = [concept_prompts(c, config.prompts) for c in config.concepts]
+        if pipe is None:  # the anchors against what the named model is, before it loads
+            from pipelines.profile import peek_profile
+
+            check_words(config, ctx.concepts, peek_profile(config.model))
+        ctx.pipe = pipe if pipe is not None else load_pipeline(config.model)
+    else:
+        from pipelines.gan import load_generator
+
+        ctx.pipe = pipe if pipe is not None else load_generator(config.gan)
+    ctx.profile = model_profile(ctx.pipe)
+    check_words(config, ctx.concepts, ctx.profile)
+    resolve_defaults(module, config, ctx.profile)
+    return ctx
+
+
 def train_patch(
     method: str,
     config,
@@ -178,48 +233,23 @@ def train_patch(
 
     Args:
         method (`str`): a registered method name (`erase.registry.list_methods`).
-        config: the method's ``CONFIG`` dataclass instance.
+        config: the method's ``CONFIG`` dataclass instance (left unchanged: the patch holds the resolved copy).
         out (`str` or `Path`, *optional*): where to write the patch (atomically; main process only).
         pipe (*optional*): an already loaded base pipeline (default: ``load_pipeline(config.model)``); left unchanged.
         checkpoint_dir, resume, progress: training-loop options (see `erase.training.loop`).
         overwrite (`bool`, *optional*, defaults to `True`): replace an existing ``out``; with `False` a file that
             exists when training ends (another run's) is an error, not silently replaced.
     """
-    spec = method_spec(method)
     module = get_method(method)
-    if not isinstance(config, module.CONFIG):
-        raise TypeError(f"method {method!r} takes a {module.CONFIG.__name__}, got {type(config).__name__}")
-    if not config.concepts:
-        raise ValueError("no concept to erase: pass --concept NAME (repeatable) or --concepts FILE")
-    config = copy.deepcopy(config)  # defaults are resolved into the copy: the caller's config stays as given
-    check_words(config, None, None)  # counts and a word equal to its concept: refused before anything loads
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(getattr(config, "threads", 1))
     started = time.perf_counter()
     try:
-        from pipelines.profile import model_profile
-
-        ctx = TrainContext(
-            config=config,
-            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-            resume=resume,
-            progress=progress,
-            method=method,
-        )
-        if spec.family == "diffusion":
-            from pipelines.loading import load_pipeline
-            from prompts.training import concept_prompts
-
-            ctx.concepts = [concept_prompts(c, config.prompts) for c in config.concepts]
-            ctx.pipe = pipe if pipe is not None else load_pipeline(config.model)
-        else:
-            from pipelines.gan import load_generator
-
-            ctx.pipe = pipe if pipe is not None else load_generator(config.gan)
-        ctx.profile = model_profile(ctx.pipe)
-        check_words(config, ctx.concepts, ctx.profile)
-        resolve_defaults(module, config, ctx.profile)
-        with _own_rng():
+        with _own_rng():  # loading (module constructors draw initial weights) and training
+            ctx = make_context(
+                method, config, pipe=pipe, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress
+            )
+            config = ctx.config
             patch = module.train(ctx)
         patch.config = config_to_dict(config)
         patch.notes.update(

@@ -174,8 +174,13 @@ class AttackSession:
     """
 
     def __init__(self, config: AttackConfig, pipe, patch, prompt_set, judge, pixels=None, progress: bool = False):
-        from eval.zero_shot import ZeroShotClassifier
+        from dataclasses import replace
 
+        from eval.zero_shot import ZeroShotClassifier
+        from pipelines.profile import model_profile
+
+        config = replace(config)  # defaults left out follow what the model is (a no-op for a resolved config)
+        config.resolve(model_profile(pipe))
         self.config = config
         self.pipe = pipe
         self.patch = patch
