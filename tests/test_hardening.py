@@ -856,7 +856,7 @@ def test_model_is_refused_where_it_would_be_silently_ignored(tmp_path, capsys):
     with untouched(tmp_path):
         refused(
             capsys,
-            ["train", "--method", "text2unlearn", "--model", "shapes", "--concept", "red", "--out", out / "p"],
+            ["train", "--method", "text2unlearn", "--model", "shapes", "--concept", "red", "--out", tmp_path / "p"],
             "--model shapes does not apply to text2unlearn",
             "--gan",
         )
