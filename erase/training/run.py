@@ -27,11 +27,12 @@ from erase.registry import get_method, method_spec
 
 @dataclass
 class TrainContext:
-    """What a method's ``train`` gets.
+    """What a method's ``train`` gets (built by `make_context`).
 
     Attributes:
-        config: the method's config (resolve defaults into it: it is saved in the patch).
-        pipe: the loaded base pipeline (diffusion methods), never modified.
+        config: a copy of the method's config with the per-model defaults resolved (saved in the patch; a method may
+            fill in what else it resolves, such as default anchors).
+        pipe: the loaded base pipeline (diffusion methods) or GAN generator (GAN methods), never modified.
         concepts (`list[ConceptPrompts]`): the training prompts of every concept (diffusion methods).
         checkpoint_dir (`Path | None`), resume (`bool`), progress (`bool`): training-loop options.
         method (`str`): the registered name.
@@ -51,7 +52,7 @@ class TrainContext:
 
     def per_concept(self, values, default=None) -> list:
         """``values`` expanded to one per concept (one value serves every concept); empty ``values`` give
-        ``default(i)`` for concept ``i`` (``None`` without a default). The count was checked by `train_patch`."""
+        ``default(i)`` for concept ``i`` (``None`` without a default). The count was checked by `make_context`."""
         n = len(self.concepts) or len(self.config.concepts)
         if not values:
             return [default(i) if default else None for i in range(n)]
