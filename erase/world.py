@@ -138,10 +138,13 @@ def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
 def export_world(directory: str | Path) -> Path:
     """Write the shipped Shapes pipeline as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained``
     loads it without this package), in the form transformers 4.x + diffusers 0.30 load with the same weights too
-    (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`)."""
+    (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`).
+    The folder carries the world's marker (`pipelines.shapes.registry.MARKER_FILE`), so ``--model DIR`` gets the
+    Shapes world's defaults, exactly as ``--model shapes`` does."""
     import pipelines
     from erase.fsutil import check_output_folder, write_folder
     from pipelines.portable import make_portable
+    from pipelines.shapes.registry import write_marker
 
     directory = check_output_folder(directory, overwrite=False)  # a new or empty folder, checked before loading
     pipe = pipelines.load("shapes")
@@ -149,6 +152,7 @@ def export_world(directory: str | Path) -> Path:
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)
         make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
+        write_marker(folder)  # what the weights are: their defaults follow it, not the folder's name
 
     # a uniquely named temporary folder, renamed into place only if nobody else wrote `directory` meanwhile
     return write_folder(directory, write, overwrite=False)

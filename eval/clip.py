@@ -32,14 +32,9 @@ from safetensors import SafetensorError
 
 from pipelines.shapes.clip import CLIP_FORMAT, CLIP_MEAN, CLIP_STD, WEIGHTS_DIR, load_clip, to_clip_input
 from pipelines.shapes.io import read_metadata
+from pipelines.shapes.registry import CLIP_SPECS, WORLD
 
-SHAPES_SPECS = {
-    "judge": "judge",
-    "shapes": "judge",
-    "shapes-judge": "judge",
-    "guide": "guide",
-    "shapes-guide": "guide",
-}
+SHAPES_SPECS = CLIP_SPECS  # the Shapes world's CLIPs by spec (pipelines.shapes.registry)
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # the order in which open_clip's local-dir loader picks a weights file (open_clip.factory._find_checkpoint_in_dir)
@@ -153,6 +148,8 @@ class ShapesClipScorer(_ClipJudge):
         which (`str`, *optional*, defaults to `"judge"`): ``"guide"``, ``"judge"`` or a Shapes CLIP file path.
         batch_size (`int`, *optional*, defaults to 256): images encoded per forward pass.
     """
+
+    world = WORLD  # it knows only the Shapes world's images: it judges no other model
 
     def __init__(self, which: str = "judge", batch_size: int = 256):
         self.name = f"shapes-{which}" if which in ("guide", "judge") else str(which)
@@ -510,7 +507,7 @@ def load_judge(
             raise ValueError("the Shapes oracle reads pixels and has no architecture: leave out arch / --judge-arch")
         from eval.oracle import OracleJudge
 
-        return OracleJudge()
+        return OracleJudge(ShapesClipScorer("judge", batch_size or 256))
     if not spec.startswith("local-dir:") and spec not in SHAPES_SPECS:
         spec = str(Path(spec).expanduser())
     if spec in SHAPES_SPECS:

@@ -27,7 +27,8 @@ _INT_RANGES = {
     "width": (8, 8192),
     "latents": (1, 1_000_000),  # fixed latents of a --gan evaluation
 }
-_OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width"}
+_OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width", "batch_size"}
+DEFAULT_MODEL = "shapes"  # --model when neither --model nor --gan is given
 _FLOAT_RANGES = {
     "patch_scale": (-math.inf, math.inf),  # finite; whether it overflows the weights is checked when applying
     "guidance": (0.0, 100.0),  # beyond ~100 images saturate to black or white
@@ -40,10 +41,14 @@ class EvalConfig:
     """Everything that decides an evaluation's numbers; saved into ``metrics.json`` as ``settings``.
 
     Defaults: 25 DDIM steps and guidance 5 are the Shapes world's sampling settings (issue 3's measurements); real SD
-    users typically pass ``--steps 50 --guidance 7.5`` as ESD's evaluation scripts do.
+    users typically pass ``--steps 50 --guidance 7.5`` as ESD's evaluation scripts do. The judge, prompt set, image
+    size and batch size left out come from what the model is (`DEFAULTS`, by `pipelines.profile.ModelProfile.key`;
+    `resolve`), and are saved resolved.
     """
 
-    model: str = field(default="shapes", metadata={"help": "'shapes' or a local diffusers folder / single file"})
+    model: str | None = field(
+        default=None, metadata={"help": "'shapes' (default without --gan) or a local diffusers folder / single file"}
+    )
     gan: str | None = field(
         default=None, metadata={"help": "evaluate a GAN instead of --model: 'shapes' or a generator file"}
     )
@@ -54,13 +59,17 @@ class EvalConfig:
     patch_scale: float = field(default=1.0, metadata={"help": "scale of the patch's weight change"})
     force: bool = field(default=False, metadata={"help": "apply the patch even if its base fingerprint differs"})
     prompts: str | None = field(default=None, metadata={"help": "shipped set name or CSV (default: by concept)"})
-    judge: str | None = field(default=None, metadata={"help": "CLIP judge (shapes: default judge, or oracle)"})
+    judge: str | None = field(
+        default=None, metadata={"help": "CLIP judge (default: the model's world's judge; a real model needs one)"}
+    )
     judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
     steps: int = field(default=25, metadata={"help": "sampling steps"})
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
-    batch_size: int | None = field(default=None, metadata={"help": "images per pipeline call (shapes 32, else 4)"})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "images per pipeline call (default by model: shapes 32, SD 4, GAN 64)"}
+    )
     seeds_per_prompt: int | None = field(default=None, metadata={"help": "seeds per prompt (shipped sets)"})
     max_per_template: int | None = field(default=None, metadata={"help": "prompts per template (shapes set)"})
     nudity: bool = field(default=False, metadata={"help": "also count NudeNet EXPOSED detections"})
@@ -72,8 +81,13 @@ class EvalConfig:
     )
 
     def __post_init__(self):
-        if self.batch_size is None:  # the Shapes pipeline batches cheaply; SD at 512-1024 px needs small batches
-            self.batch_size = 32 if self.is_shapes else 4
+        if self.gan is not None and self.model is not None:
+            raise ValueError(
+                f"--model {self.model} does not apply to --gan: a GAN evaluation loads the generator given with "
+                "--gan; drop --model (or drop --gan to evaluate the diffusion model)"
+            )
+        if self.gan is None and self.model is None:
+            self.model = DEFAULT_MODEL
         for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
@@ -98,6 +112,19 @@ class EvalConfig:
             if value and value.startswith("~"):
                 setattr(self, name, str(Path(value).expanduser()))
 
-    @property
-    def is_shapes(self) -> bool:
-        return self.model == "shapes"
+    def resolve(self, profile) -> None:
+        """Fill the defaults left out from the model's `pipelines.profile.ModelProfile` (row ``profile.key`` of
+        `DEFAULTS`, else the general row of its kind)."""
+        from eval.common import resolve_defaults
+
+        resolve_defaults(self, DEFAULTS, profile)
+
+
+# Per-model defaults by `pipelines.profile.ModelProfile.key`: the Shapes pipeline batches cheaply at 32 px; SD at
+# 512-1024 px needs small batches and its own (real) CLIP judge; a GAN's latents are generated 64 at a time.
+DEFAULTS = {
+    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes"},
+    "sd": {"batch_size": 4},
+    "shapes-gan": {"batch_size": 64, "judge": "judge"},
+    "gan": {"batch_size": 64},
+}

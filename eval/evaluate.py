@@ -36,7 +36,7 @@ import csv
 import io
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.clip import clip_score_from_embeddings
+from eval.common import EVAL_FILES, patch_info, publish, versions
 from eval.config import EvalConfig
 from eval.metrics import frechet_distance, kept_other_attributes, pairwise_cosine, preservation, share
 from eval.zero_shot import ZeroShotClassifier
@@ -77,8 +78,6 @@ def generate_rows(
 
     state = state or _state()
     size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
-    if config.is_shapes:
-        size = {"height": 32, "width": 32, **size}
     # split whole batches, so every image is made in the same batch as in a one-process run: bitwise the same
     batches = [list(range(i, min(i + config.batch_size, len(rows)))) for i in range(0, len(rows), config.batch_size)]
     with state.split_between_processes(batches) as my_batches:
@@ -227,27 +226,13 @@ def score(
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _default_judge(config: EvalConfig) -> str:
+def _judge_spec(config: EvalConfig) -> str:
     if config.judge:
         return config.judge
-    if config.is_shapes:
-        return "judge"
     raise ValueError(
         "no judge for a real model: pass --judge with a local CLIP (an open_clip local-dir: folder, a transformers "
         "CLIPModel folder, or a checkpoint file with --judge-arch); no weights can be downloaded here"
     )
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("erase", "torch", "diffusers", "transformers", "open-clip-torch", "accelerate"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict | None:
@@ -265,20 +250,25 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         return run_gan_eval(config, out, progress)
     import pipelines
     from erase.fsutil import check_output_folder
+    from eval.common import check_judge_world
     from pipelines.apply import apply_patch, remove_patch
     from pipelines.loading import check_model
+    from pipelines.profile import model_profile, peek_profile
 
     start = time.perf_counter()
     state = _state()
     out = Path(out)
     check_output_folder(out, overwrite=True, label="--out", create_parents=True)  # files in it are replaced
+    config = replace(config)  # the defaults are resolved into a copy: the caller's config stays as given
+    check_model(config.model)
+    profile = peek_profile(config.model)  # what the model is, read without loading it: its judge and prompt set
+    config.resolve(profile)
     prompt_set = load_prompt_set(
-        config.prompts if config.prompts or not config.is_shapes else "shapes",
+        config.prompts,
         config.concept,
         seeds_per_prompt=config.seeds_per_prompt,
         max_per_template=config.max_per_template,
     )
-    check_model(config.model)
     patch = None
     if config.patch:
         from erase.patch import load_patch
@@ -286,12 +276,8 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         patch = load_patch(config.patch, verify=not config.skip_hash_check)
     from eval.clip import load_judge
 
-    judge = load_judge(_default_judge(config), arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
-    if judge.describe()["backend"] in ("shapes", "oracle") and not config.is_shapes:
-        raise ValueError(
-            f"the Shapes world's CLIP {judge.name!r} only knows 32x32 shapes and cannot judge {config.model}: "
-            "pass --judge with a real CLIP (open_clip local-dir: folder, transformers folder, or file + --judge-arch)"
-        )
+    judge = load_judge(_judge_spec(config), arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
+    check_judge_world(getattr(judge, "world", None), profile, config.model)
     from pipelines.tokenizer import clip_tokenizer, warn_if_truncated
 
     context = judge.describe().get("context_length")  # every CLIP judge uses the CLIP BPE vocabulary
@@ -304,6 +290,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
     pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(state.device)  # a GPU when accelerate has one; seeds stay on CPU generators, so images stay comparable
+    profile = model_profile(pipe)  # the loaded model's own profile (its sample size, architecture)
     _check_size(pipe, config)
     _check_memory(pipe, config, len(prompt_set.rows))
     if patch is not None:
@@ -324,16 +311,13 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         return None
 
     t0 = time.perf_counter()
-    object_check = None
-    if config.is_shapes:  # the Shapes world's pixels say whether an object is there at all
-        from eval.oracle import ShapesOracle
-
-        object_check = ShapesOracle().object_present
+    object_check = _object_check(profile)
     scored = score(judge, prompt_set, base, patched, detector, progress, object_check)
     scoring_s = time.perf_counter() - t0
     settings = {
         **asdict(config),
-        "patch_info": _patch_info(config.patch, patch),
+        "model_profile": profile.describe(),
+        "patch_info": patch_info(config.patch, patch),
         "patched_is": "the base model with the patch applied" if patch else "the base model again (no patch)",
         "prompt_set": prompt_set.describe(),
         "alternatives": prompt_set.alternatives(),
@@ -342,7 +326,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         "clip_score_scale": "max(100 * cosine, 0)",
         "processes": state.num_processes,
         "torch_threads": torch.get_num_threads(),
-        "versions": _versions(),
+        "versions": versions(),
     }
     metrics = {
         "concept": prompt_set.concept,
@@ -363,7 +347,7 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
         metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)  # with loading model, judge, prompts
         write_json(staging / "metrics.json", metrics)
-        _publish(staging, out)
+        publish(staging, out)
     except OSError as err:  # name --out, not the hidden staging folder the error happened in
         raise output_error(err, out, "--out", reword=True) or err from None
     finally:
@@ -398,8 +382,8 @@ def _available_memory() -> int | None:
 def _check_memory(pipe, config: EvalConfig, n_rows: int) -> None:
     """Refuse, before generating, a run whose images (both models' are kept until scored) cannot fit in memory."""
     side = getattr(pipe.unet.config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
-    height = config.height or (32 if config.is_shapes else side)
-    width = config.width or (32 if config.is_shapes else side)
+    height = config.height or side
+    width = config.width or side
     needed = 2 * n_rows * height * width * 3
     available = _available_memory()
     if available is not None and needed > available:
@@ -410,40 +394,17 @@ def _check_memory(pipe, config: EvalConfig, n_rows: int) -> None:
         )
 
 
-OUTPUT_FILES = ("metrics.json", "images.csv", "report.html")
+OUTPUT_FILES = EVAL_FILES
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move a finished evaluation from ``staging`` into ``out``, replacing an earlier evaluation's files (and its
-    grids of roles this run does not have) but no other file. Ctrl-C is held back for these few renames; the old
-    ``metrics.json`` goes first and the new one comes last, so ``out`` never shows a finished evaluation whose
-    files are not all of one run."""
-    from erase.fsutil import deferred_interrupt
-
-    out.mkdir(exist_ok=True)
-    with deferred_interrupt():
-        (out / "metrics.json").unlink(missing_ok=True)
-        new = {p.name for p in staging.iterdir()}
-        for old in [*out.glob("grid_*_base.png"), *out.glob("grid_*_patched.png"), *(out / n for n in OUTPUT_FILES)]:
-            if old.name not in new:
-                old.unlink(missing_ok=True)
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
-            path.replace(out / path.name)
-
-
-def _patch_info(path: str | None, patch) -> dict | None:
-    from eval.clip import sha256_prefix
-
-    if patch is None:
+def _object_check(profile):
+    """A pixel check of whether an image shows an object at all, where the model's world has one
+    (`eval.oracle.object_check`), else ``None``."""
+    if profile.world is None:
         return None
-    return {
-        "path": str(path),
-        "sha256": sha256_prefix(path),
-        "kind": patch.kind,
-        "method": patch.method,
-        "concepts": patch.concepts,
-        "targets": patch.targets,
-    }
+    from eval.oracle import object_check
+
+    return object_check(profile.world)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +45,20 @@ JUDGES = ("clip", "oracle")
 _KEPT_MIN_SHARE = 0.01  # relative changes of classes rarer than this in the base are reported, not maximised over
 
 
-def _concept_tasks(config: EvalConfig, shapes: bool):
-    """``(tasks, task of the concept, canonical concept)``: the Shapes world's three tasks, or a prompt set's."""
+def _concept_tasks(config: EvalConfig, world: str | None):
+    """``(tasks, task of the concept, canonical concept)``: the generator's world's tasks, or a prompt set's."""
     from prompts.sets import find_concept, load_prompt_set, shapes_tasks
+    from prompts.shapes import is_world_set
 
-    if shapes and not config.prompts:
+    if world and not config.prompts:
         found = find_concept(config.concept)
         tasks = shapes_tasks()
-        if found is None or found[0] != "shapes":
+        if found is None or not is_world_set(found[0]):
             classes = ", ".join(c for t in tasks.values() for c in t.classes)
-            raise ValueError(f"{config.concept!r} is no class of the Shapes world: pass one of {classes}")
+            raise ValueError(f"{config.concept!r} is no class of the {world} world: pass one of {classes}")
         task = next(name for name, t in tasks.items() if found[1] in t.classes)
         return tasks, task, found[1]
-    prompt_set = load_prompt_set(config.prompts or "shapes", config.concept)
+    prompt_set = load_prompt_set(config.prompts, config.concept)
     return prompt_set.tasks, prompt_set.task, prompt_set.concept
 
 
@@ -142,9 +143,11 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
     ``report.html`` into ``out``. Every input is checked before any image is generated."""
     from erase.fsutil import check_output_folder
     from eval.clip import load_judge
-    from eval.oracle import OracleJudge, ShapesOracle
+    from eval.common import check_judge_world
+    from eval.oracle import OracleJudge, oracle_for
     from pipelines.apply import apply_patch, remove_patch
     from pipelines.gan import load_generator
+    from pipelines.profile import model_profile
 
     start = time.perf_counter()
     out = Path(out)
@@ -152,18 +155,19 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
     generator = load_generator(config.gan, trust_remote_code=config.trust_remote_code)
     if generator.module is None:
         raise ValueError(f"{config.gan} is a plain callable: a patch needs an nn.Module generator")
-    shapes = generator.name.startswith("shapes")
-    tasks, task, concept = _concept_tasks(config, shapes)
-    if not (config.judge or shapes):
+    profile = model_profile(generator)
+    config = replace(config)  # the defaults are resolved into a copy: the caller's config stays as given
+    config.resolve(profile)
+    tasks, task, concept = _concept_tasks(config, profile.world)
+    if not config.judge:
         raise ValueError(
             f"no judge for {config.gan}: pass --judge with a local CLIP (open_clip folder, transformers "
             "CLIPModel folder, or a checkpoint file with --judge-arch)"
         )
-    judge = load_judge(config.judge or "judge", config.judge_arch, None, config.trust_remote_code)
+    judge = load_judge(config.judge, config.judge_arch, None, config.trust_remote_code)
     clip = judge.clip if isinstance(judge, OracleJudge) else judge
-    if clip.describe()["backend"] == "shapes" and not shapes:
-        raise ValueError(f"the Shapes world's CLIP cannot judge {config.gan}: pass --judge with a real CLIP")
-    oracle = ShapesOracle() if shapes else None
+    check_judge_world(getattr(clip, "world", None), profile, config.gan)
+    oracle = oracle_for(profile.world)
     patch = None
     if config.patch:
         from erase.patch import load_patch
@@ -173,7 +177,7 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
 
     t0 = time.perf_counter()
     z = generator.sample_latents(config.latents, seed=config.latent_seed)
-    batch = max(config.batch_size, 64)
+    batch = config.batch_size
     base = _generate(generator, z, batch)
     if patch is not None:
         handle = apply_patch(generator.module, patch, config.patch_scale, force=config.force)
@@ -209,7 +213,7 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
                 np.mean(labels["oracle"][f"{label}_recognisable"])
             )
     scoring_s = time.perf_counter() - t0
-    from eval.evaluate import _patch_info, _versions
+    from eval.common import patch_info, versions
 
     metrics = {
         "concept": concept,
@@ -219,20 +223,21 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
         "oracle": oracle.describe() if oracle else None,
         "settings": {
             **asdict(config),
-            "patch_info": _patch_info(config.patch, patch),
+            "model_profile": profile.describe(),
+            "patch_info": patch_info(config.patch, patch),
             "patched_is": "the generator with the patch applied" if patch else "the generator again (no patch)",
             "latents_are": f"torch.randn({config.latents}, {generator.z_dim}) from torch.Generator seed "
             f"{config.latent_seed}",
             "fd_clip_features": "L2-normalised judge image embeddings of kept latents",
             "torch_threads": torch.get_num_threads(),
-            "versions": _versions(),
+            "versions": versions(),
         },
         **metrics_by_judge,
         "timing": {"generation_s": round(generation_s, 2), "scoring_s": round(scoring_s, 2)},
     }
     t0 = time.perf_counter()
     from erase.fsutil import output_error, remove_tree, temp_folder
-    from eval.evaluate import _publish
+    from eval.common import publish
     from eval.report import write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +247,7 @@ def run_gan_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> 
         metrics["timing"]["writing_s"] = round(time.perf_counter() - t0, 2)
         metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)
         write_json(staging / "metrics.json", metrics)
-        _publish(staging, out)
+        publish(staging, out)
     except OSError as err:
         raise output_error(err, out, "--out", reword=True) or err from None
     finally:

@@ -118,6 +118,8 @@ class ShapesOracle:
             area); the world's smallest objects cover about 100.
     """
 
+    world = "shapes"  # whose images it reads
+
     def __init__(
         self,
         vocab: ShapesVocab | None = None,
@@ -448,16 +450,16 @@ class OracleJudge:
     `describe` names.
 
     Args:
-        embeddings (`str`, *optional*, defaults to `"judge"`): the Shapes CLIP (``"judge"``, ``"guide"`` or a file)
-            whose image and text embeddings the embedding metrics use.
+        clip: the Shapes CLIP scorer (`eval.clip.ShapesClipScorer`) whose image and text embeddings the embedding
+            metrics use (`eval.clip.load_judge` ``("oracle")`` passes the judge CLIP).
         oracle (`ShapesOracle`, *optional*): the oracle; default thresholds when left out.
     """
 
-    def __init__(self, embeddings: str = "judge", oracle: ShapesOracle | None = None):
-        from eval.clip import ShapesClipScorer
+    world = "shapes"  # the world whose images it can read
 
+    def __init__(self, clip, oracle: ShapesOracle | None = None):
         self.oracle = oracle or ShapesOracle()
-        self.clip = ShapesClipScorer(embeddings)
+        self.clip = clip
         self.name = "shapes-oracle"
         self.batch_size, self.embed_dim = self.clip.batch_size, self.clip.embed_dim
 
@@ -485,45 +487,13 @@ class OracleJudge:
         return {**self.oracle.describe(), "embeddings": self.clip.describe()}
 
 
-def compare_with_judge(images: np.ndarray, judge, oracle: ShapesOracle | None = None, asked=None) -> dict:
-    """Where a CLIP judge and the oracle agree on the same images.
+def oracle_for(world: str | None) -> ShapesOracle | None:
+    """The pixel oracle of ``world``'s images (`ShapesOracle` for the Shapes world), or ``None`` (no world, or one
+    without an oracle)."""
+    return ShapesOracle() if world == ShapesOracle.world else None
 
-    Args:
-        images (`np.ndarray`): ``uint8 [N, H, W, 3]`` Shapes world images.
-        judge: a CLIP judge (``encode_image``/``encode_text``), classified zero-shot on the world's three tasks.
-        oracle (`ShapesOracle`, *optional*): the oracle; default thresholds when left out.
-        asked (`list[dict]`, *optional*): per image, the attributes its prompt asked for; adds each reader's
-            share of images showing what was asked.
 
-    Returns a dict with ``n``, ``present`` and ``recognisable`` (oracle shares) and per attribute: ``agreement`` over
-    all images, ``agreement_where_read`` over images where the oracle read a world class, the most common
-    ``disagreements`` as ``"oracle -> judge": count``, and with ``asked`` the ``oracle_correct``/``judge_correct``
-    shares.
-    """
-    from collections import Counter
-
-    from eval.shapes import attribute_classifiers
-
-    oracle = oracle or ShapesOracle()
-    readings = oracle.read(images)
-    embeddings = judge.encode_image(images)
-    out = {
-        "n": len(readings),
-        "present": float(np.mean([r.present for r in readings])),
-        "recognisable": float(np.mean([r.recognisable for r in readings])),
-    }
-    for attribute, classifier in attribute_classifiers(judge).items():
-        judged = classifier.predict(embeddings)
-        read = [r.get(attribute) for r in readings]
-        where = [i for i, label in enumerate(read) if label not in (NONE, UNRECOGNISABLE, HOLLOW)]
-        pairs = Counter((a, b) for a, b in zip(read, judged) if a != b)
-        entry = {
-            "agreement": float(np.mean([a == b for a, b in zip(read, judged)])),
-            "agreement_where_read": float(np.mean([read[i] == judged[i] for i in where])) if where else None,
-            "disagreements": {f"{a} -> {b}": k for (a, b), k in pairs.most_common(8)},
-        }
-        if asked is not None:
-            entry["oracle_correct"] = float(np.mean([r == a[attribute] for r, a in zip(read, asked)]))
-            entry["judge_correct"] = float(np.mean([j == a[attribute] for j, a in zip(judged, asked)]))
-        out[attribute] = entry
-    return out
+def object_check(world: str | None):
+    """The pixel check ``images -> [bool]`` (is there an object at all) of ``world``'s images, or ``None``."""
+    oracle = oracle_for(world)
+    return oracle.object_present if oracle else None

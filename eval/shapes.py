@@ -156,3 +156,47 @@ def gan_quality(generator, n: int = 2000, seed: int = 0, oracle=None, judge=None
     table["bars"] = dict(GAN_QUALITY_BARS)
     table["passes"] = {k: table[k] >= bar for k, bar in GAN_QUALITY_BARS.items() if k in table}
     return table
+
+
+def compare_with_judge(images: np.ndarray, judge, oracle=None, asked=None) -> dict:
+    """Where a CLIP judge and the oracle agree on the same images.
+
+    Args:
+        images (`np.ndarray`): ``uint8 [N, H, W, 3]`` Shapes world images.
+        judge: a CLIP judge (``encode_image``/``encode_text``), classified zero-shot on the world's three tasks.
+        oracle (`ShapesOracle`, *optional*): the oracle; default thresholds when left out.
+        asked (`list[dict]`, *optional*): per image, the attributes its prompt asked for; adds each reader's
+            share of images showing what was asked.
+
+    Returns a dict with ``n``, ``present`` and ``recognisable`` (oracle shares) and per attribute: ``agreement`` over
+    all images, ``agreement_where_read`` over images where the oracle read a world class, the most common
+    ``disagreements`` as ``"oracle -> judge": count``, and with ``asked`` the ``oracle_correct``/``judge_correct``
+    shares.
+    """
+    from collections import Counter
+
+    from eval.oracle import HOLLOW, NONE, UNRECOGNISABLE, ShapesOracle
+
+    oracle = oracle or ShapesOracle()
+    readings = oracle.read(images)
+    embeddings = judge.encode_image(images)
+    out = {
+        "n": len(readings),
+        "present": float(np.mean([r.present for r in readings])),
+        "recognisable": float(np.mean([r.recognisable for r in readings])),
+    }
+    for attribute, classifier in attribute_classifiers(judge).items():
+        judged = classifier.predict(embeddings)
+        read = [r.get(attribute) for r in readings]
+        where = [i for i, label in enumerate(read) if label not in (NONE, UNRECOGNISABLE, HOLLOW)]
+        pairs = Counter((a, b) for a, b in zip(read, judged) if a != b)
+        entry = {
+            "agreement": float(np.mean([a == b for a, b in zip(read, judged)])),
+            "agreement_where_read": float(np.mean([read[i] == judged[i] for i in where])) if where else None,
+            "disagreements": {f"{a} -> {b}": k for (a, b), k in pairs.most_common(8)},
+        }
+        if asked is not None:
+            entry["oracle_correct"] = float(np.mean([r == a[attribute] for r, a in zip(read, asked)]))
+            entry["judge_correct"] = float(np.mean([j == a[attribute] for j, a in zip(judged, asked)]))
+        out[attribute] = entry
+    return out

@@ -80,6 +80,7 @@ class GanGenerator:
         self._to_w, self._synthesis = to_w, synthesis
         self._groups = layer_groups
         self.name = name or type(module if module is not None else forward).__name__
+        self.world: str | None = None  # an embedded world's name when this is its generator (its profile key)
 
     # ------------------------------------------------------------------------------------------------ sampling
     def sample_latents(self, n: int, seed: int | torch.Generator = 0) -> torch.Tensor:
@@ -362,26 +363,11 @@ def _nvlabs_synthesis(network: nn.Module):
 
 
 def shapes_generator(name: str = "shapes") -> GanGenerator:
-    """The Shapes world's GAN: ``"shapes"`` (shipped) or a Shapes GAN ``.safetensors`` file."""
-    from pipelines.shapes import WEIGHTS_DIR
-    from pipelines.shapes.gan import load_generator_file
+    """The Shapes world's GAN: the shipped one or a Shapes GAN ``.safetensors`` file
+    (`pipelines.shapes.registry.world_generator`)."""
+    from pipelines.shapes.registry import world_generator
 
-    path = WEIGHTS_DIR / "gan_shapes.safetensors" if name == "shapes" else Path(name).expanduser()
-    if not path.is_file():
-        if name == "shapes":
-            raise FileNotFoundError(f"the shipped Shapes GAN {path} is missing: run 'erase world train --only gan'")
-        raise FileNotFoundError(f"Shapes GAN file {path} not found: pass 'shapes' or an existing file")
-    generator = load_generator_file(path)
-    return from_module(generator, name="shapes" if name == "shapes" else f"shapes:{path.name}")
-
-
-def _is_shapes_gan(path: Path) -> bool:
-    from pipelines.shapes.io import read_metadata
-
-    try:
-        return read_metadata(path).get("erase.format", "").startswith("shapes-gan/")
-    except Exception:  # not a safetensors file at all: let the caller's loader say so
-        return False
+    return world_generator(name)
 
 
 def load_generator(
@@ -407,8 +393,10 @@ def load_generator(
             kwargs = json.loads(kwargs)
         except json.JSONDecodeError as err:
             raise ValueError(f"generator keyword arguments are not JSON ({err}): pass a JSON object") from None
-    if spec == "shapes":
-        return shapes_generator()
+    from pipelines.shapes.registry import is_world_gan_file, shipped_gan, world_generator
+
+    if shipped_gan(spec) is not None:
+        return world_generator(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -420,7 +408,7 @@ def load_generator(
     if suffix != ".safetensors":
         raise ValueError(f"{path} has an unsupported suffix {suffix!r}: use .safetensors (or an NVlabs .pkl)")
     if class_path is None:
-        if _is_shapes_gan(path):
-            return shapes_generator(str(path))
+        if is_world_gan_file(path):
+            return world_generator(str(path))
         raise ValueError(f"{path} is a state dict without its class: pass --gan-class package.module:Class")
     return from_state_dict(path, class_path, kwargs)

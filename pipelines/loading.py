@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-SHAPES = "shapes"  # the Shapes world's shipped pipeline; see `load_pipeline`
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 # diffusers' single-file model types (``infer_diffusers_model_type``) that map onto the supported pipelines.
 SINGLE_FILE_TYPES = {
@@ -60,23 +59,27 @@ def load_pipeline(
     Returns:
         `StableDiffusionPipeline` or `StableDiffusionXLPipeline`.
     """
-    if str(model) == SHAPES:  # the Shapes world's shipped pipeline; a local folder of that name is "./shapes"
-        return _load_shapes(dtype)
+    from pipelines.shapes.registry import mark_pipeline, marker_world, shipped_pipeline
+
+    shipped = shipped_pipeline(model)  # a world's name means its shipped file; a local folder of that name is "./x"
+    if shipped is not None:
+        return mark_pipeline(_load_shipped(shipped, dtype))
     path = check_model(model)
     if path.is_dir():
         if config is not None:
             raise ValueError(f"{path}: config= applies to single checkpoint files only; drop it for a folder")
-        return _load_folder(path, dtype)
+        pipe, world = _load_folder(path, dtype), marker_world(path)  # an exported world folder carries a marker
+        return mark_pipeline(pipe, world) if world else pipe
     return _load_single_file(path, dtype, trust_remote_code, config)
 
 
 def check_model(model: str | os.PathLike) -> Path:
     """The local path of ``model`` (``"shapes"``: the shipped file), or the one-line error `load_pipeline` would give
     for a missing one; cheap, so that commands can check every input before loading anything."""
-    if str(model) == SHAPES:
-        from pipelines.shapes.clip import WEIGHTS_DIR
+    from pipelines.shapes.registry import shipped_pipeline
 
-        path = WEIGHTS_DIR / "sd_shapes.safetensors"
+    path = shipped_pipeline(model)
+    if path is not None:
         if not path.is_file():
             raise FileNotFoundError(
                 f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'"
@@ -214,11 +217,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, trust_remote_code: bool, c
         return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
 
 
-def _load_shapes(dtype: torch.dtype):
-    from pipelines.shapes.clip import WEIGHTS_DIR
+def _load_shipped(path: Path, dtype: torch.dtype):
     from pipelines.shapes.diffusion import load_pipeline_file
 
-    path = WEIGHTS_DIR / "sd_shapes.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'")
     pipe = load_pipeline_file(path)  # float32, as trained

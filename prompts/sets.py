@@ -33,7 +33,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from prompts.shapes import ATTRIBUTES, fix_articles, load_shapes_vocab
+from prompts.shapes import ATTRIBUTES, SET_NAME, fix_articles, is_world_set, load_shapes_vocab
 
 ROLES = ("target", "paraphrase", "retain_in", "retain_cross")
 SHIPPED_SETS = ("shapes", "artists", "imagenette", "nudity")
@@ -166,7 +166,7 @@ def _domain_names(d: dict) -> dict[str, list[str]]:
 
 def _task_names(set_name: str) -> dict[str, dict[str, list[str]]]:
     """Task -> class -> every word naming it, over a shipped set's tasks (its own and its cross domain's)."""
-    if set_name == "shapes":
+    if is_world_set(set_name):
         vocab = load_shapes_vocab()
         return {
             a: {c: vocab.words(a, c) + (vocab.style_postfixes(c) if a == "style" else []) for c in vocab.classes(a)}
@@ -196,7 +196,7 @@ def find_concept(concept: str) -> tuple[str, str] | None:
     """``(set name, canonical class)`` of the first shipped set that knows ``concept`` (by name or word)."""
     for (attribute, name), words in _shapes_names().items():
         if _resolve(concept, {name: words}):
-            return "shapes", name
+            return SET_NAME, name
     for set_name in SHIPPED_SETS[1:]:
         d = _domain(set_name)
         found = _resolve(concept, _domain_names(d))
@@ -453,7 +453,7 @@ def csv_prompt_set(path: str | Path, concept: str) -> PromptSet:
     raw = read_prompt_csv(path)
     found = find_concept(concept)
     if found:
-        base = shapes_prompt_set(found[1]) if found[0] == "shapes" else domain_prompt_set(found[0], found[1])
+        base = shapes_prompt_set(found[1]) if is_world_set(found[0]) else domain_prompt_set(found[0], found[1])
         tasks, task, name = dict(base.tasks), base.task, base.concept
         names = _task_names(found[0])
     else:
@@ -512,7 +512,7 @@ def load_prompt_set(
                 f"(columns prompt,evaluation_seed[,case_number,class,role]) or one of {', '.join(SHIPPED_SETS)}"
             )
         name_or_path = found[0]
-    if name_or_path == "shapes":
+    if is_world_set(name_or_path):
         result = shapes_prompt_set(concept, seeds_per_prompt, max_per_template)
     elif name_or_path in SHIPPED_SETS:
         result = domain_prompt_set(name_or_path, concept, seeds_per_prompt)

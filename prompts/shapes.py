@@ -90,3 +90,11 @@ def load_shapes_vocab() -> ShapesVocab:
     """Load the Shapes world's vocabulary shipped with this package."""
     text = resources.files("prompts").joinpath("data/shapes_world.json").read_text(encoding="utf-8")
     return ShapesVocab(json.loads(text))
+
+
+SET_NAME = "shapes"  # the world's prompt set (`prompts.sets.load_prompt_set`), also the world's --model name
+
+
+def is_world_set(name) -> bool:
+    """Whether ``name`` is the Shapes world's prompt set (the one place that compares a set name with it)."""
+    return str(name) == SET_NAME

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 
 from prompts.sets import load_prompt_set
-from prompts.shapes import ATTRIBUTES, fix_articles, load_shapes_vocab
+from prompts.shapes import ATTRIBUTES, fix_articles, is_world_set, load_shapes_vocab
 
 TRAINING_SEED_BASE = 2**40  # evaluation seeds are case numbers (< 2**31); training seeds start here
 RETAIN_PER_TEMPLATE = 24
@@ -117,7 +117,7 @@ def concept_prompts(concept: str, prompt_set: str | None = None) -> ConceptPromp
             f"prompt set {pset.name!r} has no target prompts for {pset.concept!r}; add rows with role target"
         )
     word = pset.concept
-    if pset.name == "shapes":
+    if is_world_set(pset.name):
         retain = _shapes_retain(pset.task, pset.concept)
     else:
         retain = list(dict.fromkeys(r.prompt for r in pset.rows if r.role in ("retain_in", "retain_cross")))
@@ -128,7 +128,7 @@ def default_guide(concepts: list[ConceptPrompts], index: int) -> str:
     """The documented default guide of ``concepts[index]``: a concrete Shapes class that is not being erased, or the
     real-model set's guide (`SET_GUIDES`)."""
     c = concepts[index]
-    if c.set_name == "shapes":
+    if is_world_set(c.set_name):
         erased = {x.concept for x in concepts}
         for guide in SHAPES_GUIDES.get(c.concept, c.others):
             if guide not in erased:

@@ -295,7 +295,7 @@ def test_a_real_model_without_a_judge(capsys, tmp_path):
     err = _one_line_error(
         capsys, ["eval", "--model", str(folder), "--concept", "church", "--judge", "judge"], tmp_path
     )
-    assert "only knows 32x32 shapes" in err
+    assert "world's judge only knows that world's images" in err
 
 
 def test_bad_numbers_are_refused(capsys, tmp_path):

@@ -43,6 +43,6 @@ def test_a_generator_erased_to_black_is_judged_none_by_both(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert main([*ARGS[:4], "teal", "--out", str(tmp_path / "e")]) == 2
-    assert "'teal' is no class of the Shapes world" in capsys.readouterr().err
+    assert "'teal' is no class of the shapes world" in capsys.readouterr().err
     assert main(["eval", "--gan", "mystery.safetensors", "--concept", "red", "--out", str(tmp_path / "e")]) == 2
     assert "unknown GAN" in capsys.readouterr().err

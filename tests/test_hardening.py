@@ -786,3 +786,82 @@ def test_erase_patch_stays_a_leaf():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert result.returncode == 0, result.stderr
     assert erase.patch.__name__ == "erase.patch"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Anchors, --model and --gan checked against what the model is, before any model work (issue 18)
+
+
+def test_an_anchor_equal_to_the_concept_is_refused_before_the_model_is_looked_at(tmp_path, capsys):
+    out, missing = tmp_path / "p.safetensors", tmp_path / "no-such-model"
+    cases = [
+        (["--method", "esd", "--anchor", "red"], "--anchor 'red' is the concept being erased"),
+        (["--method", "salun", "--anchor", "blue|Red"], "--anchor 'Red' is the concept being erased"),
+        (["--method", "doco", "--anchor", "red"], "--anchor 'red' is the concept being erased"),
+        (["--method", "uce", "--guide", "red"], "--guide 'red' is the concept being erased"),
+    ]
+    with untouched(tmp_path):
+        for flags, expected in cases:  # the model does not exist: the anchor is what gets named
+            refused(capsys, ["train", *flags, "--model", missing, "--concept", "red", "--out", out], expected)
+        refused(
+            capsys,
+            ["train", "--method", "text2unlearn", "--concept", "red", "--anchor", "red", "--out", out],
+            "--anchor 'red' is the concept being erased",
+        )
+
+
+def test_an_anchor_the_shapes_world_cannot_draw_is_refused_naming_the_valid_ones(world, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    with untouched(tmp_path):
+        for flags in (["--method", "esd", "--anchor", "zebra"], ["--method", "salun", "--anchor", "blue|zebra"]):
+            line = refused(
+                capsys,
+                ["train", *flags, "--concept", "red", "--steps", "1", "--out", out],
+                "--anchor 'zebra' is not a word of the shapes world's colour family",
+                "use one of",
+            )
+            assert "blue" in line and "green" in line
+        refused(  # the same weights from an exported folder are the same world
+            capsys,
+            ["train", "--method", "uce", "--model", _exported_world(world), "--concept", "red", "--guide", "zebra"]
+            + ["--out", out],
+            "--guide 'zebra' is not a word of the shapes world's colour family",
+        )
+    # a real model draws any word: the same anchor is accepted on an SD-architecture folder
+    patch = erase_train_api("esd", model=str(world.model), anchor=["zebra"])
+    assert patch.config["anchor"] == ["zebra"]
+
+
+def _exported_world(world) -> Path:
+    from erase.world import export_world
+
+    folder = world.root / "shapes-export"
+    if not folder.exists():
+        export_world(folder)
+    return folder
+
+
+def erase_train_api(method: str, **settings):
+    from erase.registry import get_method
+    from erase.training.run import train_patch
+
+    config = get_method(method).CONFIG(
+        concepts=["red"], prompts="shapes", steps=1, batch_size=1, sample_steps=2, trajectories=1, **settings
+    )
+    return train_patch(method, config, progress=False)
+
+
+def test_model_is_refused_where_it_would_be_silently_ignored(tmp_path, capsys):
+    out = tmp_path / "out"
+    with untouched(tmp_path):
+        refused(
+            capsys,
+            ["train", "--method", "text2unlearn", "--model", "shapes", "--concept", "red", "--out", tmp_path / "p"],
+            "--model shapes does not apply to text2unlearn",
+            "--gan",
+        )
+        refused(
+            capsys,
+            ["eval", "--gan", "shapes", "--model", "shapes", "--concept", "red", "--out", out],
+            "--model shapes does not apply to --gan",
+        )

@@ -107,7 +107,7 @@ def test_the_evaluator_counts_empty_frames_as_none_with_either_judge():
     empty = np.clip(np.rint(_canvas(6, background=28.0)), 0, 255).astype(np.uint8)
     images = np.concatenate([drawn, empty])
     oracle = ShapesOracle()
-    for judge in (ShapesClipScorer("judge"), OracleJudge()):
+    for judge in (ShapesClipScorer("judge"), OracleJudge(ShapesClipScorer("judge"))):
         classifiers = build_classifiers(judge, prompt_set)
         judged = judge_rows(judge, classifiers, images, judge.encode_image(images), oracle.object_present)
         assert judged["colour"][:6] == ["red"] * 6
@@ -116,7 +116,7 @@ def test_the_evaluator_counts_empty_frames_as_none_with_either_judge():
 
 def test_oracle_and_judge_agree_on_drawn_images():
     from eval.clip import ShapesClipScorer
-    from eval.oracle import compare_with_judge
+    from eval.shapes import compare_with_judge
 
     images, attrs, _, _ = ShapesWorld().sample(200, EVAL_SEED_OFFSET + 80)
     table = compare_with_judge(images, ShapesClipScorer("judge"), asked=[a.__dict__ for a in attrs])

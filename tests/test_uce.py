@@ -83,8 +83,9 @@ def test_lora_patch_equals_the_delta_patch(tmp_path):
 def test_guides_one_per_concept_and_defaults_avoid_erased_classes():
     pipe = tiny_pipeline("sd1")
     config = UCEConfig(model="tiny", concepts=["red", "green", "blue"])
-    train_patch("uce", config, pipe=pipe, progress=False)
-    assert config.guide == ["yellow", "purple", "yellow"]
+    patch = train_patch("uce", config, pipe=pipe, progress=False)
+    assert patch.config["guide"] == ["yellow", "purple", "yellow"]  # resolved into the patch's config
+    assert config.guide == []  # the caller's config is left as given
     with pytest.raises(ValueError, match="one --guide for all concepts or one per concept"):
         train_patch("uce", UCEConfig(model="tiny", concepts=["red", "green"], guide=["a", "b", "c"]), pipe=pipe)
 

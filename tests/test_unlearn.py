@@ -18,7 +18,7 @@ from erase.methods.salun import SalUnConfig
 from erase.patch import MASK, load_patch, unpack_mask
 from erase.training.checkpoint import list_checkpoints
 from erase.training.data import retain_prompts, split_retain, with_anchors
-from erase.training.run import TrainContext, train_patch
+from erase.training.run import make_context, train_patch
 from pipelines.apply import apply_patch, remove_patch
 from pipelines.denoise import Conditioning, PromptEncoder, unet_output
 from prompts.training import concept_prompts
@@ -69,7 +69,7 @@ def test_salun_and_doco_on_every_architecture(arch, tmp_path):
 
 def test_salun_sparse_mask_is_the_saliency_mask_and_masked_weights_never_move(tmp_path):
     pipe = tiny_pipeline("sd1")
-    ctx = TrainContext(config=salun_config(), pipe=pipe, concepts=[concept_prompts("red", "shapes")], progress=False)
+    ctx = make_context("salun", salun_config(), pipe=pipe, progress=False)  # defaults resolved, as train_patch does
     mask = salun.prepare(ctx).mask
     total = sum(m.numel() for m in mask.values())
     assert sum(int(m.sum()) for m in mask.values()) == total // 2  # the default ratio 0.5, exactly

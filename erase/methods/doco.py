@@ -81,9 +81,9 @@ from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.config import AdversarialTrainConfig
-from erase.training.data import generate_latents, retain_prompts, spread, with_anchors
-from erase.training.loop import TrainingLoop, adam
-from erase.training.student import Student
+from erase.training.data import SEED_OFFSETS, retain_prompts, spread, with_anchors
+from erase.training.loop import adam
+from erase.training.student import Student, seeded
 from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
@@ -149,10 +149,14 @@ class DoCoConfig(AdversarialTrainConfig):
         default=None, metadata={"help": "guidance generating images (7.5; shapes 5)"}
     )
 
+    WORD_FIELDS = ("anchor",)
+
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.retain_far_share <= 1.0:
             raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
+        if self.warm_up is None:  # saved in the patch as resolved
+            self.warm_up = self.steps // 6
         self.check_finite_nonnegative("dlr", "surgery_lambda", "prior_weight")
         if self.dlr == 0:
             raise ValueError("dlr must be above 0")
@@ -164,6 +168,11 @@ class DoCoConfig(AdversarialTrainConfig):
 
 
 CONFIG = DoCoConfig
+# per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
+DEFAULTS = {
+    "shapes": {"lr": 1e-3, "sample_steps": 25, "sample_guidance": 5.0},
+    "sd": {"lr": lambda c: 6e-6 * c.batch_size, "sample_steps": 50, "sample_guidance": 7.5},  # README: --scale_lr
+}
 
 
 class PatchDiscriminator(nn.Module):
@@ -212,72 +221,38 @@ def adversarial_loss(d: nn.Module, x0_tgt: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
 
 
-def _resolve(config: DoCoConfig, is_shapes: bool, concepts) -> list[str]:
-    """Fill the per-model defaults into ``config`` (it is saved in the patch); returns the anchor of each concept."""
-    if config.lr is None:
-        config.lr = 1e-3 if is_shapes else 6e-6 * config.batch_size  # README: 6e-6 with --scale_lr
-    if config.warm_up is None:
-        config.warm_up = config.steps // 6
-    if config.sample_steps is None:
-        config.sample_steps = 25 if is_shapes else 50
-    if config.sample_guidance is None:
-        config.sample_guidance = 5.0 if is_shapes else 7.5
-    if config.anchor and len(config.anchor) not in (1, len(concepts)):
-        raise ValueError(f"give one --anchor for all concepts or one per concept ({len(concepts)})")
-    if not config.anchor:
-        config.anchor = [default_guide(concepts, i) for i in range(len(concepts))]
-    return (config.anchor * len(concepts))[: len(concepts)]
+def _anchors(ctx) -> list[str]:
+    """The anchor of each concept (default: the prompt set's guide), written into the config (saved in the patch)."""
+    if not ctx.config.anchor:
+        ctx.config.anchor = ctx.per_concept([], lambda i: default_guide(ctx.concepts, i))
+    return ctx.per_concept(ctx.config.anchor)
 
 
 def _data(ctx, config: DoCoConfig, anchors: list[str], encode: PromptEncoder):
     """Per concept, the anchor images with (concept prompt, anchor prompt) pairs; the retain images if asked."""
-    pipe, concepts = ctx.pipe, ctx.concepts
-    common = {"steps": config.sample_steps, "guidance": config.sample_guidance, "progress": ctx.progress}
+    concepts = ctx.concepts
     sets, pairs, concept_sets = [], [], []
     for i, (concept, anchor) in enumerate(zip(concepts, anchors)):
         targets = spread(concept.targets, config.anchor_images, f"doco-anchor|{concept.concept}")
         anchor_prompts = with_anchors(concept, targets, anchor)
-        sets.append(
-            generate_latents(
-                pipe,
-                anchor_prompts,
-                seed=config.seed * 7919 + i,
-                desc=f"anchors {concept.concept}",
-                encoder=encode,
-                **common,
-            )
-        )
+        sets.append(ctx.images(anchor_prompts, SEED_OFFSETS["concept"] + i, f"anchors {concept.concept}", encode))
         pairs.append(targets)
         if config.adversarial_every:  # the concept's own images, for the adversarial token's search
-            concept_sets.append(
-                generate_latents(
-                    pipe,
-                    targets,
-                    seed=config.seed * 7919 + 52_711 + i,
-                    desc=f"concept images {concept.concept}",
-                    encoder=encode,
-                    **common,
-                )
-            )
+            offset = SEED_OFFSETS["concept_images"] + i
+            concept_sets.append(ctx.images(targets, offset, f"concept images {concept.concept}", encode))
     retain = None
     if config.prior in ("retain", "both"):
         if not shared_retain(concepts):
             raise ValueError(f"prior {config.prior!r} needs retain prompts, and the prompt set has none; use anchor")
-        retain = generate_latents(
-            pipe,
-            retain_prompts(concepts, config.retain_images, config.retain_far_share, "doco-retain"),
-            seed=config.seed * 7919 + 104_729,
-            desc="retain images",
-            encoder=encode,
-            **common,
-        )
+        prompts = retain_prompts(concepts, config.retain_images, config.retain_far_share, "doco-retain")
+        retain = ctx.images(prompts, SEED_OFFSETS["retain"], "retain images", encode)
     return sets, pairs, concept_sets, retain
 
 
 def train(ctx) -> Patch:
     config: DoCoConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
-    anchors = _resolve(config, config.model == "shapes", concepts)
+    anchors = _anchors(ctx)
     check_token(ctx.pipe, config)
     scheduler, teacher = pipe.scheduler, pipe.unet
     encode = PromptEncoder(pipe)
@@ -286,14 +261,14 @@ def train(ctx) -> Patch:
     student = Student(teacher, resolve(config.preset, "unet", teacher), config.kind, config.rank, config.lora_alpha)
     params = student.named_trainable()
     h, w = anchor_sets[0].latents.shape[-2:]
-    torch.manual_seed(config.seed)  # D's initial weights
     n_disc = len(concepts) if config.discriminator == "per-concept" else 1
-    discs = [
-        PatchDiscriminator(
-            anchor_sets[0].latents.shape[1], config.disc_width, config.disc_layers or discriminator_layers(h, w)
-        ).to(teacher.device)
-        for _ in range(n_disc)
-    ]
+    with seeded(config.seed):  # D's initial weights (the caller's global RNG is left alone)
+        discs = [
+            PatchDiscriminator(
+                anchor_sets[0].latents.shape[1], config.disc_width, config.disc_layers or discriminator_layers(h, w)
+            ).to(teacher.device)
+            for _ in range(n_disc)
+        ]
     disc_names = ["discriminator"] + [f"discriminator_{k}" for k in range(1, n_disc)]
     opt_g = adam(params.values(), lr=config.lr)
     opt_d = adam([p for d in discs for p in d.parameters()], lr=config.dlr, betas=(0.5, 0.999))
@@ -302,15 +277,9 @@ def train(ctx) -> Patch:
         if config.adversarial_every
         else None
     )
-    loop = TrainingLoop(
-        config,
+    loop = ctx.loop(
         {"student": student.module, **dict(zip(disc_names, discs)), **({"adversarial": adv.tokens} if adv else {})},
         {"adam": opt_g, "adam_d": opt_d, **({"adam_adversarial": adv.optimizer} if adv else {})},
-        checkpoint_dir=ctx.checkpoint_dir,
-        resume=ctx.resume,
-        desc=f"doco: erasing {', '.join(config.concepts)}",
-        progress=ctx.progress,
-        method="doco",
         frozen=[teacher, *(text_encoders(ctx.pipe) if adv else [])],  # the token search's text passes
     )
     # The generator's two gradients come from torch.autograd.grad on the raw modules (DDP hooks only fire in
@@ -393,7 +362,7 @@ def train(ctx) -> Patch:
         return logs
 
     ctx.stats.update(loop.run(step_fn))
-    return student.to_patch(dtype=config.dtype, method="doco", config={}, concepts=config.concepts, notes={})
+    return ctx.to_patch(student)
 
 
 def _present(grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:

@@ -26,8 +26,10 @@ on real models, where 200 steps of batch 1 draw 200 states). ``trajectories=0`` 
 Presets (official ``esd_sd.py``): ``esd-x`` every ``attn2`` layer, ``esd-x-strict`` ``attn2.to_k/to_v``, ``esd-u``
 everything but ``attn2``, ``esd-all`` every layer. Several concepts: one concept per step, in turn.
 
-Defaults: eta 2 and guidance 3 as the official SD code; 200 steps at lr 5e-5 there (``lr`` and ``sample_steps``
-resolve to 1e-3 and 25 on the Shapes world, whose tiny UNet and 25-step sampling these were measured on).
+Defaults: eta 2 and guidance 3 as the official SD code; 200 steps at lr 5e-5 there. Per model (`DEFAULTS`, chosen by
+the loaded model's `pipelines.profile.ModelProfile`): ``lr`` 1e-3, ``sample_steps`` 25, 64 trajectories sampled 32 at
+a time on the Shapes world, whose tiny UNet and 25-step sampling these were measured on; 5e-5, 50, 16 and 4 on
+Stable Diffusion models.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import torch.nn.functional as F
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
-from erase.training.loop import TrainingLoop
 from erase.training.student import Student
 from pipelines.denoise import (
     Conditioning,
@@ -79,6 +80,10 @@ class ESDConfig(TrainConfig):
         default=None,
         metadata={"help": "frozen-model trajectories cached per concept (0: sample every step; 64, real models 16)"},
     )
+    sample_batch: int | None = field(
+        default=None, metadata={"help": "trajectories sampled per batch (32 for tiny latents, 4 at 512 px)"}
+    )
+    WORD_FIELDS = ("anchor",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,9 +91,15 @@ class ESDConfig(TrainConfig):
         if self.trajectories is not None and self.trajectories < 0:
             raise ValueError(f"trajectories must be 0 (sample every step) or more, got {self.trajectories}")
         self.check_at_least(2, "sample_steps")
+        self.check_at_least(1, "sample_batch")
 
 
 CONFIG = ESDConfig
+# per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
+DEFAULTS = {
+    "shapes": {"lr": 1e-3, "sample_steps": 25, "trajectories": 64, "sample_batch": 32},
+    "sd": {"lr": 5e-5, "sample_steps": 50, "trajectories": 16, "sample_batch": 4},
+}
 
 
 def esd_target(e_c: torch.Tensor, e_n: torch.Tensor, eta: float) -> torch.Tensor:
@@ -96,22 +107,10 @@ def esd_target(e_c: torch.Tensor, e_n: torch.Tensor, eta: float) -> torch.Tensor
     return e_c - eta * (e_c - e_n)
 
 
-def _resolve(config: ESDConfig, is_shapes: bool, n_concepts: int) -> None:
-    if config.lr is None:
-        config.lr = 1e-3 if is_shapes else 5e-5
-    if config.sample_steps is None:
-        config.sample_steps = 25 if is_shapes else 50
-    if config.trajectories is None:
-        config.trajectories = 64 if is_shapes else 16
-    if config.anchor and len(config.anchor) not in (1, n_concepts):
-        raise ValueError(f"give one --anchor for all concepts or one per concept ({n_concepts})")
-
-
 def train(ctx) -> Patch:
     config: ESDConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
-    _resolve(config, config.model == "shapes", len(concepts))
-    anchors = (config.anchor * len(concepts))[: len(concepts)] if config.anchor else [None] * len(concepts)
+    anchors = ctx.per_concept(config.anchor)
 
     def neutral_of(concept, prompt: str, anchor: str | None) -> str:
         if anchor:
@@ -125,17 +124,7 @@ def train(ctx) -> Patch:
         pipe.unet, resolve(PRESETS[config.preset], "unet", pipe.unet), config.kind, config.rank, config.lora_alpha
     )
     optimizer = torch.optim.Adam(student.trainable(), lr=config.lr)
-    loop = TrainingLoop(
-        config,
-        {"student": student.module},
-        {"adam": optimizer},
-        checkpoint_dir=ctx.checkpoint_dir,
-        resume=ctx.resume,
-        desc=f"esd: erasing {', '.join(config.concepts)}",
-        progress=ctx.progress,
-        method="esd",
-        frozen=[pipe.unet],
-    )
+    loop = ctx.loop({"student": student.module}, {"adam": optimizer}, frozen=[pipe.unet])
     trained = loop.modules["student"]
     teacher = pipe.unet
     sampler = sampling_pipeline(pipe, teacher, config.sample_steps)
@@ -172,7 +161,7 @@ def train(ctx) -> Patch:
         return logs
 
     ctx.stats.update(loop.run(step_fn))
-    return student.to_patch(dtype=config.dtype, method="esd", config={}, concepts=config.concepts, notes={})
+    return ctx.to_patch(student)
 
 
 class _Sampler:
@@ -181,7 +170,6 @@ class _Sampler:
 
     def __init__(self, config: ESDConfig, sampler, encode: PromptEncoder, progress: bool):
         self.config, self.sampler, self.encode, self.progress = config, sampler, encode, progress
-        self.batch = 32 if config.model == "shapes" else 4  # sampling batch: tiny 32 px latents vs 512 px
 
     def pool(self, prompts: list[str], seed: int, desc: str):
         n = self.config.trajectories
@@ -197,6 +185,7 @@ class _Sampler:
             self.config.sample_steps,
             self.config.guidance,
             gens,
+            batch_size=self.config.sample_batch,
             progress=self.progress,
             desc=desc,
         )

@@ -68,8 +68,8 @@ from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.config import AdversarialTrainConfig
-from erase.training.data import LatentSet, generate_latents, retain_prompts, spread, with_anchors
-from erase.training.loop import TrainingLoop, adam
+from erase.training.data import SEED_OFFSETS, LatentSet, retain_prompts, spread, with_anchors
+from erase.training.loop import adam
 from erase.training.student import Student
 from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
 from pipelines.tokens import text_encoders
@@ -120,6 +120,8 @@ class SalUnConfig(AdversarialTrainConfig):
         default=None, metadata={"help": "guidance generating D_f/D_r (7.5; shapes 5)"}
     )
 
+    WORD_FIELDS = ("anchor",)
+
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.retain_far_share <= 1.0:
@@ -132,21 +134,18 @@ class SalUnConfig(AdversarialTrainConfig):
 
 
 CONFIG = SalUnConfig
+# per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
+DEFAULTS = {
+    "shapes": {"lr": 2e-3, "sample_steps": 25, "sample_guidance": 5.0},
+    "sd": {"lr": 1e-5, "sample_steps": 50, "sample_guidance": 7.5},
+}
 
 
-def _resolve(config: SalUnConfig, is_shapes: bool, concepts) -> list[str]:
-    """Fill the per-model defaults into ``config`` (it is saved in the patch); returns the anchor of each concept."""
-    if config.lr is None:
-        config.lr = 2e-3 if is_shapes else 1e-5
-    if config.sample_steps is None:
-        config.sample_steps = 25 if is_shapes else 50
-    if config.sample_guidance is None:
-        config.sample_guidance = 5.0 if is_shapes else 7.5
-    if config.anchor and len(config.anchor) not in (1, len(concepts)):
-        raise ValueError(f"give one --anchor for all concepts or one per concept ({len(concepts)})")
-    if not config.anchor:
-        config.anchor = [default_guide(concepts, i) for i in range(len(concepts))]
-    return (config.anchor * len(concepts))[: len(concepts)]
+def _anchors(ctx) -> list[str]:
+    """The anchor of each concept (default: the prompt set's guide), written into the config (saved in the patch)."""
+    if not ctx.config.anchor:
+        ctx.config.anchor = ctx.per_concept([], lambda i: default_guide(ctx.concepts, i))
+    return ctx.per_concept(ctx.config.anchor)
 
 
 def guided_prediction(unet, x_t, t, cond: Conditioning, uncond: Conditioning, w: float) -> torch.Tensor:
@@ -182,28 +181,16 @@ def compute_saliency(
 
 def _data(ctx, config: SalUnConfig, anchors: list[str], encode: PromptEncoder):
     """The forget set of each concept (with the remap prompt of each image) and the shared retain set."""
-    pipe, concepts = ctx.pipe, ctx.concepts
-    common = {"steps": config.sample_steps, "guidance": config.sample_guidance, "progress": ctx.progress}
+    concepts = ctx.concepts
     forget, remap = [], []
     for i, (concept, anchor) in enumerate(zip(concepts, anchors)):
         prompts = spread(concept.targets, config.forget_images, f"salun-forget|{concept.concept}")
-        forget.append(
-            generate_latents(
-                pipe, prompts, seed=config.seed * 7919 + i, desc=f"D_f {concept.concept}", encoder=encode, **common
-            )
-        )
+        forget.append(ctx.images(prompts, SEED_OFFSETS["concept"] + i, f"D_f {concept.concept}", encode))
         remap.append(with_anchors(concept, prompts, anchor))
     if not shared_retain(concepts):
         raise ValueError("SalUn needs retain prompts, and the prompt set has none for these concepts; add retain rows")
-    retain = generate_latents(
-        pipe,
-        retain_prompts(concepts, config.retain_images, config.retain_far_share, "salun-retain"),
-        seed=config.seed * 7919 + 104_729,
-        desc="D_r",
-        encoder=encode,
-        **common,
-    )
-    return forget, remap, retain
+    prompts = retain_prompts(concepts, config.retain_images, config.retain_far_share, "salun-retain")
+    return forget, remap, ctx.images(prompts, SEED_OFFSETS["retain"], "D_r", encode)
 
 
 @dataclass
@@ -221,7 +208,7 @@ class Prepared:
 def prepare(ctx) -> Prepared:
     """Resolve the config, generate D_f and D_r, and compute the saliency mask (step 1)."""
     config: SalUnConfig = ctx.config
-    anchors = _resolve(config, config.model == "shapes", ctx.concepts)
+    anchors = _anchors(ctx)
     check_token(ctx.pipe, config)
     encode = PromptEncoder(ctx.pipe)
     forget, remap, retain = _data(ctx, config, anchors, encode)
@@ -252,15 +239,9 @@ def train(ctx) -> Patch:
     masks = {name: mask[name].to(p.device) for name, p in params.items()}
     optimizer = adam(params.values(), lr=config.lr)  # no weight decay: masked entries never move
     adv = AdversarialTraining(ctx.pipe, concepts, config, forget) if config.adversarial_every else None
-    loop = TrainingLoop(
-        config,
+    loop = ctx.loop(
         {"student": student.module, **({"adversarial": adv.tokens} if adv else {})},
         {"adam": optimizer, **({"adam_adversarial": adv.optimizer} if adv else {})},
-        checkpoint_dir=ctx.checkpoint_dir,
-        resume=ctx.resume,
-        desc=f"salun: erasing {', '.join(config.concepts)}",
-        progress=ctx.progress,
-        method="salun",
         frozen=[teacher, *(text_encoders(ctx.pipe) if adv else [])],  # the token search's text passes
     )
     trained = loop.modules["student"]
@@ -306,6 +287,4 @@ def train(ctx) -> Patch:
 
     ctx.stats.update(loop.run(step_fn))
     ctx.stats["mask_share"] = round(mask_share(mask), 6)
-    return student.to_patch(
-        dtype=config.dtype, method="salun", config={}, concepts=config.concepts, mask=mask, notes={}
-    )
+    return ctx.to_patch(student, mask=mask)

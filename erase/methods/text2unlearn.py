@@ -65,7 +65,6 @@ import torch.nn.functional as F
 from erase.patch import Patch
 from erase.targets import Target
 from erase.training.config import TrainConfig
-from erase.training.loop import TrainingLoop
 from erase.training.student import Student
 
 LATENT_SEED_OFFSET = 7_919_000  # training latents never share a stream with the evaluator's (seed 0)
@@ -77,6 +76,9 @@ class TextToUnlearnConfig(TrainConfig):
 
     KINDS = ("delta",)
 
+    model: str | None = field(
+        default=None, metadata={"help": "not used: text2unlearn trains the GAN given with --gan"}
+    )
     gan: str = field(default="shapes", metadata={"help": "the generator: 'shapes' or a Shapes GAN file"})
     guide: str = field(
         default="guide",
@@ -103,8 +105,15 @@ class TextToUnlearnConfig(TrainConfig):
     beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (NADA: 0)"})
     beta2: float = field(default=0.99, metadata={"help": "Adam beta2 (NADA: 0.99 ** 0.8, about 0.992)"})
 
+    WORD_FIELDS = ("anchor",)
+
     def __post_init__(self):
         super().__post_init__()
+        if self.model is not None:
+            raise ValueError(
+                f"--model {self.model} does not apply to text2unlearn, which trains a GAN: pass the generator with "
+                "--gan (and drop --model)"
+            )
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError(f"batch_size must be even (half with the concept, half without), got {self.batch_size}")
         if self.augment < 0:
@@ -116,6 +125,8 @@ class TextToUnlearnConfig(TrainConfig):
 
 
 CONFIG = TextToUnlearnConfig
+# per-model defaults, by `pipelines.profile.ModelProfile.key`: one row serves every GAN (the Shapes GAN included)
+DEFAULTS = {"gan": {"lr": 1e-4}}  # NADA's 0.0016 assumes an equalized learning rate (see the module docstring)
 
 
 def _refuse_judge(spec: str) -> None:
@@ -123,10 +134,11 @@ def _refuse_judge(spec: str) -> None:
     from pathlib import Path
 
     from pipelines.shapes import WEIGHTS_DIR
+    from pipelines.shapes.registry import shipped_clip
 
     judge = WEIGHTS_DIR / "clip_judge.safetensors"
     path = Path(spec.removeprefix("local-dir:")).expanduser()
-    if spec in ("judge", "shapes", "shapes-judge") or (path.exists() and path.resolve() == judge.resolve()):
+    if shipped_clip(spec) == "judge" or (path.exists() and path.resolve() == judge.resolve()):
         raise ValueError(
             f"guide {spec!r} is the evaluation judge: a trainer guided by its own judge games the score; "
             "pass --guide guide (or another CLIP)"
@@ -181,16 +193,18 @@ class GuideClip:
         return torch.stack(rows)
 
 
-def concept_task(concept: str, prompts: str | None):
-    """``(task, canonical concept)`` for a concept of the Shapes world or of a prompt set (``prompts``)."""
+def concept_task(concept: str, prompts: str | None, world: str | None = None):
+    """``(task, canonical concept)`` for a concept of a prompt set (``prompts``; default: the generator's world's
+    set, else the shipped set that knows the concept)."""
     from prompts.sets import find_concept, load_prompt_set, shapes_tasks
+    from prompts.shapes import is_world_set
 
     if prompts is None:
         found = find_concept(concept)
-        if found is not None and found[0] == "shapes":
+        if found is not None and is_world_set(found[0]):
             task = next(t for t in shapes_tasks().values() if found[1] in t.classes)
             return task, found[1]
-    prompt_set = load_prompt_set(prompts or "shapes", concept)
+    prompt_set = load_prompt_set(prompts or world, concept)
     return prompt_set.tasks[prompt_set.task], prompt_set.concept
 
 
@@ -263,23 +277,22 @@ def _pool(generator, guide: GuideClip, classes: torch.Tensor, config, batch: int
 
 
 def train(ctx) -> Patch:
-    from pipelines.gan import load_generator
-
     config: TextToUnlearnConfig = ctx.config
     if len(config.concepts) != 1:
         raise ValueError("text2unlearn erases one concept per patch: pass one --concept (stack patches for more)")
-    if config.lr is None:
-        config.lr = 1e-4  # NADA's 0.0016 assumes an equalized learning rate (see the module docstring)
-    generator = ctx.pipe if ctx.pipe is not None else load_generator(config.gan)
+    generator = ctx.pipe  # loaded by train_patch from config.gan
     if generator.module is None:
         raise ValueError(f"{config.gan} is a plain callable with no weights to train: give an nn.Module generator")
-    task, concept = concept_task(config.concepts[0], config.prompts)
+    task, concept = concept_task(config.concepts[0], config.prompts, ctx.profile.world if ctx.profile else None)
     names = list(task.classes)
     index = names.index(concept)
     if config.anchor is not None and config.anchor not in names:
         raise ValueError(
             f"anchor {config.anchor!r} is no class of the {task.name} task: use one of {', '.join(names)}"
         )
+    if config.anchor == concept:
+        others = ", ".join(n for n in names if n != concept)
+        raise ValueError(f"--anchor {config.anchor!r} is the concept being erased: pass another class ({others})")
     guide = GuideClip(config.guide)
     classes = guide.classes(task)
     pool = _pool(generator, guide, classes, config)
@@ -324,17 +337,7 @@ def train(ctx) -> Patch:
         for n, p in student.module.named_parameters():
             p.requires_grad_(n in wanted)
     optimizer = torch.optim.Adam(student.trainable(), lr=config.lr, betas=(config.beta1, config.beta2))
-    loop = TrainingLoop(
-        config,
-        {"student": student.module},
-        {"adam": optimizer},
-        checkpoint_dir=ctx.checkpoint_dir,
-        resume=ctx.resume,
-        desc=f"text2unlearn: erasing {concept}",
-        progress=ctx.progress,
-        method="text2unlearn",
-        frozen=[guide.model.visual],
-    )
+    loop = ctx.loop({"student": student.module}, {"adam": optimizer}, frozen=[guide.model.visual])
     half = config.batch_size // 2
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:
@@ -365,7 +368,7 @@ def train(ctx) -> Patch:
             "pool": config.pool,
         }
     )
-    return student.to_patch(dtype=config.dtype, method="text2unlearn", config={}, concepts=[concept], notes={})
+    return ctx.to_patch(student, concepts=[concept])
 
 
 def _with_module(generator, module):

@@ -75,6 +75,8 @@ class UCEConfig(MethodConfig):
         default_factory=list, metadata={"help": "extra prompts to preserve (added to the prompt set's retain prompts)"}
     )
 
+    WORD_FIELDS = ("guide",)
+
     def __post_init__(self):
         super().__post_init__()
         self.check_finite_nonnegative("erase_scale", "preserve_scale", "lamb")
@@ -83,6 +85,7 @@ class UCEConfig(MethodConfig):
 
 
 CONFIG = UCEConfig
+DEFAULTS: dict = {}  # per-model defaults (`erase.training.run`): the closed form has none that depend on the model
 
 
 # ------------------------------------------------------------------------------------------------ contexts
@@ -181,8 +184,8 @@ def low_rank(k: torch.Tensor, tol: float = 1e-10) -> tuple[torch.Tensor, torch.T
 def train(ctx) -> Patch:
     config: UCEConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
-    guides = _resolve_guides(config, concepts)
-    config.guide = guides
+    guides = ctx.per_concept(config.guide, lambda i: default_guide(concepts, i))
+    config.guide = guides  # saved in the patch as resolved
     preserve_prompts = list(dict.fromkeys(shared_retain(concepts) + list(config.preserve)))
     erase_rows, guide_rows = [], []
     for concept, guide in zip(concepts, guides):
@@ -222,15 +225,3 @@ def train(ctx) -> Patch:
     return make_lora_patch(
         base, {"unet": factors}, lora_alpha=float(s.numel()), method="uce", concepts=config.concepts, notes=notes
     )
-
-
-def _resolve_guides(config: UCEConfig, concepts: list[ConceptPrompts]) -> list[str]:
-    if not config.guide:
-        return [default_guide(concepts, i) for i in range(len(concepts))]
-    if len(config.guide) == 1:
-        return list(config.guide) * len(concepts)
-    if len(config.guide) != len(concepts):
-        raise ValueError(
-            f"give one --guide for all concepts or one per concept ({len(concepts)}), not {len(config.guide)}"
-        )
-    return list(config.guide)

@@ -18,6 +18,10 @@ from tqdm.auto import tqdm
 from pipelines.denoise import PromptEncoder, sample_latents, sampling_pipeline
 from prompts.training import ConceptPrompts, shared_retain, training_seeds
 
+# Offsets of the generated sets' seeds (``seed * 7919 + offset``, `erase.training.run.TrainContext.images`): each set
+# of a run draws from its own seeds; the i-th concept's set adds i to its offset.
+SEED_OFFSETS = {"concept": 0, "concept_images": 52_711, "retain": 104_729}
+
 
 @dataclass
 class LatentSet:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +20,17 @@ from erase.patch import Patch, make_delta_patch, make_lora_patch, make_sparse_pa
 from erase.targets import Target
 
 ADAPTER = "erase"
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run the block with torch's global generators seeded by ``seed`` (for initialisers that draw from them, such as
+    PEFT's LoRA init and ``nn.Module`` constructors), and restore the caller's generator states afterwards (CPU, and
+    every CUDA device once CUDA is initialised)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class Student:
@@ -59,8 +71,8 @@ class Student:
             init_lora_weights=True,
             lora_dropout=0.0,
         )
-        torch.manual_seed(0)  # LoRA A starts from a seeded Kaiming draw: the same run gives the same adapter
-        inject_adapter_in_model(config, self.module, adapter_name=ADAPTER)
+        with seeded(0):  # LoRA A starts from a seeded Kaiming draw: the same run gives the same adapter
+            inject_adapter_in_model(config, self.module, adapter_name=ADAPTER)
         for name, p in self.module.named_parameters():
             p.requires_grad_(f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name)
 

@@ -17,6 +17,8 @@ class AttackConfig:
 
     Budgets default to what keeps the five attacks on 24 Shapes cases within a few minutes on one CPU thread; on a
     real model raise them (UnlearnDiffAtk's nudity setting is 5 tokens and 40 steps at lr 0.01, weight decay 0.1).
+    The judge, prompt set, image size and batch size left out come from what the model is (`DEFAULTS`, by
+    `pipelines.profile.ModelProfile.key`; `resolve`), and are saved resolved.
     """
 
     model: str = field(default="shapes", metadata={"help": "'shapes' or a local diffusers folder / single file"})
@@ -28,7 +30,9 @@ class AttackConfig:
         default="prefix,ti,completion,noising,relearn", metadata={"help": "comma-separated attacks to run"}
     )
     prompts: str | None = field(default=None, metadata={"help": "shipped set name or CSV (default: by concept)"})
-    judge: str | None = field(default=None, metadata={"help": "CLIP judge (default 'judge' for the Shapes world)"})
+    judge: str | None = field(
+        default=None, metadata={"help": "CLIP judge (default: the model's world's judge; a real model needs one)"}
+    )
     judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
     cases: int = field(default=24, metadata={"help": "target cases (prompt x seed), spread over the target rows"})
     seeds_per_prompt: int | None = field(default=None, metadata={"help": "seeds per prompt of the prompt set"})
@@ -37,7 +41,9 @@ class AttackConfig:
     guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
     height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
-    batch_size: int | None = field(default=None, metadata={"help": "images per pipeline call (shapes 32, else 4)"})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "images per pipeline call (default by model: shapes 32, else 4)"}
+    )
     placeholder: str = field(default="sks", metadata={"help": "a one-token word standing for learned embeddings"})
     # prefix (UnlearnDiffAtk)
     prefix_tokens: int = field(default=5, metadata={"help": "prefix: adversarial tokens k"})
@@ -71,18 +77,16 @@ class AttackConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
 
     def __post_init__(self):
-        if self.batch_size is None:
-            self.batch_size = 32 if self.is_shapes else 4
+        for name in ("seeds_per_prompt", "height", "width", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         for name in (
-            "cases", "steps", "batch_size", "prefix_tokens", "prefix_steps", "prefix_checks", "prefix_timesteps",
+            "cases", "steps", "prefix_tokens", "prefix_steps", "prefix_checks", "prefix_timesteps",
             "train_images", "ti_steps", "ti_batch_size", "relearn_steps", "relearn_batch_size", "relearn_every",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("seeds_per_prompt", "height", "width"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
         for name in ("prefix_lr", "prefix_continuous_lr", "ti_lr", "relearn_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -113,6 +117,16 @@ class AttackConfig:
         """The attacks to run, in the order given, each once."""
         return list(dict.fromkeys(a.strip() for a in self.attacks.split(",") if a.strip()))
 
-    @property
-    def is_shapes(self) -> bool:
-        return self.model == "shapes"
+    def resolve(self, profile) -> None:
+        """Fill the defaults left out from the model's `pipelines.profile.ModelProfile` (row ``profile.key`` of
+        `DEFAULTS`, else the general row)."""
+        from eval.common import resolve_defaults
+
+        resolve_defaults(self, DEFAULTS, profile)
+
+
+# Per-model defaults by `pipelines.profile.ModelProfile.key` (as `eval.config.DEFAULTS`).
+DEFAULTS = {
+    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes"},
+    "sd": {"batch_size": 4},
+}

@@ -174,8 +174,13 @@ class AttackSession:
     """
 
     def __init__(self, config: AttackConfig, pipe, patch, prompt_set, judge, pixels=None, progress: bool = False):
-        from eval.zero_shot import ZeroShotClassifier
+        from dataclasses import replace
 
+        from eval.zero_shot import ZeroShotClassifier
+        from pipelines.profile import model_profile
+
+        config = replace(config)  # defaults left out follow what the model is (a no-op for a resolved config)
+        config.resolve(model_profile(pipe))
         self.config = config
         self.pipe = pipe
         self.patch = patch
@@ -195,8 +200,6 @@ class AttackSession:
                 f"placeholder {config.placeholder!r} occurs in a target prompt: pass another --placeholder"
             )
         self.size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
-        if config.is_shapes:
-            self.size = {"height": 32, "width": 32, **self.size}
         self._handle = None
         # every image of a run comes from DDIM with `steps` steps (the sampler `ddim_sample` continues), sharing the
         # pipeline's modules, so a patch applied to the pipeline is on the sampler too

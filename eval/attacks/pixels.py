@@ -49,3 +49,12 @@ class OracleCheck:
 
     def describe(self) -> dict:
         return self.oracle.describe()
+
+
+def pixel_check(world: str | None, task: str) -> OracleCheck | None:
+    """The pixel half of the success rule where the model's world has a pixel oracle that reads ``task``, else
+    ``None`` (the judge alone decides)."""
+    from eval.oracle import oracle_for
+
+    oracle = oracle_for(world)
+    return OracleCheck(oracle) if oracle is not None and task in ATTRIBUTES else None

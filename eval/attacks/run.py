@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +20,22 @@ import torch
 from eval.attacks import ATTACKS
 from eval.attacks.config import AttackConfig
 from eval.attacks.core import AttackResult, AttackSession
-from prompts.shapes import ATTRIBUTES
+from eval.common import patch_info, versions
 
 OUTPUT_FILES = ("attack.json", "report.html")
 
 
-def _judge(config: AttackConfig):
+def _judge(config: AttackConfig, profile):
     from eval.clip import load_judge
+    from eval.common import check_judge_world
 
-    name = config.judge or ("judge" if config.is_shapes else None)
-    if name is None:
+    if config.judge is None:
         raise ValueError(
             "no judge for a real model: pass --judge with a local CLIP (an open_clip local-dir: folder, a "
             "transformers CLIPModel folder, or a checkpoint file with --judge-arch); no weights can be downloaded here"
         )
-    judge = load_judge(name, arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
-    if judge.describe()["backend"] == "shapes" and not config.is_shapes:
-        raise ValueError(
-            f"the Shapes world's CLIP {judge.name!r} only knows 32x32 shapes and cannot judge {config.model}: "
-            "pass --judge with a real CLIP (open_clip local-dir: folder, transformers folder, or file + --judge-arch)"
-        )
+    judge = load_judge(config.judge, arch=config.judge_arch, trust_remote_code=config.trust_remote_code)
+    check_judge_world(getattr(judge, "world", None), profile, config.model)
     return judge
 
 
@@ -49,18 +45,6 @@ def _clear_previous(out: Path) -> None:
         raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
     for path in [*(out / name for name in OUTPUT_FILES), *out.glob("grid_*.png")]:
         path.unlink(missing_ok=True)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("erase", "torch", "diffusers", "transformers", "open-clip-torch"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 def _result_json(result: AttackResult, n_cases: int) -> dict:
@@ -94,17 +78,17 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         pipe (*optional*): an already loaded ``config.model`` pipeline (left as found).
     """
     import pipelines
-    from eval.attacks.pixels import OracleCheck
+    from eval.attacks.pixels import pixel_check
+    from pipelines.profile import model_profile, peek_profile
     from prompts.sets import load_prompt_set
 
     started = time.perf_counter()
     out = Path(out)
-    prompt_set = load_prompt_set(
-        config.prompts if config.prompts or not config.is_shapes else "shapes",
-        config.concept,
-        seeds_per_prompt=config.seeds_per_prompt,
-    )
-    judge = _judge(config)
+    config = replace(config)  # the defaults are resolved into a copy: the caller's config stays as given
+    profile = model_profile(pipe) if pipe is not None else peek_profile(config.model)
+    config.resolve(profile)
+    prompt_set = load_prompt_set(config.prompts, config.concept, seeds_per_prompt=config.seeds_per_prompt)
+    judge = _judge(config, profile)
     if pipe is None:
         pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
         pipe.set_progress_bar_config(disable=True)
@@ -115,7 +99,7 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
 
         patch = load_patch(config.patch)
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
-    pixels = OracleCheck() if prompt_set.name == "shapes" and prompt_set.task in ATTRIBUTES else None
+    pixels = pixel_check(profile.world, prompt_set.task)
     session = AttackSession(config, pipe, patch, prompt_set, judge, pixels, progress)
     _clear_previous(out)
     results: list[AttackResult] = []
@@ -154,10 +138,11 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         "pixel_check": pixels.describe() if pixels else None,
         "settings": {
             **asdict(config),
-            "patch_info": _patch_info(config.patch, patch),
+            "model_profile": profile.describe(),
+            "patch_info": patch_info(config.patch, patch),
             "prompt_set": prompt_set.describe(),
             "torch_threads": torch.get_num_threads(),
-            "versions": _versions(),
+            "versions": versions(),
         },
         "cases": [{"case_number": c.case_number, "prompt": c.prompt, "seed": c.seed} for c in session.cases],
         "success_rule": "judged as the concept"
@@ -174,17 +159,3 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
     summary["timing"]["total_s"] = round(time.perf_counter() - started, 2)
     write_json(out / "attack.json", summary)  # last: a folder with attack.json is a finished run
     return summary
-
-
-def _patch_info(path: str | None, patch) -> dict | None:
-    from eval.clip import sha256_prefix
-
-    if patch is None:
-        return None
-    return {
-        "path": str(path),
-        "sha256": sha256_prefix(path),
-        "kind": patch.kind,
-        "method": patch.method,
-        "concepts": patch.concepts,
-    }

@@ -1,0 +1,160 @@
+"""The Shapes world's names and markers: the one place that knows that the name ``"shapes"`` means the shipped files,
+and how a pipeline, a generator or an exported folder is recognised as the Shapes world's.
+
+Loading code (`pipelines.loading`, `pipelines.gan`, `pipelines.profile`) and the prompt and judge code consult this
+module instead of comparing names themselves; defaults follow the resulting `pipelines.profile.ModelProfile`, so the
+same weights get the same defaults whether they are named ``shapes``, exported with ``erase world export DIR`` and
+loaded from ``DIR``, or built in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.shapes import WEIGHTS_DIR
+
+WORLD = "shapes"  # the world's name: its profile key, its prompt set, the --model / --gan name of its shipped files
+PIPELINE_FILE = WEIGHTS_DIR / "sd_shapes.safetensors"
+GAN_FILE = WEIGHTS_DIR / "gan_shapes.safetensors"
+JUDGE = "judge"  # the world's default evaluation judge (eval.clip.load_judge spec)
+# an exported pipeline folder carries this file: ``{"world": "shapes", ...}`` (diffusers ignores unknown files)
+MARKER_FILE = "erase_world.json"
+MARKER_FORMAT = "erase-world/1"
+PIPELINE_ATTRIBUTE = "erase_world"  # set by the loaders on a pipeline they recognise
+
+
+def names_world(spec) -> bool:
+    """Whether ``spec`` (a ``--model``/``--gan``/``--prompts`` value) is the world's name, i.e. its shipped files."""
+    return str(spec) == WORLD
+
+
+def shipped_pipeline(spec) -> Path | None:
+    """The shipped pipeline file when ``spec`` names the world (``"shapes"``; a local folder of that name is
+    ``./shapes``), else ``None``."""
+    return PIPELINE_FILE if names_world(spec) else None
+
+
+def shipped_gan(spec) -> Path | None:
+    """The shipped GAN file when ``spec`` names the world, else ``None``."""
+    return GAN_FILE if names_world(spec) else None
+
+
+def write_marker(folder: str | Path) -> Path:
+    """Write the world marker into an exported pipeline folder (inside the folder being assembled; atomic with it)."""
+    path = Path(folder) / MARKER_FILE
+    path.write_text(json.dumps({"format": MARKER_FORMAT, "world": WORLD}, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def marker_world(folder: str | Path) -> str | None:
+    """The world named by ``folder``'s marker file, or ``None`` (no marker, or one this version does not know)."""
+    path = Path(folder) / MARKER_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT:
+        return None
+    return WORLD if data.get("world") == WORLD else None
+
+
+def mark_pipeline(pipe, world: str | None = WORLD):
+    """Record on a loaded pipeline which world it is (``None``: none); returns ``pipe``."""
+    object.__setattr__(pipe, PIPELINE_ATTRIBUTE, world)
+    return pipe
+
+
+def _same_architecture(pipe) -> bool:
+    """The Shapes pipeline's exact component architecture (a user's copy built without the loaders)."""
+    unet, vae, text = (getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder"))
+    if unet is None or vae is None or text is None:
+        return False
+    return _matches(dict(unet.config), dict(vae.config), text.config.to_dict())
+
+
+def _matches(unet: dict, vae: dict, text: dict) -> bool:
+    from pipelines.shapes.diffusion import text_encoder_config, unet_config, vae_config
+
+    want_vae, want_text = vae_config(), text_encoder_config()
+    return (
+        all(_same(unet.get(k), v) for k, v in unet_config().items())
+        and all(_same(vae.get(k), want_vae[k]) for k in ("block_out_channels", "latent_channels"))
+        and all(_same(text.get(k), want_text[k]) for k in ("hidden_size", "num_hidden_layers"))
+    )
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)) else a == b
+
+
+def _folder_configs(folder: Path) -> tuple[dict, dict, dict] | None:
+    configs = []
+    for name in ("unet", "vae", "text_encoder"):
+        try:
+            configs.append(json.loads((folder / name / "config.json").read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    return tuple(configs) if all(isinstance(c, dict) for c in configs) else None
+
+
+def pipeline_world(pipe) -> str | None:
+    """``"shapes"`` when ``pipe`` is the Shapes world's pipeline (marked by a loader, or of its exact architecture),
+    else ``None``."""
+    marked = getattr(pipe, PIPELINE_ATTRIBUTE, False)
+    if marked is not False:
+        return marked
+    return WORLD if _same_architecture(pipe) else None
+
+
+def peek_world(spec) -> str | None:
+    """The world of a ``--model`` value without loading it: the world's name, an exported folder's marker, or a
+    diffusers folder whose component configs are the world pipeline's; ``None`` otherwise (single files included)."""
+    if shipped_pipeline(spec) is not None:
+        return WORLD
+    path = Path(str(spec)).expanduser()
+    if not path.is_dir():
+        return None
+    world = marker_world(path)
+    if world:
+        return world
+    configs = _folder_configs(path)
+    return WORLD if configs and _matches(*configs) else None
+
+
+def is_world_gan_file(path: Path) -> bool:
+    """Whether ``path`` is a Shapes GAN file (by its header)."""
+    from pipelines.shapes.io import read_metadata
+
+    try:
+        return read_metadata(path).get("erase.format", "").startswith("shapes-gan/")
+    except Exception:  # not a safetensors file at all: let the caller's loader say so
+        return False
+
+
+def world_generator(spec: str = WORLD):
+    """The Shapes world's GAN behind `pipelines.gan.GanGenerator`: the shipped one (``"shapes"``) or a Shapes GAN
+    ``.safetensors`` file; its ``world`` is ``"shapes"``."""
+    from pipelines.gan import from_module
+    from pipelines.shapes.gan import load_generator_file
+
+    shipped = shipped_gan(spec)
+    path = shipped or Path(spec).expanduser()
+    if not path.is_file():
+        if shipped:
+            raise FileNotFoundError(f"the shipped Shapes GAN {path} is missing: run 'erase world train --only gan'")
+        raise FileNotFoundError(f"Shapes GAN file {path} not found: pass 'shapes' or an existing file")
+    generator = from_module(load_generator_file(path), name=WORLD if shipped else f"{WORLD}:{path.name}")
+    generator.world = WORLD
+    return generator
+
+
+# the world's CLIPs by spec (eval.clip.load_judge, the Text-to-Unlearn guide): spec -> shipped kind
+CLIP_SPECS = {"judge": "judge", "shapes": "judge", "shapes-judge": "judge", "guide": "guide", "shapes-guide": "guide"}
+
+
+def shipped_clip(spec) -> str | None:
+    """``"judge"`` or ``"guide"`` when ``spec`` names one of the world's shipped CLIPs, else ``None``."""
+    return CLIP_SPECS.get(str(spec))
