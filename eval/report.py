@@ -38,21 +38,51 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
-    """Greedy word wrap of ``text`` (which may hold line breaks) to lines at most ``width`` pixels wide; a single word
-    wider than that is cut to fit."""
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int, max_lines: int | None = None) -> list[str]:
+    """Greedy word wrap of ``text`` (which may hold line breaks) to lines at most ``width`` pixels wide; a word wider
+    than a line is broken across lines. With ``max_lines``, each paragraph (line of ``text``) takes at most that many
+    lines, the last one ending in "…" where text was left out.
+
+    Linear in the length of ``text``: no string longer than ``2 * width + 1`` characters is measured (a character is at
+    least a pixel wide, so a longer one cannot fit), and a long word is cut by bisection, not a character at a time."""
+
+    def fits(s: str) -> bool:
+        return len(s) <= width and draw.textlength(s, font=font) <= width
+
+    def longest_fit(s: str, suffix: str = "") -> int:
+        """The length of the longest prefix of ``s`` that fits with ``suffix`` after it (at least one character)."""
+        lo, hi = 1, min(len(s), width)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(s[:mid] + suffix):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     lines = []
     for paragraph in text.split("\n"):
-        line = ""
+        block, line = [], ""
         for word in paragraph.split(" "):
+            if max_lines is not None and len(block) > max_lines:
+                break  # enough to know this paragraph is cut
             candidate = f"{line} {word}" if line else word
-            if line and draw.textlength(candidate, font=font) > width:
-                lines.append(line)
-                candidate = word
-            while draw.textlength(candidate, font=font) > width and len(candidate) > 1:
-                candidate = candidate[:-1]
-            line = candidate
-        lines.append(line)
+            if fits(candidate):
+                line = candidate
+                continue
+            if line:
+                block.append(line)
+            while not fits(word) and (max_lines is None or len(block) <= max_lines):
+                k = longest_fit(word)
+                block.append(word[:k])
+                word = word[k:]
+            line = word
+        block.append(line)
+        if max_lines is not None and len(block) > max_lines:
+            block = block[:max_lines]
+            last = block[-1]
+            block[-1] = last[: longest_fit(last, "…")].rstrip() + "…" if last else "…"
+        lines += block
     return lines
 
 
@@ -64,9 +94,11 @@ def save_grid(
     scale: int = 4,
     label_colours: list[str] | None = None,
     captions: list[str] | None = None,
+    caption_lines: int = 6,
 ) -> Path:
     """Tile ``uint8 [N, H, W, 3]`` images into one PNG, upscaled ``scale`` times. Under each image: an optional
-    caption (e.g. its prompt and seed, dark grey, wrapped to the image's width), then an optional label (e.g. a
+    caption (e.g. its prompt and seed, dark grey, wrapped to the image's width, each of its lines taking at most
+    ``caption_lines`` lines, so that one very long prompt cannot stretch every cell), then an optional label (e.g. a
     verdict, in ``label_colours``)."""
     n, h, w, _ = images.shape
     rows = (n + cols - 1) // cols
@@ -76,7 +108,7 @@ def save_grid(
     line_h = int(font.getbbox("Ag|")[3]) + 3
     texts = []
     for i in range(n):
-        caption = _wrap(captions[i], measure, font, cell_w - 4) if captions else []
+        caption = _wrap(captions[i], measure, font, cell_w - 4, caption_lines) if captions else []
         label = _wrap(labels[i], measure, font, cell_w - 4) if labels else []
         texts.append((caption, label))
     label_h = line_h * max((len(c) + len(lbl) for c, lbl in texts), default=0)
