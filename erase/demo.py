@@ -459,7 +459,7 @@ def _comparison_sections(concept: str, metrics: dict) -> list[tuple[str, str]]:
     )
     sections = [
         (
-            f"Verdict: erasing '{concept}' on the Shapes world",
+            f"Verdict: how each method erased '{concept}' against the bars",
             intro
             + _verdict_table(concept, metrics)
             + f"<p>This demo took {metrics['seconds']:.0f} s with {metrics['torch_threads']} torch thread(s); the "

@@ -189,22 +189,25 @@ def svg_scatter(
     y_lo = _nice_floor(min((y for _, y in drawn), default=0.0) - 0.02) if zoom_y else 0.0
     parts = _svg_open(width, height, title, 8)
 
+    inset = 16  # points at 0% or 100% stay inside the frame, clear of the tick labels
+
     def x_of(v: float) -> float:
-        return left + plot_w * max(0.0, min(1.0, v))
+        return left + inset + (plot_w - 2 * inset) * max(0.0, min(1.0, v))
 
     def y_of(v: float) -> float:
-        return top + plot_h * (1 - (max(y_lo, min(1.0, v)) - y_lo) / (1 - y_lo or 1))
+        return top + inset + (plot_h - 2 * inset) * (1 - (max(y_lo, min(1.0, v)) - y_lo) / (1 - y_lo or 1))
 
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = x_of(tick)
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#eee"/>')
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#ddd"/>')
         parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 15}" text-anchor="middle">{100 * tick:.0f}%</text>')
-    y_ticks = [y_lo + k * (1 - y_lo) / 4 for k in range(5)]
+    step = next(s for s in (0.01, 0.02, 0.05, 0.1, 0.25) if (1 - y_lo) / s <= 5.001)
+    y_ticks = [1 - k * step for k in range(int((1 - y_lo) / step + 1e-6) + 1)]
     for tick in y_ticks:
         y = y_of(tick)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{100 * tick:.4g}%</text>')
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{100 * tick:.0f}%</text>')
     if y_lo > 0:  # the axis does not start at 0: say so where it is cut
         parts.append(
             f'<line x1="{left - 4}" y1="{top + plot_h - 3}" x2="{left + 4}" y2="{top + plot_h + 3}" stroke="#555"/>'
@@ -219,15 +222,15 @@ def svg_scatter(
     )
     palette = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#eeca3b"]
     n = len(points)
-    legend_x = left + plot_w + 24
+    legend_x = left + plot_w + 20
     for i, (name, (x, y)) in enumerate(points.items()):
         colour = "#555" if name == "base" else palette[i % len(palette)]
-        radius = 4 + 2.5 * (n - 1 - i)  # the first the largest: points on one spot nest as rings
+        radius = 4 + 3.5 * (n - 1 - i)  # the first the largest: points on one spot nest as rings
         ly = top + 10 + 22 * i
         if x is not None and y is not None:
             parts.append(
                 f'<circle cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="{radius:.1f}" fill="none" stroke="{colour}" '
-                'stroke-width="2.5"/>'
+                'stroke-width="2"/>'
             )
             shown = f"{100 * x:.1f}%, {100 * y:.1f}%"
         else:
