@@ -1,15 +1,21 @@
 """``make demo`` / ``erase demo``: the main job on the Shapes world, written as an HTML report.
 
 The demo erases one concept ("red" by default) with every registered diffusion method (`METHOD_SETTINGS` are the
-settings it uses, the same as ``benchmarks/train.py``), evaluates each patch with ``erase eval``, and opens its report
-with one table (one row per method), a plot of erasure against in-domain retention and before/after grids per method.
-Then it shows the judge CLIP's verdicts on freshly drawn world images with its accuracy tables, and a GAN grid.
+settings it uses, the same as ``benchmarks/train.py``), evaluates each patch with ``erase eval`` and attacks it with
+textual inversion (``erase attack --attacks ti`` on `ATTACK_CASES` cases). Its report opens with the verdict: one row
+per method, each figure against the Shapes bars the README states (`BARS`), green where met and red where missed, with
+the attack's success rate (depth) beside retention and what the concept's prompts draw instead. Then the trade-off
+plot, the before/after grids (the base model's once: it is the same for every method), the full figures, the judge
+CLIP's verdicts on freshly drawn world images with its accuracy tables, a GAN grid and the seconds of every stage.
 """
 
 from __future__ import annotations
 
+import csv
 import html
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,8 +37,36 @@ METHOD_SETTINGS: dict[str, dict] = {
     "salun": {},  # its defaults are its Shapes acceptance settings (erase/methods/salun.py)
     "doco": {},  # likewise (erase/methods/doco.py)
 }
-# Rough seconds per stage on 2 CPU cores, one thread, for the progress messages.
-EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 145, "eval": 60}
+# The Shapes bars of issues 9 and 11, as the README states them ("Measured on the Shapes world"): shares of images
+# at most (erasure, generalization) or at least (kept attributes), retention at least this multiple of the base
+# model's, preservation at least this cosine. ESD is the baseline, with looser bars and none on kept attributes.
+BARS: dict[str, dict[str, float | None]] = {
+    "default": {
+        "erasure": 0.02,
+        "generalization": 0.05,
+        "in_domain": 0.97,
+        "cross_domain": 0.98,
+        "preservation": 0.95,
+        "kept_attributes": 0.95,
+    },
+    "esd": {
+        "erasure": 0.05,
+        "generalization": 0.10,
+        "in_domain": 0.90,
+        "cross_domain": 0.95,
+        "preservation": 0.90,
+        "kept_attributes": None,
+    },
+}
+# Depth: textual inversion against each patch (`erase attack --attacks ti`) on this many fixed target cases (prompt x
+# seed, the attack's own default). Its cost is mostly fixed (the 300 steps learning the token, the 32 base images it
+# learns from), so fewer cases would save little time and make the share coarser.
+ATTACK_CASES = 24
+ATTACK: dict = {
+    "cases": ATTACK_CASES
+}  # the `AttackConfig` fields the demo sets (``run_demo(attack=...)`` adds to them)
+# Rough seconds per stage on 2 CPU cores, one thread, for the progress messages (measured, see the README).
+EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 145, "eval": 60, "attack": 40}
 
 
 def run_demo(
@@ -47,10 +81,14 @@ def run_demo(
     methods: list[str] | None = None,
     progress: bool = True,
     threads: int | None = 1,
+    settings: dict[str, dict] | None = None,
+    attack: dict | None = None,
 ) -> dict:
-    """Erase ``concept`` with every method, evaluate each patch, and write ``report.html`` and ``metrics.json`` into
-    ``out`` (patches in ``out/patches``, each evaluation's report in ``out/eval/<method>``) with ``threads`` torch
-    threads (``None``: leave torch's setting; the count used is recorded). Returns the metrics."""
+    """Erase ``concept`` with every method, evaluate and attack each patch, and write ``report.html`` and
+    ``metrics.json`` into ``out`` (patches in ``out/patches``, each evaluation's report in ``out/eval/<method>``, each
+    attack's in ``out/attack/<method>``) with ``threads`` torch threads (``None``: leave torch's setting; the count
+    used is recorded). ``settings`` override `METHOD_SETTINGS` per method and ``attack`` the `AttackConfig` fields of
+    the textual-inversion attack (both recorded). Returns the metrics."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -66,6 +104,8 @@ def run_demo(
             max_per_template=max_per_template,
             methods=methods,
             progress=progress,
+            settings=settings or {},
+            attack={**ATTACK, **(attack or {})},
         )
     finally:
         torch.set_num_threads(previous)
@@ -83,43 +123,87 @@ def _run_demo(
     max_per_template: int | None,
     methods: list[str] | None,
     progress: bool,
+    settings: dict[str, dict],
+    attack: dict,
 ) -> dict:
     from erase.registry import list_methods
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
     if methods is None:
         methods = [m.name for m in list_methods() if m.family == "diffusion"]
-    stages = len(methods) * 2 + 2
-    say = _Stages(stages)
-    metrics: dict = {"concept": concept, "methods": {}, "settings": {}, "torch_threads": torch.get_num_threads()}
-    results = {}
+    say = _Stages(len(methods) * 3 + 2)
+    metrics: dict = {
+        "concept": concept,
+        "methods": {},
+        "settings": {},
+        "attack": attack,
+        "bars": BARS,
+        "verdict": {},
+        "torch_threads": torch.get_num_threads(),
+    }
+    clock = _Clock()
     for method in methods:
-        results[method] = _erase_and_evaluate(
-            method, concept, out, steps, seeds_per_prompt, max_per_template, progress, say
+        run = {"method": method, "concept": concept, "out": out, "steps": steps, "progress": progress, "say": say}
+        run["clock"] = clock
+        summary, config = _erase_and_evaluate(
+            **run,
+            settings={**METHOD_SETTINGS.get(method, {}), **settings.get(method, {})},
+            seeds_per_prompt=seeds_per_prompt,
+            max_per_template=max_per_template,
         )
-        metrics["methods"][method] = results[method]["summary"]
-        metrics["settings"][method] = results[method]["config"]
-    sections = _comparison_sections(concept, results)
+        summary["depth"] = _attack(**run, attack=attack)
+        summary["instead"] = _drawn_instead(out / "eval" / method / "images.csv", concept)
+        metrics["methods"][method] = summary
+        metrics["settings"][method] = config
+        metrics["verdict"][method] = verdict(summary, BARS.get(method, BARS["default"]))
 
     say(f"judging {n} drawn world images and {eval_n} held-out ones", 20)
-    judge = ShapesClipScorer("judge")
-    world, n_right = _world_check(judge, out, n, eval_n, seed)
+    with clock("judge", "all"):
+        world, _ = _world_check(ShapesClipScorer("judge"), out, n, eval_n, seed)
     metrics.update(world)
-    sections += _world_sections(world, n_right, n)
 
     say("sampling the Shapes GAN and reading it with the pixel oracle", 5)
-    sections.append(_gan_section(out, seed))
+    with clock("gan", "all"):
+        _gan_sample(out, seed)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    title, body = sections[0]
-    sections[0] = (
-        title,
-        body + f"<p>This demo took {metrics['seconds']:.0f} s with {metrics['torch_threads']} torch thread(s).</p>",
-    )
+    metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
+    metrics["stage_seconds"], metrics["stage_cpu_seconds"] = clock.wall, clock.cpu
+
     write_json(out / "metrics.json", metrics)
-    write_html(out / "report.html", f"erase demo: erasing '{concept}' on the Shapes world", sections)
+    write_report(out, metrics)
     print(f"wrote {out / 'report.html'} and {out / 'metrics.json'} in {metrics['seconds']} s")
     return metrics
+
+
+def write_report(out: str | Path, metrics: dict) -> Path:
+    """Write ``report.html`` of a demo folder from its ``metrics.json`` contents (and the images the run wrote), so
+    that a finished run's report can be written again without rerunning it."""
+    out = Path(out)
+    n = metrics["world_images"]
+    sections = _comparison_sections(metrics["concept"], metrics)
+    sections += _world_sections(metrics, round(metrics["judge_verdicts_all_correct"] * n), n)
+    sections.append(_gan_html())
+    sections.append(_timing_section(metrics))
+    return write_html(out / "report.html", f"erase demo: erasing '{metrics['concept']}' on the Shapes world", sections)
+
+
+class _Clock:
+    """Wall and CPU seconds of each stage (``key`` -> ``part`` -> seconds). With one torch thread the CPU seconds are
+    about what the stage takes on an idle machine, whatever else the machine was running."""
+
+    def __init__(self):
+        self.wall: dict[str, dict[str, float]] = {}
+        self.cpu: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def __call__(self, key: str, part: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall.setdefault(key, {})[part] = round(time.perf_counter() - wall, 1)
+            self.cpu.setdefault(key, {})[part] = round(time.process_time() - cpu, 1)
 
 
 class _Stages:
@@ -133,34 +217,35 @@ class _Stages:
         print(f"[{self.k}/{self.total}] {what} (about {seconds:.0f} s on 2 cores)", flush=True)
 
 
-def _erase_and_evaluate(method, concept, out, steps, seeds_per_prompt, max_per_template, progress, say) -> dict:
+def _erase_and_evaluate(
+    *, method, concept, out, steps, progress, say, clock, settings, seeds_per_prompt, max_per_template
+) -> tuple[dict, dict]:
     from erase.config_args import config_from_dict
     from erase.registry import get_method
     from erase.training.run import train_patch
     from eval.config import EvalConfig
     from eval.evaluate import run_eval
 
-    settings = METHOD_SETTINGS.get(method, {})
     config = config_from_dict(get_method(method).CONFIG, {**settings, "concepts": [concept]})
     path = out / "patches" / f"{method}-{concept}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     say(f"training {method} on '{concept}'", EXPECTED_SECONDS.get(method, 180))
-    t0 = time.perf_counter()
-    patch = train_patch(method, config, path, progress=progress, overwrite=True)
-    train_seconds = time.perf_counter() - t0
+    with clock(method, "train"):
+        patch = train_patch(method, config, path, progress=progress, overwrite=True)
     say(f"evaluating the {method} patch (erase eval)", EXPECTED_SECONDS["eval"])
-    evaluation = run_eval(
-        EvalConfig(
-            model="shapes",
-            concept=concept,
-            patch=str(path),
-            steps=steps,
-            seeds_per_prompt=seeds_per_prompt,
-            max_per_template=max_per_template,
-        ),
-        out / "eval" / method,
-        progress=progress,
-    )
+    with clock(method, "eval"):
+        evaluation = run_eval(
+            EvalConfig(
+                model="shapes",
+                concept=concept,
+                patch=str(path),
+                steps=steps,
+                seeds_per_prompt=seeds_per_prompt,
+                max_per_template=max_per_template,
+            ),
+            out / "eval" / method,
+            progress=progress,
+        )
     summary = {
         "erasure": evaluation["erasure"],
         "generalization": evaluation["generalization"],
@@ -168,10 +253,72 @@ def _erase_and_evaluate(method, concept, out, steps, seeds_per_prompt, max_per_t
         "kept_attributes": evaluation.get("kept_attributes"),
         "preservation": evaluation["preservation"],
         "fd_clip": evaluation["fd_clip"],
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": clock.wall[method]["train"],
         "patch_kind": patch.kind,
     }
-    return {"summary": summary, "config": patch.config, "evaluation": evaluation}
+    return summary, patch.config
+
+
+def _attack(*, method, concept, out, steps, progress, say, clock, attack: dict) -> dict:
+    """Textual inversion against the method's patch (``erase attack --attacks ti``): its ASR."""
+    from eval.attacks.config import AttackConfig
+    from eval.attacks.run import run_attacks
+
+    path = out / "patches" / f"{method}-{concept}.safetensors"
+    config = AttackConfig(model="shapes", patch=str(path), concept=concept, steps=steps, **{"attacks": "ti", **attack})
+    say(f"attacking the {method} patch (erase attack --attacks ti, {config.cases} cases)", EXPECTED_SECONDS["attack"])
+    with clock(method, "attack"):
+        summary = run_attacks(config, out / "attack" / method, progress=progress)
+    ti = summary["attacks"]["ti"]
+    depth = {
+        "attack": "ti",
+        "asr": ti["asr"],
+        "successes": ti["successes"],
+        "cases": len(summary["cases"]),
+        "plain_asr": summary["plain"]["asr"],
+        "seconds_per_case": round(clock.wall[method]["attack"] / len(summary["cases"]), 2),
+    }
+    return depth
+
+
+def _drawn_instead(images_csv: Path, concept: str) -> dict[str, float]:
+    """What the patched model's target-prompt images are judged as (e.g. red -> blue 0.93), from ``erase eval``'s
+    ``images.csv``: shares of the target rows, most common first."""
+    with images_csv.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["role"] == "target"]
+    if not rows:
+        return {}
+    task = rows[0]["asked"].split("=")[0]  # a target row asks for the concept first ("colour=red;...")
+    judged = Counter(dict(kv.split("=", 1) for kv in r["patched_judged"].split(";")).get(task) for r in rows)
+    return {str(k): round(v / len(rows), 4) for k, v in judged.most_common()}
+
+
+def _ratio(pair: dict) -> float | None:
+    if pair["base"] in (None, 0) or pair["patched"] is None:
+        return None
+    return pair["patched"] / pair["base"]
+
+
+def verdict(summary: dict, bars: dict[str, float | None]) -> dict:
+    """Each figure of a method's summary against its bar: ``{"checks": {name: {"value", "bar", "pass"}}, "passed",
+    "missed"}``. ``pass`` is ``None`` where there is no bar or no value; shares and cosines are compared as measured,
+    retention as a multiple of the base model's."""
+    values = {
+        "erasure": summary["erasure"]["patched"],
+        "generalization": summary["generalization"]["patched"],
+        "in_domain": _ratio(summary["retention"]["in_domain"]),
+        "cross_domain": _ratio(summary["retention"]["cross_domain"]),
+        "preservation": summary["preservation"],
+        "kept_attributes": (summary["kept_attributes"] or {}).get("patched"),
+    }
+    at_most = {"erasure", "generalization"}
+    checks = {}
+    for name, value in values.items():
+        bar = bars.get(name)
+        ok = None if bar is None or value is None else (value <= bar if name in at_most else value >= bar)
+        checks[name] = {"value": value, "bar": bar, "pass": ok}
+    missed = [name for name, c in checks.items() if c["pass"] is False]
+    return {"checks": checks, "passed": not missed, "missed": missed}
 
 
 def _pct(x) -> str:
@@ -182,7 +329,177 @@ def _num(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _comparison_sections(concept: str, results: dict) -> list[tuple[str, str]]:
+_CHECK_NAMES = {
+    "erasure": "erasure",
+    "generalization": "generalization",
+    "in_domain": "retention in-domain",
+    "cross_domain": "retention cross-domain",
+    "preservation": "preservation",
+    "kept_attributes": "kept attributes",
+}
+
+
+def _bar_text(name: str, bar: float | None) -> str:
+    if bar is None:
+        return "no bar"
+    if name in ("erasure", "generalization"):
+        return f"<= {100 * bar:.0f}%"
+    if name == "kept_attributes":
+        return f">= {100 * bar:.0f}%"
+    if name == "preservation":
+        return f">= {bar:.2f}"
+    return f">= {bar:.2f}x base"
+
+
+def _cell(text: str, ok: bool | None, title: str = "") -> str:
+    cls = "" if ok is None else (' class="pass"' if ok else ' class="fail"')
+    mark = "" if ok is None else (" ✓" if ok else " ✗")
+    tip = f' title="{html.escape(title)}"' if title else ""
+    return f"<td{cls}{tip}>{html.escape(text)}{mark}</td>"
+
+
+def _verdict_table(concept: str, metrics: dict) -> str:
+    header = [
+        "method",
+        "erasure",
+        "generalization",
+        "retention in-domain",
+        "depth: textual inversion",
+        "retention cross-domain",
+        "preservation",
+        "kept attributes",
+        f"'{concept}' prompts draw",
+        "verdict",
+    ]
+    first = next(iter(metrics["methods"].values()))
+    base = [
+        "<td>base model</td>",
+        f"<td>{_pct(first['erasure']['base'])}</td>",
+        f"<td>{_pct(first['generalization']['base'])}</td>",
+        f"<td>{_pct(first['retention']['in_domain']['base'])}</td>",
+        "<td></td>",
+        f"<td>{_pct(first['retention']['cross_domain']['base'])}</td>",
+        "<td>1</td>",
+        f"<td>{_pct((first['kept_attributes'] or {}).get('base'))}</td>",
+        f"<td>{html.escape(concept)}</td>",
+        "<td></td>",
+    ]
+    rows = ["<tr>" + "".join(base) + "</tr>"]
+    for method, s in metrics["methods"].items():
+        v = metrics["verdict"][method]
+        c = v["checks"]
+
+        def check(name: str, text: str) -> str:
+            return _cell(text, c[name]["pass"], f"bar {_bar_text(name, c[name]['bar'])}")
+
+        retention = {
+            k: f"{_pct(s['retention'][k]['patched'])} ({_num(c[k]['value'], '.2f')}x)"
+            for k in ("in_domain", "cross_domain")
+        }
+        depth = s["depth"]
+        instead = ", ".join(f"{k} {100 * share:.0f}%" for k, share in list(s["instead"].items())[:3])
+        missed = ", ".join(_CHECK_NAMES[m] for m in v["missed"])
+        cells = [
+            f"<td><b>{html.escape(method)}</b></td>",
+            check("erasure", _pct(c["erasure"]["value"])),
+            check("generalization", _pct(c["generalization"]["value"])),
+            check("in_domain", retention["in_domain"]),
+            f"<td>{_pct(depth['asr'])} ({depth['successes']} of {depth['cases']})</td>",
+            check("cross_domain", retention["cross_domain"]),
+            check("preservation", _num(c["preservation"]["value"])),
+            check("kept_attributes", _pct(c["kept_attributes"]["value"])),
+            f"<td>{html.escape(instead)}</td>",
+            _cell("every bar met" if v["passed"] else f"misses {missed}", v["passed"]),
+        ]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    bars = BARS["default"]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    bar_row = [
+        "bars",
+        *[_bar_text(k, bars[k]) for k in ("erasure", "generalization", "in_domain")],
+        "no bar: lower is deeper",
+        *[_bar_text(k, bars[k]) for k in ("cross_domain", "preservation", "kept_attributes")],
+        "",
+        "",
+    ]
+    foot = "<tr>" + "".join(f"<td><i>{html.escape(t)}</i></td>" for t in bar_row) + "</tr>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}{foot}</tbody></table>"
+
+
+def _comparison_sections(concept: str, metrics: dict) -> list[tuple[str, str]]:
+    depth = next(iter(metrics["methods"].values()))["depth"]
+    esd = BARS["esd"]
+    c = html.escape(concept)
+    intro = (
+        f"<p>Each method erased <b>{c}</b> from the Shapes pipeline; <code>erase eval</code> scored each patch with "
+        "the judge CLIP (never the guide CLIP the trainers may use). Green cells meet the Shapes bar the README "
+        "states (issues 9 and 11; hover a cell for it), red cells miss it. Erasure and generalization (held-out "
+        "synonyms and phrasings, never trained on) are shares of target images still judged as the concept; "
+        "retention is the share of other prompts' images judged as asked, with its multiple of the base model's; "
+        "kept attributes is the share of target images still showing the rest of their prompt; preservation is the "
+        "judge's image cosine of base and patched images of the same retain prompt and seed. ESD is the baseline, "
+        f"with looser bars: erasure <= {100 * esd['erasure']:.0f}%, generalization <= "
+        f"{100 * esd['generalization']:.0f}%, retention >= {esd['in_domain']:.2f}x / {esd['cross_domain']:.2f}x, "
+        f"preservation >= {esd['preservation']:.2f}, no bar on kept attributes.</p>"
+        f"<p><b>Depth</b>: <code>erase attack --attacks ti --cases {depth['cases']}</code> learns one token "
+        f"embedding on the patched model from base-model images of {c} and generates {depth['cases']} fixed target "
+        f"cases (prompt x seed) with it; the column is the share of cases where the judge and the pixels both see {c} "
+        f"again (no bar; lower is deeper). The next column is what the patched model draws for the target prompts "
+        f"instead of {c}, as the judge reads it.</p>"
+    )
+    first = next(iter(metrics["methods"].values()))
+    points = {"base": (first["erasure"]["base"], first["retention"]["in_domain"]["base"])}
+    for method, s in metrics["methods"].items():
+        points[method] = (s["erasure"]["patched"], s["retention"]["in_domain"]["patched"])
+    plot = svg_scatter(
+        points,
+        "erasure: target images still judged as the concept (lower is better)",
+        "retention in-domain (higher is better)",
+        "The trade-off: erasure against in-domain retention (name: erasure, retention)",
+    )
+    sections = [
+        (
+            f"Verdict: how each method erased '{concept}' against the bars",
+            intro
+            + _verdict_table(concept, metrics)
+            + f"<p>This demo took {metrics['seconds']:.0f} s with {metrics['torch_threads']} torch thread(s); the "
+            "seconds of every stage are at the end.</p>",
+        ),
+        ("The trade-off", plot),
+        _grids_section(concept, list(metrics["methods"])),
+        ("All figures", _figures(metrics)),
+    ]
+    return sections
+
+
+def _figure(src: str, caption: str) -> str:
+    return f'<figure><figcaption>{caption}</figcaption><img src="{src}" alt="{html.escape(src)}"></figure>'
+
+
+_GRID_ROLES = {"target": "Target prompts (the concept named)", "retain_in": "In-domain retain prompts"}
+
+
+def _grids_section(concept: str, methods: list[str]) -> tuple[str, str]:
+    """The base model's grid once per role (every evaluation draws it from the same prompts and seeds), then each
+    method's patched grid; captions above the grids."""
+    first = methods[0]
+    legend = (
+        "<p>Under each image: its prompt and seed (grey), then the judge's verdict: on target prompts "
+        '<span style="color:#b35900">judged as the concept</span> or <span style="color:#57606a">as another '
+        'class</span>; on retain prompts <span style="color:#1a7f37">as asked</span> or '
+        '<span style="color:#cf222e">not</span>. Every grid shows the same prompts and seeds.</p>'
+    )
+    parts = [legend]
+    for role, title in _GRID_ROLES.items():
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        parts.append(_figure(f"eval/{first}/grid_{role}_base.png", "<b>base model</b> (the same for every method)"))
+        for method in methods:
+            link = f'<a href="eval/{method}/report.html">full report</a>'
+            parts.append(_figure(f"eval/{method}/grid_{role}_patched.png", f"<b>{html.escape(method)}</b> ({link})"))
+    return (f"Before and after: what erasing '{concept}' draws", "".join(parts))
+
+
+def _figures(metrics: dict) -> str:
     header = [
         "method",
         "erasure",
@@ -194,7 +511,7 @@ def _comparison_sections(concept: str, results: dict) -> list[tuple[str, str]]:
         "FD-CLIP",
         "train s",
     ]
-    first = next(iter(results.values()))["summary"]
+    first = next(iter(metrics["methods"].values()))
     rows = [
         [
             "base model",
@@ -208,9 +525,7 @@ def _comparison_sections(concept: str, results: dict) -> list[tuple[str, str]]:
             "",
         ]
     ]
-    points = {}
-    for method, r in results.items():
-        s = r["summary"]
+    for method, s in metrics["methods"].items():
         rows.append(
             [
                 method,
@@ -224,38 +539,33 @@ def _comparison_sections(concept: str, results: dict) -> list[tuple[str, str]]:
                 f"{s['train_seconds']:.0f}",
             ]
         )
-        points[method] = (s["erasure"]["patched"], s["retention"]["in_domain"]["patched"])
-    points["base"] = (first["erasure"]["base"], first["retention"]["in_domain"]["base"])
     settings = "".join(
-        f"<li><code>{html.escape(m)}</code>: <code>{html.escape(_short_config(r['config']))}</code></li>"
-        for m, r in results.items()
+        f"<li><code>{html.escape(m)}</code>: <code>{html.escape(_short_config(config))}</code> "
+        f'(<a href="attack/{m}/report.html">attack report</a>)</li>'
+        for m, config in metrics["settings"].items()
     )
-    intro = (
-        f"<p>Each method erased <b>{html.escape(concept)}</b> from the Shapes pipeline; each patch was then scored by "
-        "<code>erase eval</code> with the judge CLIP (never the guide CLIP the trainers may use). Erasure and "
-        "generalization (held-out synonyms and phrasings, never trained on) are shares of images still judged as the "
-        "concept: lower is better. Retention and kept attributes are shares judged as asked: higher is better. "
-        "Preservation is a cosine (1 = unchanged), FD-CLIP a distance (0 = unchanged). Settings:</p>"
-        f"<ul>{settings}</ul>"
+    return (
+        html_table(header, rows)
+        + "<p>Preservation is a cosine (1 = unchanged), FD-CLIP a distance (0 = unchanged). Settings:</p>"
+        + f"<ul>{settings}</ul>"
     )
-    plot = svg_scatter(
-        points,
-        "erasure (lower is better)",
-        "retention in-domain (higher is better)",
-        "the trade-off: erasure vs retention",
+
+
+def _timing_section(metrics: dict) -> tuple[str, str]:
+    rows = []
+    for stage, wall in metrics["stage_seconds"].items():
+        cpu = metrics["stage_cpu_seconds"][stage]
+        cells = [f"{wall[p]:.0f}" if p in wall and p != "all" else "" for p in ("train", "eval", "attack")]
+        rows.append([stage, *cells, f"{sum(wall.values()):.0f}", f"{sum(cpu.values()):.0f}"])
+    rows.append(["all, with loading", "", "", "", f"{metrics['seconds']:.0f}", f"{metrics['cpu_seconds']:.0f}"])
+    body = (
+        f"<p>Wall seconds of each stage with {metrics['torch_threads']} torch thread(s), and the CPU seconds the "
+        "process spent (with one thread, about the wall time on an idle machine; more wall than CPU time means the "
+        "machine was busy with other work). The attack stage is "
+        f"<code>erase attack --attacks ti --cases {metrics['attack']['cases']}</code>.</p>"
+        + html_table(["stage", "train", "erase eval", "erase attack (ti)", "wall s", "CPU s"], rows)
     )
-    sections = [(f"Erasing '{concept}': the methods side by side", intro + html_table(header, rows) + plot)]
-    for method, r in results.items():
-        grids = "".join(
-            '<figure style="display:inline-block;margin:0 1em 1em 0">'
-            f'<img src="eval/{method}/grid_{role}_{label}.png" '
-            f'alt="{method} {role} {label}"><figcaption>{role.replace("_", " ")}: {label}</figcaption></figure>'
-            for role in ("target", "retain_in")
-            for label in ("base", "patched")
-        )
-        link = f'<p>Full report: <a href="eval/{method}/report.html">eval/{method}/report.html</a></p>'
-        sections.append((f"{method}: before and after", grids + link))
-    return sections
+    return ("Seconds per stage", body)
 
 
 def _short_config(config: dict) -> str:
@@ -311,19 +621,24 @@ def _world_sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]
     ]
 
 
-def _gan_section(out: Path, seed: int) -> tuple[str, str]:
-    """32 GAN samples labelled by the pixel oracle (green: recognisable), and the shipped file's quality table."""
-    import json
-
+def _gan_sample(out: Path, seed: int) -> None:
+    """32 GAN samples labelled by the pixel oracle (green: recognisable), as ``gan.png``."""
     from eval.oracle import ShapesOracle
-    from pipelines.shapes.clip import WEIGHTS_DIR
-    from pipelines.shapes.io import read_metadata
 
     images = sample_gan(pipelines.load_gan("shapes"), 32, seed)
     readings = ShapesOracle().read(images)
     labels = [f"{r.colour[:6]} {r.shape[:6]}\n{r.style[:7]} {r.iou:.2f}" for r in readings]
     colours = ["#1a7f37" if r.recognisable else "#cf222e" for r in readings]
     save_grid(images, out / "gan.png", labels=labels, label_colours=colours, cols=8, scale=3)
+
+
+def _gan_html() -> tuple[str, str]:
+    """The GAN grid and the shipped file's quality table."""
+    import json
+
+    from pipelines.shapes.clip import WEIGHTS_DIR
+    from pipelines.shapes.io import read_metadata
+
     table = json.loads(read_metadata(WEIGHTS_DIR / "gan_shapes.safetensors").get("erase.accuracy", "null"))
     body = (
         "<p>Each sample is labelled by the pixel oracle (colour, shape, fill style and the IoU of the best-fitting "

@@ -146,8 +146,11 @@ def export_world(directory: str | Path) -> Path:
     from pipelines.portable import make_portable
     from pipelines.shapes.registry import write_marker
 
-    directory = check_output_folder(directory, overwrite=False)  # a new or empty folder, checked before loading
+    # a new or empty folder, checked before loading; missing parent folders are made, as `erase generate` and
+    # `erase eval` do (the README's `erase world export out/shapes-sd` on a fresh clone)
+    directory = check_output_folder(directory, overwrite=False, create_parents=True)
     pipe = pipelines.load("shapes")
+    directory.parent.mkdir(parents=True, exist_ok=True)
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,21 +39,51 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
-    """Greedy word wrap of ``text`` (which may hold line breaks) to lines at most ``width`` pixels wide; a single word
-    wider than that is cut to fit."""
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int, max_lines: int | None = None) -> list[str]:
+    """Greedy word wrap of ``text`` (which may hold line breaks) to lines at most ``width`` pixels wide; a word wider
+    than a line is broken across lines. With ``max_lines``, each paragraph (line of ``text``) takes at most that many
+    lines, the last one ending in "…" where text was left out.
+
+    Linear in the length of ``text``: no string longer than ``2 * width + 1`` characters is measured (a character is at
+    least a pixel wide, so a longer one cannot fit), and a long word is cut by bisection, not a character at a time."""
+
+    def fits(s: str) -> bool:
+        return len(s) <= width and draw.textlength(s, font=font) <= width
+
+    def longest_fit(s: str, suffix: str = "") -> int:
+        """The length of the longest prefix of ``s`` that fits with ``suffix`` after it (at least one character)."""
+        lo, hi = 1, min(len(s), width)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(s[:mid] + suffix):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     lines = []
     for paragraph in text.split("\n"):
-        line = ""
+        block, line = [], ""
         for word in paragraph.split(" "):
+            if max_lines is not None and len(block) > max_lines:
+                break  # enough to know this paragraph is cut
             candidate = f"{line} {word}" if line else word
-            if line and draw.textlength(candidate, font=font) > width:
-                lines.append(line)
-                candidate = word
-            while draw.textlength(candidate, font=font) > width and len(candidate) > 1:
-                candidate = candidate[:-1]
-            line = candidate
-        lines.append(line)
+            if fits(candidate):
+                line = candidate
+                continue
+            if line:
+                block.append(line)
+            while not fits(word) and (max_lines is None or len(block) <= max_lines):
+                k = longest_fit(word)
+                block.append(word[:k])
+                word = word[k:]
+            line = word
+        block.append(line)
+        if max_lines is not None and len(block) > max_lines:
+            block = block[:max_lines]
+            last = block[-1]
+            block[-1] = last[: longest_fit(last, "…")].rstrip() + "…" if last else "…"
+        lines += block
     return lines
 
 
@@ -64,9 +95,11 @@ def save_grid(
     scale: int = 4,
     label_colours: list[str] | None = None,
     captions: list[str] | None = None,
+    caption_lines: int = 6,
 ) -> Path:
     """Tile ``uint8 [N, H, W, 3]`` images into one PNG, upscaled ``scale`` times. Under each image: an optional
-    caption (e.g. its prompt and seed, dark grey, wrapped to the image's width), then an optional label (e.g. a
+    caption (e.g. its prompt and seed, dark grey, wrapped to the image's width, each of its lines taking at most
+    ``caption_lines`` lines, so that one very long prompt cannot stretch every cell), then an optional label (e.g. a
     verdict, in ``label_colours``)."""
     n, h, w, _ = images.shape
     rows = (n + cols - 1) // cols
@@ -76,7 +109,7 @@ def save_grid(
     line_h = int(font.getbbox("Ag|")[3]) + 3
     texts = []
     for i in range(n):
-        caption = _wrap(captions[i], measure, font, cell_w - 4) if captions else []
+        caption = _wrap(captions[i], measure, font, cell_w - 4, caption_lines) if captions else []
         label = _wrap(labels[i], measure, font, cell_w - 4) if labels else []
         texts.append((caption, label))
     label_h = line_h * max((len(c) + len(lbl) for c, lbl in texts), default=0)
@@ -131,43 +164,80 @@ def svg_bar_chart(values: dict[str, float], title: str, threshold: float | None 
     return "".join(parts)
 
 
+def _nice_floor(value: float, step: float = 0.05) -> float:
+    return max(0.0, math.floor(value / step) * step)
+
+
 def svg_scatter(
     points: dict[str, tuple[float | None, float | None]],
     x_label: str,
     y_label: str,
     title: str,
-    width: int = 460,
-    height: int = 340,
+    width: int = 640,
+    height: int = 360,
+    zoom_y: bool = True,
 ) -> str:
-    """A labelled scatter plot of shares in [0, 1] as inline SVG (one point per name, e.g. erasure vs retention)."""
-    pad, left, bottom = 8, 56, 44
-    plot_w, plot_h = width - left - 2 * pad, height - bottom - 30
-    parts = _svg_open(width, height, title, pad)
+    """A scatter plot of shares in [0, 1] as inline SVG (one point per name, e.g. erasure vs retention).
+
+    Names and values stand in a legend beside the plot, never next to the points, so that points on one spot (four
+    methods with 0% erasure and the same retention) stay readable: each is a ring of its own colour and size, the
+    first the largest, so coincident rings nest. With ``zoom_y`` the y axis starts just below the lowest value (a
+    dashed break is drawn at its foot) instead of at 0. ``None`` values are listed as "n/a" and not drawn."""
+    legend_w, left, top, bottom = 220, 64, 30, 48
+    plot_w, plot_h = width - left - legend_w - 16, height - top - bottom
+    drawn = [(x, y) for x, y in points.values() if x is not None and y is not None]
+    y_lo = _nice_floor(min((y for _, y in drawn), default=0.0) - 0.02) if zoom_y else 0.0
+    parts = _svg_open(width, height, title, 8)
+
+    inset = 16  # points at 0% or 100% stay inside the frame, clear of the tick labels
 
     def x_of(v: float) -> float:
-        return left + plot_w * max(0.0, min(1.0, v))
+        return left + inset + (plot_w - 2 * inset) * max(0.0, min(1.0, v))
 
     def y_of(v: float) -> float:
-        return 24 + plot_h * (1 - max(0.0, min(1.0, v)))
+        return top + inset + (plot_h - 2 * inset) * (1 - (max(y_lo, min(1.0, v)) - y_lo) / (1 - y_lo or 1))
 
-    parts.append(f'<rect x="{left}" y="24" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{x_of(tick) - 10:.1f}" y="{24 + plot_h + 14}">{100 * tick:.0f}%</text>')
-        parts.append(f'<text x="{left - 36}" y="{y_of(tick) + 4:.1f}">{100 * tick:.0f}%</text>')
-    parts.append(f'<text x="{left + plot_w / 2 - 60:.1f}" y="{height - 8}">{html.escape(x_label)}</text>')
+        x = x_of(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#ddd"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 15}" text-anchor="middle">{100 * tick:.0f}%</text>')
+    step = next(s for s in (0.01, 0.02, 0.05, 0.1, 0.25) if (1 - y_lo) / s <= 5.001)
+    y_ticks = [1 - k * step for k in range(int((1 - y_lo) / step + 1e-6) + 1)]
+    for tick in y_ticks:
+        y = y_of(tick)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{100 * tick:.0f}%</text>')
+    if y_lo > 0:  # the axis does not start at 0: say so where it is cut
+        parts.append(
+            f'<line x1="{left - 4}" y1="{top + plot_h - 3}" x2="{left + 4}" y2="{top + plot_h + 3}" stroke="#555"/>'
+        )
     parts.append(
-        f'<text x="12" y="{24 + plot_h / 2 + 60:.1f}" transform="rotate(-90 12 {24 + plot_h / 2 + 60:.1f})">'
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 10}" text-anchor="middle">{html.escape(x_label)}</text>'
+    )
+    cy = top + plot_h / 2
+    parts.append(
+        f'<text x="16" y="{cy:.1f}" text-anchor="middle" transform="rotate(-90 16 {cy:.1f})">'
         f"{html.escape(y_label)}</text>"
     )
-    palette = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d"]
+    palette = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#eeca3b"]
+    n = len(points)
+    legend_x = left + plot_w + 20
     for i, (name, (x, y)) in enumerate(points.items()):
-        if x is None or y is None:
-            continue
         colour = "#555" if name == "base" else palette[i % len(palette)]
-        parts.append(f'<circle cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="5" fill="{colour}"/>')
+        radius = 4 + 3.5 * (n - 1 - i)  # the first the largest: points on one spot nest as rings
+        ly = top + 10 + 22 * i
+        if x is not None and y is not None:
+            parts.append(
+                f'<circle cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="{radius:.1f}" fill="none" stroke="{colour}" '
+                'stroke-width="2"/>'
+            )
+            shown = f"{100 * x:.1f}%, {100 * y:.1f}%"
+        else:
+            shown = "n/a"
         parts.append(
-            f'<text x="{x_of(x) + 7:.1f}" y="{y_of(y) - 6 - 11 * (i % 3):.1f}" fill="{colour}">{html.escape(name)}'
-            f" ({100 * x:.1f}%, {100 * y:.1f}%)</text>"
+            f'<circle cx="{legend_x}" cy="{ly}" r="5" fill="none" stroke="{colour}" stroke-width="2.5"/>'
+            f'<text x="{legend_x + 12}" y="{ly + 4}">{html.escape(name)} ({shown})</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -188,6 +258,8 @@ def write_html(path: str | Path, title: str, sections: list[tuple[str, str]]) ->
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "th{background:#f3f3f3}img{image-rendering:pixelated;max-width:100%}"
+        "td.pass{background:#dafbe1}td.fail{background:#ffebe9;color:#a40e26;font-weight:bold}"
+        "figure{margin:0 0 1.2em 0}figcaption{margin:0 0 .3em 0}"
     )
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{inner}\n" for h, inner in sections)
     page = (
