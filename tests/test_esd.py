@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from method_contract import MethodContract
 from safetensors import safe_open
 from tiny_pipelines import ARCHITECTURES, generate, tiny_pipeline
 
@@ -187,3 +188,10 @@ def test_two_process_accelerate_training_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     patch = load_patch(out)
     assert patch.notes["processes"] == 2 and patch.target_names("unet")
+
+
+class TestESDContract(MethodContract):
+    method = "esd"
+    few_steps = {"steps": 3, "batch_size": 1, "lr": 1e-3, "sample_steps": 2, "trajectories": 2}
+    lora_steps = {"lr": 1e-2}
+    rng_leaks = {"lora": "erase/training/student.py seeds PEFT's LoRA initialisation with torch.manual_seed(0)"}

@@ -280,7 +280,8 @@ def train(ctx) -> Patch:
         raise ValueError(
             f"anchor {config.anchor!r} is no class of the {task.name} task: use one of {', '.join(names)}"
         )
-    guide = GuideClip(config.guide)
+    with torch.random.fork_rng(devices=[]):  # building the CLIP draws initial weights: keep the caller's RNG as it was
+        guide = GuideClip(config.guide)
     classes = guide.classes(task)
     pool = _pool(generator, guide, classes, config)
     z, images, embeddings, probabilities = pool

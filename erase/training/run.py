@@ -59,7 +59,8 @@ def train_patch(
         method (`str`): a registered method name (`erase.registry.list_methods`).
         config: the method's ``CONFIG`` dataclass instance.
         out (`str` or `Path`, *optional*): where to write the patch (atomically; main process only).
-        pipe (*optional*): an already loaded base pipeline (default: ``load_pipeline(config.model)``); left unchanged.
+        pipe (*optional*): an already loaded base pipeline (default: ``load_pipeline(config.model)``), or for a GAN
+            method a loaded `GanGenerator` (default: the method loads ``config.gan``); left unchanged.
         checkpoint_dir, resume, progress: training-loop options (see `erase.training.loop`).
         overwrite (`bool`, *optional*, defaults to `True`): replace an existing ``out``; with `False` a file that
             exists when training ends (another run's) is an error, not silently replaced.
@@ -87,6 +88,8 @@ def train_patch(
 
             ctx.concepts = [concept_prompts(c, config.prompts) for c in config.concepts]
             ctx.pipe = pipe if pipe is not None else load_pipeline(config.model)
+        else:
+            ctx.pipe = pipe  # a loaded generator (`pipelines.gan.GanGenerator`); None: the method loads its own
         patch = module.train(ctx)
         patch.config = config_to_dict(config)
         patch.notes.update(
