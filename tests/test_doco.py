@@ -11,4 +11,4 @@ class TestDoCoContract(MethodContract):
     few_steps |= {"retain_images": 2, "adversarial_every": 2, "adversarial_steps": 1}
     lora_steps = {"lr": 1e-2}
     resume_variants = {"adversarial": {}, "plain": {"adversarial_every": 0}}
-    rng_leaks = {"delta": RESEEDS, "lora": RESEEDS}
+    rng_leaks = {"delta": RESEEDS, "lora": RESEEDS, "resume": RESEEDS}

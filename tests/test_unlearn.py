@@ -118,7 +118,7 @@ def test_salun_trained_and_frozen_anchor_targets_differ_and_int8_storage(tmp_pat
     assert not torch.equal(frozen.dense_delta("unet", name), trained.dense_delta("unet", name))
     small = train_patch("salun", salun_config(dtype="int8", kind="sparse"), pipe=pipe, progress=False)
     assert small.notes["dtype"] == "int8"
-    with pytest.raises(ValueError, match="writes sparse or delta"):
+    with pytest.raises(ValueError, match="kind must be sparse or delta"):
         salun_config(kind="lora")
 
 
