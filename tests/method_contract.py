@@ -17,9 +17,10 @@ no subclass.
    `erase.targets` for a diffusion method, a submodule for a GAN) is bitwise equal after applying the patch;
 3. save, load, apply and remove are exact: the file loads to the same tensors and header, applying it gives bitwise
    the weights and outputs of applying the in-memory patch, and removing either restores the base bit for bit;
-4. resume equals an uninterrupted run: a run killed in step 3 (checkpoints every 2 steps) and resumed ends with
-   bitwise the patch of an uninterrupted run, for every patch kind (and every ``resume_variants`` entry);
-5. a NaN stops the run with the checkpoint intact: `TrainingDiverged` at step 3 in one line naming the step-2
+4. resume equals an uninterrupted run: a 6-step run killed in step 5 (checkpoints every 2 steps: the two newest,
+   steps 2 and 4, are kept) and resumed from step 4 ends with bitwise the patch of an uninterrupted run, for every
+   patch kind (and every ``resume_variants`` entry);
+5. a NaN stops the run with the checkpoint intact: `TrainingDiverged` at step 5 in one line naming the step-4
    checkpoint, no patch file written, and resuming from that checkpoint ends with the uninterrupted run's patch;
 6. the LoRA kind (where the method has one) loads with plain diffusers ``pipe.load_lora_weights(file)`` and gives
    the images this package's ``apply_patch`` gives (whatever the file's key layout);
@@ -35,7 +36,7 @@ with that reason, as a method without a ``lora`` kind skips 6.
 
 Faults are injected without patching any code: a forward hook on the base model's component (the trainable copy a
 method deep-copies from it keeps the hook) raises `KeyboardInterrupt` or returns NaN from the first forward pass
-after the run has written its first checkpoint, i.e. in step 3.
+after the run has written its step-4 checkpoint, i.e. in step 5.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from erase.training.loop import TrainingDiverged
 from erase.training.run import train_patch
 from pipelines.apply import apply_patch, remove_patch
 
-KILLED_IN_STEP = 3  # checkpoints every 2 steps of 4: the fault strikes in step 3, after the step-2 checkpoint
+STEPS, EVERY, FAULT_AFTER = 6, 2, 4  # checkpoints at steps 2 and 4; the fault strikes in step 5
 DIFFUSION_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 
@@ -92,12 +93,13 @@ def _poison(output):
 
 
 @contextlib.contextmanager
-def fault_after_checkpoint(module: torch.nn.Module, directory: Path, fault: str):
-    """From the first forward pass of ``module`` (or of a deep copy of it) after ``directory`` holds a checkpoint:
-    ``fault="interrupt"`` raises `KeyboardInterrupt` (a kill mid-step), ``fault="nan"`` returns NaN outputs."""
+def fault_after_checkpoint(module: torch.nn.Module, directory: Path, fault: str, step: int = FAULT_AFTER):
+    """From the first forward pass of ``module`` (or of a deep copy of it) after ``directory`` holds the checkpoint of
+    ``step``: ``fault="interrupt"`` raises `KeyboardInterrupt` (a kill mid-step), ``fault="nan"`` returns NaN."""
 
     def hook(_module, _args, output):  # a plain function: a deep copy of the module shares it
-        if latest(directory) is None:
+        newest = latest(directory)
+        if newest is None or newest.name != checkpoint_name(step):
             return None
         if fault == "interrupt":
             raise KeyboardInterrupt
@@ -108,6 +110,10 @@ def fault_after_checkpoint(module: torch.nn.Module, directory: Path, fault: str)
         yield
     finally:
         handle.remove()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}.safetensors"
 
 
 @dataclasses.dataclass
@@ -254,11 +260,11 @@ class MethodContract:
         return runs[("trained", arch)]
 
     def uninterrupted(self, models: dict, runs: dict, kind: str, variant: str):
-        """A whole 4-step run on the first architecture (trained once per class and settings)."""
+        """A whole run of ``STEPS`` on the first architecture (trained once per class and settings)."""
         key = ("whole", kind, variant)
         if key not in runs:
             model = self.model(models, self.architectures()[0])
-            runs[key] = self.train(model, self.config(kind=kind, steps=4, **self.resume_variants[variant]))
+            runs[key] = self.train(model, self.config(kind=kind, steps=STEPS, **self.resume_variants[variant]))
         return runs[key]
 
     def _needs_loop(self) -> None:
@@ -325,13 +331,14 @@ class MethodContract:
         self._needs_loop()
         model = self.model(models, self.architectures()[0])
         whole = self.uninterrupted(models, runs, kind, variant)
-        settings = {"kind": kind, "steps": 4, "checkpoint_every": 2, **self.resume_variants[variant]}
+        settings = {"kind": kind, "steps": STEPS, "checkpoint_every": EVERY, **self.resume_variants[variant]}
         with fault_after_checkpoint(self.trained_module(model), tmp_path, "interrupt"):
             with pytest.raises(KeyboardInterrupt):
                 self.train(model, self.config(**settings), checkpoint_dir=tmp_path)
-        assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000002.safetensors"]
+        assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(2), checkpoint_name(FAULT_AFTER)]
         resumed = self.train(model, self.config(**settings), checkpoint_dir=tmp_path, resume=True)
-        assert resumed.notes["resumed_from_step"] == 2 and resumed.notes["steps_this_run"] == 2
+        assert resumed.notes["resumed_from_step"] == FAULT_AFTER
+        assert resumed.notes["steps"] == STEPS and resumed.notes["steps_this_run"] == STEPS - FAULT_AFTER
         assert resumed.tensors.keys() == whole.tensors.keys()
         differ = [k for k, t in whole.tensors.items() if not torch.equal(t, resumed.tensors[k])]
         assert not differ, f"resumed run differs from the uninterrupted one in {differ[:5]}"
@@ -342,15 +349,15 @@ class MethodContract:
         model = self.model(models, self.architectures()[0])
         folder, out = tmp_path / "checkpoints", tmp_path / "patch.safetensors"
         variant = next(iter(self.resume_variants))
-        settings = {"steps": 4, "checkpoint_every": 2, **self.resume_variants[variant]}
+        settings = {"steps": STEPS, "checkpoint_every": EVERY, **self.resume_variants[variant]}
         with fault_after_checkpoint(self.trained_module(model), folder, "nan"):
             with pytest.raises(TrainingDiverged) as diverged:
                 self.train(model, self.config(**settings), out, checkpoint_dir=folder)
         message = str(diverged.value)
-        good = folder / "checkpoint-000002.safetensors"
-        assert len(message.splitlines()) == 1 and f"diverged at step {KILLED_IN_STEP}" in message
+        good = folder / checkpoint_name(FAULT_AFTER)
+        assert len(message.splitlines()) == 1 and f"diverged at step {FAULT_AFTER + 1}" in message
         assert str(good) in message, message
-        assert not out.exists() and list_checkpoints(folder) == [good]
+        assert not out.exists() and latest(folder) == good
         resumed = self.train(model, self.config(**settings), checkpoint_dir=folder, resume=True)
         whole = self.uninterrupted(models, runs, self.config().kind, variant)
         assert all(torch.equal(t, resumed.tensors[k]) for k, t in whole.tensors.items())
@@ -495,7 +502,7 @@ class MethodContract:
     def test_training_leaves_the_global_rng_alone(self, models, rng_case, tmp_path):
         model = self.model(models, self.architectures()[0])
         if rng_case == "resume":
-            settings = {"steps": 4, "checkpoint_every": 2}
+            settings = {"steps": STEPS, "checkpoint_every": EVERY}
             with fault_after_checkpoint(self.trained_module(model), tmp_path, "interrupt"):
                 with pytest.raises(KeyboardInterrupt):
                     self.train(model, self.config(**settings), checkpoint_dir=tmp_path)
