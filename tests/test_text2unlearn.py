@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from method_contract import MethodContract
 
 from erase.cli import main
 from erase.methods.text2unlearn import TextToUnlearnConfig, crossing_loss, directional_loss, keep_loss
@@ -132,3 +133,12 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     small = ["--steps", "1", "--pool", "16", "--batch-size", "8"]
     assert main([*argv, "--concept", "red", "--anchor", "teal", *small]) == 2
     assert "anchor 'teal' is no class of the colour task" in capsys.readouterr().err
+
+
+class TestTextToUnlearnContract(MethodContract):
+    """On the tiny mapping/synthesis GAN; the default layers (the mapping network) are the only ones to change."""
+
+    method = "text2unlearn"
+    concepts = ("circle",)
+    few_steps = {"gan": "tiny", "pool": 64, "batch_size": 8, "steps": 3, "augment": 1}
+    targets = "mapping"

@@ -3,6 +3,7 @@ architecture."""
 
 import pytest
 import torch
+from method_contract import MethodContract
 from tiny_pipelines import ARCHITECTURES, generate, tiny_pipeline
 
 from erase.methods.uce import UCEConfig, low_rank, shared_edit, solve_layer
@@ -107,3 +108,7 @@ def test_uce_on_a_model_folder_with_the_artists_set(tmp_path):
     )
     blocks = [n for n, _ in tiny_pipeline("sd1").unet.named_modules() if n.endswith(".attn2")]
     assert len(patch.target_names("unet")) == 2 * len(blocks)  # to_k and to_v of every cross-attention block
+
+
+class TestUCEContract(MethodContract):
+    method = "uce"

@@ -2,9 +2,10 @@
 atomically, with a JSON header.
 
 A checkpoint holds every trainable tensor of every checkpointed module, every optimizer's state tensors (the rest of
-each optimizer's state and its parameter groups go to the header), the torch CPU RNG state, the step, the method and
-the config. Resuming refuses a checkpoint made with other settings (other than the step count and checkpoint
-interval, which may change). The two newest checkpoints are kept.
+each optimizer's state and its parameter groups go to the header), the step, the method and the config. No RNG state:
+every step draws from its own generator (`erase.training.loop.step_generator`), and resuming leaves the caller's
+global torch RNG alone. Resuming refuses a checkpoint made with other settings (other than the step count and
+checkpoint interval, which may change). The two newest checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ def save(directory: Path, step: int, modules: dict, optimizers: dict, config, me
         parts, meta = _optimizer_parts(name, optimizer)
         tensors.update(parts)
         optim_meta[name] = meta
-    tensors["rng.torch"] = torch.get_rng_state()
     header = {
         "step": step,
         "method": method,
@@ -83,7 +83,7 @@ def save(directory: Path, step: int, modules: dict, optimizers: dict, config, me
 
 
 def load(path: Path, modules: dict, optimizers: dict, config, method: str) -> int:
-    """Restore modules, optimizers and the RNG from ``path``; returns the checkpoint's step."""
+    """Restore modules and optimizers from ``path``; returns the checkpoint's step."""
     with safe_open(str(path), framework="pt") as f:
         header = json.loads((f.metadata() or {}).get("erase.checkpoint", "null") or "null")
         if not isinstance(header, dict):
@@ -106,7 +106,6 @@ def load(path: Path, modules: dict, optimizers: dict, config, method: str) -> in
                     p.copy_(tensors[key])
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(_optimizer_state(name, header["optimizers"][name], tensors))
-    torch.set_rng_state(tensors["rng.torch"])
     return int(header["step"])
 
 

@@ -45,7 +45,7 @@ class MethodConfig:
     def __post_init__(self):
         self.check_at_least(1, "threads")
         if self.kind not in self.KINDS:
-            raise ValueError(f"this method writes {' or '.join(self.KINDS)} patches, not {self.kind!r}")
+            raise ValueError(f"kind must be {' or '.join(self.KINDS)} (what this method writes), got {self.kind!r}")
         if self.dtype == "int8" and self.kind != "sparse":
             raise ValueError("dtype int8 is for sparse patches; use fp32, fp16 or bf16 for delta")
         self.concepts = [c.strip() for c in self.concepts if c and c.strip()]

@@ -9,7 +9,7 @@ optimizers; the loop does the rest:
 - **seeds**: every step's randomness comes from a generator seeded by ``(seed, step, process)``, so a step is the
   same whether the run was resumed or not.
 - **checkpoints** every ``checkpoint_every`` steps (`erase.training.checkpoint`): trainable weights, every
-  optimizer, the step, the config and the torch RNG state; ``resume=True`` continues from the newest one and ends with
+  optimizer, the step and the config; ``resume=True`` continues from the newest one and ends with
   the same tensors as an uninterrupted run.
 - **NaN guard**: a non-finite loss or weight stops the run with `TrainingDiverged` (one line: step, value, the last
   good checkpoint) before anything is written, so the last checkpoint stays intact.

@@ -236,7 +236,8 @@ def train_patch(
         method (`str`): a registered method name (`erase.registry.list_methods`).
         config: the method's ``CONFIG`` dataclass instance (left unchanged: the patch holds the resolved copy).
         out (`str` or `Path`, *optional*): where to write the patch (atomically; main process only).
-        pipe (*optional*): an already loaded base pipeline (default: ``load_pipeline(config.model)``); left unchanged.
+        pipe (*optional*): an already loaded base pipeline (default: ``load_pipeline(config.model)``), or for a GAN
+            method a loaded `GanGenerator` (default: the method loads ``config.gan``); left unchanged.
         checkpoint_dir, resume, progress: training-loop options (see `erase.training.loop`).
         overwrite (`bool`, *optional*, defaults to `True`): replace an existing ``out``; with `False` a file that
             exists when training ends (another run's) is an error, not silently replaced.
