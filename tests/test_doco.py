@@ -2,8 +2,6 @@
 
 from method_contract import MethodContract
 
-RESEEDS = "erase/methods/doco.py calls torch.manual_seed(config.seed) before building its discriminators"
-
 
 class TestDoCoContract(MethodContract):
     method = "doco"
@@ -11,4 +9,3 @@ class TestDoCoContract(MethodContract):
     few_steps |= {"retain_images": 2, "adversarial_every": 2, "adversarial_steps": 1}
     lora_steps = {"lr": 1e-2}
     resume_variants = {"adversarial": {}, "plain": {"adversarial_every": 0}}
-    rng_leaks = {"delta": RESEEDS, "lora": RESEEDS, "resume": RESEEDS}

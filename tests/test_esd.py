@@ -161,4 +161,3 @@ class TestESDContract(MethodContract):
     concepts = ("red", "circle")  # one concept per step, in turn
     few_steps = {"steps": 3, "batch_size": 1, "lr": 1e-3, "sample_steps": 2, "trajectories": 2}
     lora_steps = {"lr": 1e-2}
-    rng_leaks = {"lora": "erase/training/student.py seeds PEFT's LoRA initialisation with torch.manual_seed(0)"}
