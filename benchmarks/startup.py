@@ -137,7 +137,8 @@ def main() -> None:
         for label, argv, goal in starting:
             runs = [first_line([str(a) for a in argv], env, tmp) for _ in range(args.repeat)]
             report(label, [r[0] for r in runs], goal)
-            print(f"{'':<4}first line: {runs[0][1][:90]!r}; after Ctrl-C: {runs[0][2]}")
+            endings = "; ".join(sorted({r[2] for r in runs}))
+            print(f"{'':<4}first line: {runs[0][1][:90]!r}; after Ctrl-C: {endings}")
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

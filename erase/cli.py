@@ -9,35 +9,42 @@ inside a command's ``run``, after the arguments are checked.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import sys
+from typing import TYPE_CHECKING
 
-# The names below were defined here before the commands moved to `erase.commands`; they stay importable from here.
-from erase.commands import command_module, command_modules
-from erase.commands._args import _SKIP_HASH_HELP, MAX_IMAGES, SEED_MAX, CliError, _integer, _number, _Parser
-from erase.commands.patch import patch_summary
-from erase.commands.world import WORLD_MODELS
+if TYPE_CHECKING:
+    import argparse
 
-__all__ = [
-    "MAX_IMAGES",
-    "SEED_MAX",
-    "WORLD_MODELS",
-    "CliError",
-    "_SKIP_HASH_HELP",
-    "_integer",
-    "_number",
-    "_Parser",
-    "entry_point",
-    "main",
-    "patch_summary",
-]
+# Only the standard library's sys at import time: a Ctrl-C reaches `entry_point`'s handler as early as possible, and
+# `erase --help` loads nothing it does not print. The names below were defined here before the commands moved to
+# `erase.commands`; they stay importable from here (``from erase.cli import CliError``), loaded on first use.
+_MOVED = {
+    **dict.fromkeys(
+        ("CliError", "SEED_MAX", "MAX_IMAGES", "_number", "_integer", "_Parser", "_SKIP_HASH_HELP"),
+        "erase.commands._args",
+    ),
+    "patch_summary": "erase.commands.patch",
+    "_summary_lines": "erase.commands.patch",
+    "WORLD_MODELS": "erase.commands.world",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_MOVED[name]), name)
+
 
 _INTERRUPTED = "erase: interrupted (Ctrl-C); no partial output was left, earlier outputs are unchanged"
 
 
 def _build_parser(argv: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    from erase.commands import command_modules
+    from erase.commands._args import _Parser
+
     parser = _Parser(prog="erase", description="Remove concepts from image generators.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     files on the way out, so earlier outputs stay as they were.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    from erase.commands import command_module
+    from erase.commands._args import CliError
+
     with _warnings_as_lines():
         try:
             args = _build_parser(argv).parse_args(argv)
@@ -82,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _warnings_as_lines():
     """Show erase's own warnings (logger ``erase``) as ``erase: warning: ...`` lines on stderr while a command runs."""
+    import logging
+
     logger = logging.getLogger("erase")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("erase: warning: %(message)s"))

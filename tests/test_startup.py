@@ -77,7 +77,9 @@ def test_ctrl_c_while_torch_loads_prints_one_line(tmp_path):
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=120)
     text = stderr.decode(errors="replace")
-    assert run.returncode == 130 and "Traceback" not in text, text
+    # 130, or killed by SIGINT (-2, which a shell also shows as 130): CPython ends that way when the interrupt hit
+    # code that a C extension ran through PyRun_String while loading (pybind11's exec), even though erase caught it
+    assert run.returncode in (130, -signal.SIGINT) and "Traceback" not in text, (run.returncode, text)
     assert text.strip().splitlines() == [
         "erase: interrupted (Ctrl-C); no partial output was left, earlier outputs are unchanged"
     ], text
