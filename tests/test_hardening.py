@@ -313,25 +313,42 @@ def test_a_flipped_exponent_bit_is_caught_by_the_data_hash_everywhere(world, tmp
         refused(capsys, ["apply", "--model", world.model, "--patch", bad, "--out", tmp_path / "o"], expected)
         refused(capsys, ["export", bad, "--to", "lora", "--rank", "2", "--out", tmp_path / "o.safetensors"], expected)
         refused(capsys, ["eval", "--concept", "red", "--patch", bad, "--out", tmp_path / "o"], expected)
-        skipped = load_patch(bad, verify=False)  # the escape hatch for very large trusted files
-        assert skipped.hash_check == "skipped"
-        assert main(["inspect", str(bad), "--skip-hash-check"]) == 0
-        assert "data hash:       not checked (--skip-hash-check)" in capsys.readouterr().out
+        # skipping the data hash (the escape hatch for very large trusted files) still refuses an absurd value
+        with pytest.raises(PatchError, match=r"absurd weight change in .* \(up to [0-9.]+e\+3[0-9]\)"):
+            load_patch(bad, verify=False)
+    skipped = load_patch(world.delta, verify=False)
+    assert skipped.hash_check == "skipped"
+    assert main(["inspect", str(world.delta), "--skip-hash-check"]) == 0
+    assert "data hash:       header verified, tensor data not checked (--skip-hash-check)" in capsys.readouterr().out
 
 
-def test_inspect_says_whether_the_hash_verified_and_old_patches_still_load(world, tmp_path, capsys):
+def test_inspect_says_whether_the_hash_verified_and_older_patches_still_load_unverified(world, tmp_path, capsys):
     assert main(["inspect", str(world.delta)]) == 0
     out = capsys.readouterr().out
-    assert f"data hash:       verified (the sha256 of each of the {len(world.names)} tensors matches" in out
+    n = len(world.names)
+    assert f"data hash:       verified (erase.sha256 covers the header; the sha256 of each of the {n} tensors" in out
     assert main(["inspect", str(world.lora), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data_hash"] == "verified"
-    old = rewrite(world.delta, tmp_path / "old.safetensors", **{HASHES_KEY: None})  # as written before hashes
-    patch = load_patch(old)
-    assert patch.hash_check == "absent" and patch.tensors.keys() == load_patch(world.delta).tensors.keys()
-    assert main(["inspect", str(old)]) == 0
-    assert "data hash:       none stored (written before erase stored tensor hashes)" in capsys.readouterr().out
-    resaved = load_patch(save_patch(patch, tmp_path / "resaved.safetensors"))
-    assert resaved.hash_check == "verified"
+    # as written by format 1 (erase before erase.sha256), with and without per-tensor hashes: both still load, loudly
+    v1 = rewrite(world.delta, tmp_path / "v1.safetensors", erase__format_version="1", erase__sha256=None)
+    bare = rewrite(v1, tmp_path / "bare.safetensors", **{HASHES_KEY: None})
+    for old, reason in [(v1, "written by erase format 1"), (bare, "it stores no hashes")]:
+        capsys.readouterr()
+        patch = load_patch(old)
+        assert patch.hash_check == "unverified" and reason in patch.unverified_reason
+        assert all(torch.equal(t, load_patch(world.delta).tensors[k]) for k, t in patch.tensors.items())
+        assert main(["inspect", str(old)]) == 0
+        captured = capsys.readouterr()
+        assert f"data hash:       UNVERIFIED ({reason}" in captured.out
+        warnings = [line for line in captured.err.splitlines() if line.startswith("erase: warning:")]
+        assert len(warnings) == 1 and f"{old}: UNVERIFIED patch ({reason}" in warnings[0], captured.err
+        # an unverified patch is not re-saved with fresh hashes ("verified") unless the caller vouches for it
+        resaved = tmp_path / f"resaved-{old.name}"
+        with pytest.raises(PatchError, match="refusing to write it with fresh hashes: it is unverified"):
+            save_patch(patch, resaved)
+        assert not resaved.exists()
+        resaved = load_patch(save_patch(patch, resaved, trust_unverified=True))
+        assert resaved.hash_check == "verified" and resaved.format_version == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -781,7 +798,7 @@ def test_erase_patch_stays_a_leaf():
         " 'prompts', 'peft', 'open_clip')]\n"
         "ours = sorted(m for m in sys.modules if m.startswith('erase'))\n"
         "assert not bad, bad\n"
-        "assert ours == ['erase', 'erase.fsutil', 'erase.patch'], ours\n"
+        "assert ours == ['erase', 'erase.fsutil', 'erase.patch', 'erase.patchfile'], ours\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert result.returncode == 0, result.stderr
