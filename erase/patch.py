@@ -123,6 +123,17 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
 
 
+def seal(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``metadata`` plus ``erase.tensor_sha256`` (every tensor's sha256) and ``erase.sha256`` (the digest over all of
+    it and the tensor table, `erase.patchfile.header_digest`): the header of a file whose every field and tensor
+    can be verified (patches and training checkpoints)."""
+    header = dict(metadata)
+    header[HASHES_KEY] = json.dumps({k: tensor_sha256(t) for k, t in tensors.items()}, sort_keys=True)
+    table = {k: (_ST_DTYPES[t.dtype], list(t.shape)) for k, t in tensors.items()}
+    header[DIGEST_KEY] = header_digest(header, table)
+    return header
+
+
 def short_hash(entry: Mapping[str, Any] | None) -> str:
     """The first 12 hex digits of a fingerprint entry, as shown in messages."""
     return "none" if not entry else f"{entry['hash'][:12]} ({entry['n_tensors']} tensors)"
@@ -270,7 +281,6 @@ class Patch:
             "erase.base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
             "erase.versions": json.dumps(self.versions, sort_keys=True),
             "erase.notes": json.dumps(self.notes, sort_keys=True),
-            HASHES_KEY: json.dumps({k: tensor_sha256(t) for k, t in self.tensors.items()}, sort_keys=True),
         }
         if self.kind == "sparse":
             header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
@@ -279,9 +289,7 @@ class Patch:
             # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
             packed = {f"{c}.{k}": v for c, cfg in self.lora_config.items() for k, v in cfg.items()}
             header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-        table = {k: (_ST_DTYPES[t.dtype], list(t.shape)) for k, t in self.tensors.items()}
-        header[DIGEST_KEY] = header_digest(header, table)
-        return header
+        return seal(header, self.tensors)
 
     def target_names(self, component: str) -> list[str]:
         """Names (inside ``component``) of the base tensors this patch changes, e.g. ``down_blocks....to_k.weight``."""
