@@ -96,6 +96,9 @@ class RawFile:
     metadata: dict[str, str]
 
 
+_ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -138,6 +141,11 @@ def read_raw(path: str | os.PathLike, what: str = "an erase .safetensors patch")
             raise PatchError(f"{path}: corrupted safetensors header (entry {name!r} has no valid data_offsets)")
         if not (isinstance(entry.get("shape"), list) and all(_is_int(d) and d >= 0 for d in entry["shape"])):
             raise PatchError(f"{path}: corrupted safetensors header (entry {name!r} has no valid shape)")
+        itemsize = _ITEM_SIZES.get(entry.get("dtype"))
+        if itemsize is not None and offsets[1] - offsets[0] != itemsize * math.prod(entry["shape"]):
+            raise PatchError(
+                f"{path}: corrupted safetensors header (entry {name!r}: its bytes do not match its shape)"
+            )
         ends.append(offsets[1])
     if max(ends, default=0) != size - 8 - length:
         raise PatchError(
@@ -169,23 +177,66 @@ def raw_table(raw: RawFile) -> dict[str, tuple[str, list[int]]]:
     return {name: (entry.get("dtype"), entry["shape"]) for name, entry in raw.tensors.items()}
 
 
-def file_tensor_hashes(raw: RawFile) -> dict[str, str]:
-    """The sha256 of every tensor's stored bytes, read straight from the file (no torch): equal to
-    ``erase.patch.tensor_sha256`` of the tensor as loaded."""
-    hashes = {}
+def _stored_bytes(raw: RawFile):
+    """``(name, bytes)`` of every tensor, read from the file one tensor at a time."""
     with raw.path.open("rb") as handle:
         for name, entry in raw.tensors.items():
             begin, end = entry["data_offsets"]
             handle.seek(raw.data_start + begin)
-            digest, left = hashlib.sha256(), end - begin
-            while left > 0:
-                chunk = handle.read(min(_CHUNK, left))
-                if not chunk:
-                    raise PatchError(f"{raw.path}: the file ended while reading {name}; re-download or re-export it")
-                digest.update(chunk)
-                left -= len(chunk)
-            hashes[name] = digest.hexdigest()
-    return hashes
+            data = handle.read(end - begin)
+            if len(data) != end - begin:
+                raise PatchError(f"{raw.path}: the file ended while reading {name}; re-download or re-export it")
+            yield name, data
+
+
+def file_tensor_hashes(raw: RawFile) -> dict[str, str]:
+    """The sha256 of every tensor's stored bytes, read straight from the file (no torch): equal to
+    ``erase.patch.tensor_sha256`` of the tensor as loaded."""
+    return {name: hashlib.sha256(data).hexdigest() for name, data in _stored_bytes(raw)}
+
+
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I8": "i1"}
+
+
+def _value_stats(entry: Mapping[str, Any], data: bytes) -> dict[str, Any] | None:
+    """For a float or int8 tensor's bytes (numpy, no torch): whether all values are finite, the largest ``|value|``,
+    and the largest row norm (over dim 0) and column norm (over dims 1...) of its ``[shape[0], -1]`` matrix."""
+    import numpy as np
+
+    if entry["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+        values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    elif entry["dtype"] in _NUMPY_DTYPES:
+        values = np.frombuffer(data, _NUMPY_DTYPES[entry["dtype"]])
+    else:
+        return None
+    values = values.astype(np.float64)
+    if not values.size:
+        return {"finite": True, "peak": 0.0, "row": 0.0, "col": 0.0}
+    matrix = values.reshape(entry["shape"][0], -1) if len(entry["shape"]) >= 2 else values.reshape(1, -1)
+    return {
+        "finite": bool(np.isfinite(values).all()),
+        "peak": float(np.abs(values).max()),
+        "row": float(np.sqrt((matrix**2).sum(axis=1)).max()),
+        "col": float(np.sqrt((matrix**2).sum(axis=0)).max()),
+    }
+
+
+def _file_peaks(kind: str, raw: RawFile, stats: Mapping[str, dict], lora_config: Mapping[str, Any]) -> dict:
+    """`erase.patch.peak_changes` computed from the file's bytes: per targeted weight, a bound of ``max |delta|``."""
+    peaks = {}
+    for component in targets_of(raw.tensors):
+        for name in weight_names(kind, raw.tensors, component):
+            key = f"{component}.{name}"
+            if kind == "delta":
+                peaks[key] = stats[key]["peak"]
+            elif kind == "sparse":
+                scale = stats.get(key + SCALE)
+                peaks[key] = stats[key + VALUES]["peak"] * (scale["peak"] if scale else 1.0)
+            else:
+                module = name[: -len(".weight")]
+                bound = stats[key[: -len(".weight")] + LORA_B]["row"] * stats[key[: -len(".weight")] + LORA_A]["col"]
+                peaks[key] = abs(lora_scaling(lora_config[component], module)) * bound
+    return peaks
 
 
 def check_tensor_hashes(where: str, computed: Mapping[str, str], hashes: Any) -> None:
@@ -328,6 +379,23 @@ def lora_scaling_error(where: str, lora_config: Mapping[str, Mapping[str, Any]])
     return PatchError(
         f"{where}: absurd LoRA scaling {first_offenders(bad)}: |lora_alpha / r| may be at most {MAX_LORA_SCALING:g} "
         "(real patches stay below 10); the header is corrupt or the LoRA is broken, re-export it"
+    )
+
+
+def value_error(where: str, nonfinite: list[str], peaks: Mapping[str, float]) -> PatchError | None:
+    """The `PatchError` for non-finite stored values or a weight change beyond `MAX_ABS_DELTA` (``peaks``: per
+    targeted weight, an upper bound of its ``max |delta|``), or ``None``."""
+    if nonfinite:
+        return PatchError(
+            f"{where}: NaN or inf values in {first_offenders(sorted(nonfinite))}; fix the run that produced it"
+        )
+    absurd = {k: v for k, v in peaks.items() if not v <= MAX_ABS_DELTA}
+    if not absurd:
+        return None
+    shown = first_offenders([f"{k} (up to {v:.3g})" for k, v in sorted(absurd.items())])
+    return PatchError(
+        f"{where}: absurd weight change in {shown}: a patch may change a weight by at most {MAX_ABS_DELTA:g} (real "
+        "patches stay below 1); the file is corrupt or the run that made it diverged, re-export or retrain it"
     )
 
 
@@ -500,6 +568,41 @@ def unverified_warning(where: str, reason: str) -> str:
 # The summary ``erase inspect`` prints
 
 
+def _check_file_values(header: PatchHeader, verify: bool) -> None:
+    """What `erase.patch.load_patch` checks after the header, from the file's bytes in one pass: every tensor's
+    sha256 (with ``verify``), then finite values and weight changes within `MAX_ABS_DELTA` (with numpy; without it
+    the torch loader does the checks)."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        from erase.patch import load_patch
+
+        load_patch(header.raw.path, verify=verify)
+        return
+    hashes, stats = {}, {}
+    for name, data in _stored_bytes(header.raw):
+        if verify:
+            hashes[name] = hashlib.sha256(data).hexdigest()
+        found = _value_stats(header.raw.tensors[name], data)
+        if found is not None:
+            stats[name] = found
+    if verify:
+        check_tensor_hashes(header.where, hashes, header.hashes)
+    nonfinite = [k for k, v in stats.items() if not v["finite"]]
+    try:
+        peaks = (
+            {} if nonfinite else _file_peaks(header.fields["kind"], header.raw, stats, header.fields["lora_config"])
+        )
+    except (KeyError, ValueError):  # malformed tensors (a missing LoRA half, ...): the torch loader names the problem
+        from erase.patch import load_patch
+
+        load_patch(header.raw.path, verify=verify)
+        raise
+    error = value_error(header.where, nonfinite, {}) or value_error(header.where, [], peaks)
+    if error is not None:
+        raise error
+
+
 def summarize(path: Any, verify: bool = True) -> dict[str, Any]:
     """What ``erase inspect --json`` prints, built without torch for a verified patch: the header fields, file size,
     per-component counts and ``data_hash`` (the integrity status).
@@ -518,11 +621,9 @@ def summarize(path: Any, verify: bool = True) -> dict[str, Any]:
 
         load_patch(path, verify=verify)
         data_hash = HASH_UNVERIFIED
-    elif verify:
-        check_tensor_hashes(header.where, file_tensor_hashes(header.raw), header.hashes)
-        data_hash = HASH_VERIFIED
     else:
-        data_hash = HASH_SKIPPED
+        _check_file_values(header, verify)
+        data_hash = HASH_VERIFIED if verify else HASH_SKIPPED
     raw, fields = header.raw, header.fields
     targets = targets_of(raw.tensors)
     components = {}

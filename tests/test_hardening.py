@@ -256,14 +256,16 @@ def test_a_scale_that_overflows_the_weights_is_refused_before_any_weight_changes
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     base = state(module)
-    tuned = {"0.weight": base["0.weight"] + 1.0, "1.weight": base["1.weight"] + 1e30}
+    with pytest.raises(PatchError, match="absurd weight change in generator.1.weight"):  # a 1e30 delta: never built
+        make_delta_patch({"generator": base}, {"generator": {"1.weight": base["1.weight"] + 1e30}})
+    tuned = {"0.weight": base["0.weight"] + 1.0, "1.weight": base["1.weight"] + 1e3}
     patch = make_delta_patch({"generator": base}, {"generator": tuned})
-    message = r"scale 1e\+09 makes generator.1.weight overflow torch.float32 \(the largest scale that fits is about 3"
+    message = r"scale 1e\+36 makes generator.1.weight overflow torch.float32 \(the largest scale that fits is about 3"
     with pytest.raises(PatchError, match=message):
-        apply_patch(module, patch, scale=1e9)  # 0.weight would fit; nothing changes all the same
+        apply_patch(module, patch, scale=1e36)  # 0.weight would fit; nothing changes all the same
     assert_bitwise(module, base)
     with pytest.raises(PatchError, match="overflow"):
-        fuse_patch(module, patch, scale=-1e9)
+        fuse_patch(module, patch, scale=-1e36)
     assert_bitwise(module, base)
     half = nn.Linear(4, 4).half()
     half_base = state(half)
@@ -838,11 +840,16 @@ def test_a_huge_weight_with_its_hash_key_deleted_is_refused_by_every_command(wor
     huge[0, 0] = 9.7e37
     stale = without(world.delta, tmp_path / "stale.safetensors", HASHES_KEY, **{name.replace(".", "__"): huge})
     bare = without(stale, tmp_path / "bare.safetensors", "erase.sha256")  # no hash of any kind left
+    with safe_open(str(stale), "pt") as handle:  # hashes made to match the huge value: refused on the value
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    resealed = tmp_path / "resealed.safetensors"
+    save_file(tensors, str(resealed), metadata=erase.patch.seal(meta, tensors))
     with untouched(world.root, tmp_path):
         for argv in patch_commands(world, stale, tmp_path):
             refused(capsys, argv, "stale.safetensors: the header does not match its erase.sha256")
-        for argv in patch_commands(world, bare, tmp_path):
-            refused(capsys, argv, f"bare.safetensors: absurd weight change in {name} (up to 9.7e+37)")
+        for path in (bare, resealed):
+            for argv in patch_commands(world, path, tmp_path):
+                refused(capsys, argv, f"{path.name}: absurd weight change in {name} (up to 9.7e+37)")
 
 
 def test_a_flipped_bit_in_a_header_field_is_caught(world, tmp_path, capsys):
