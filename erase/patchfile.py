@@ -637,7 +637,7 @@ def summarize(path: Any, verify: bool = True) -> dict[str, Any]:
     return {
         "file": str(raw.path),
         "file_size": raw.size,
-        **fields,
+        **{k: v for k, v in fields.items() if k != "shapes"},  # sparse dense shapes: not shown (as load_patch's)
         "targets": targets,
         "nbytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in raw.tensors.values()),
         "data_hash": data_hash,
