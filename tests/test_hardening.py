@@ -1065,7 +1065,7 @@ def test_real_patches_stay_far_below_the_magnitude_bounds(tmp_path):
     """The value bounds against real patches. Measured with ``erase train --method M --concept red`` on the Shapes
     world at default settings (upper bound of max |delta| as `erase.patch.peak_changes` computes it; exact in
     brackets where it differs): UCE delta 0.71, UCE LoRA 0.85 (0.71), ESD delta 0.081, ESD LoRA 0.092 (0.089),
-    SalUn sparse 0.23, DoCo LoRA 0.32 (0.29), Text-to-Unlearn delta TEXT2UNLEARN; |lora_alpha / r| 1.0 in every
+    SalUn sparse 0.23, DoCo LoRA 0.32 (0.29), Text-to-Unlearn delta 0.023; |lora_alpha / r| 1.0 in every
     LoRA. The bounds (1e3 for both) leave a margin of over 1000x; UCE, the largest, is retrained here."""
     from erase.patchfile import MAX_ABS_DELTA, MAX_LORA_SCALING
 
