@@ -65,7 +65,7 @@ TRUSTED = (HASH_VERIFIED, HASH_IN_MEMORY)
 # UCE delta 0.71 / LoRA 0.85, ESD delta 0.081 / LoRA 0.092, SalUn sparse 0.23, DoCo LoRA 0.32, Text-to-Unlearn
 # 0.023, and |lora_alpha / r| 1.0 in every LoRA (DoCo's SD default, rank 4 / alpha 8, is 2): a margin over 1000x
 # (tests/test_hardening.py::test_real_patches_stay_far_below_the_magnitude_bounds retrains UCE, the largest).
-# 1e3 also stays far below fp16's 65504, so an accepted change at scale 1 never overflows a half-precision weight.
+# 1e3 is also far below the largest fp16 number (65504).
 MAX_LORA_SCALING = 1e3  # |lora_alpha / r| (rsLoRA: / sqrt(r)) for every module
 MAX_ABS_DELTA = 1e3  # largest |weight change| a patch may store or imply at scale 1, in weight units
 
