@@ -2,7 +2,8 @@
 
 `erase.patch` builds on this module for everything that does not need tensor values, and ``erase inspect`` uses it
 alone (`summarize`), so that showing and verifying a patch starts in a fraction of a second (importing torch takes
-seconds). Standard library only.
+seconds). Standard library only, plus numpy (where installed; imported only by `summarize`) to check the stored
+values as `erase.patch.load_patch` does: finite, and within the bounds below.
 
 **Integrity (format version 2).** Two header keys protect a patch file:
 

@@ -26,7 +26,16 @@ from safetensors.torch import save_file
 from erase.config_args import config_to_dict
 from erase.fsutil import write_file
 from erase.patch import seal, tensor_sha256
-from erase.patchfile import DIGEST_KEY, HASHES_KEY, PatchError, check_tensor_hashes, header_digest, raw_table, read_raw
+from erase.patchfile import (
+    DIGEST_KEY,
+    HASHES_KEY,
+    PatchError,
+    check_tensor_hashes,
+    file_tensor_hashes,
+    header_digest,
+    raw_table,
+    read_raw,
+)
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 _KEEP = 2
@@ -101,9 +110,10 @@ def _fallback(path: Path) -> str:
     return "delete it and run without --resume to start afresh"
 
 
-def read_header(path: Path) -> dict:
-    """The checkpoint's header (step, method, config, optimizers), read without its tensor data, after checking the
-    file's size against its table and the header against ``erase.sha256``; damage is one line naming ``path``."""
+def read_header(path: Path, check_data: bool = False) -> dict:
+    """The checkpoint's header (step, method, config, optimizers), after checking the file's size against its table
+    and the header against ``erase.sha256`` (and, with ``check_data``, every tensor's bytes against its sha256, read
+    straight from the file); damage is one line naming ``path`` and the checkpoint to fall back on."""
     path = Path(path)
     try:
         raw = read_raw(path, what="an erase training checkpoint")
@@ -124,21 +134,28 @@ def read_header(path: Path) -> dict:
     if DIGEST_KEY not in meta:
         _LOG.warning(f"{path}: a checkpoint without hashes (written by an older erase): its data cannot be checked")
     header["_hashes"] = json.loads(meta[HASHES_KEY]) if HASHES_KEY in meta and DIGEST_KEY in meta else None
+    if check_data and header["_hashes"] is not None:
+        _check_hashes(path, file_tensor_hashes(raw), header["_hashes"])
     return header
 
 
-def load(path: Path, modules: dict, optimizers: dict, config, method: str) -> int:
-    """Restore modules, optimizers and the RNG from ``path`` after checking its hashes; returns its step."""
+def _check_hashes(path: Path, computed: dict[str, str], hashes: dict) -> None:
+    try:
+        check_tensor_hashes(str(path), computed, hashes)
+    except PatchError as error:
+        problem = str(error).rsplit("; ", 1)[0]
+        raise ValueError(f"--resume: damaged checkpoint: {problem}; {_fallback(path)}") from None
+
+
+def load(path: Path, modules: dict, optimizers: dict, config, method: str, check_data: bool = True) -> int:
+    """Restore modules, optimizers and the RNG from ``path`` after checking its hashes (the tensor data's only with
+    ``check_data``: `read_header` may have checked it already); returns its step."""
     path = Path(path)
     header = read_header(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if header["_hashes"] is not None:
-        try:
-            check_tensor_hashes(str(path), {k: tensor_sha256(t) for k, t in tensors.items()}, header["_hashes"])
-        except PatchError as error:
-            problem = str(error).rsplit("; ", 1)[0]
-            raise ValueError(f"--resume: damaged checkpoint: {problem}; {_fallback(path)}") from None
+    if check_data and header["_hashes"] is not None:
+        _check_hashes(path, {k: tensor_sha256(t) for k, t in tensors.items()}, header["_hashes"])
     if header.get("method") != method:
         raise ValueError(f"{path} is a checkpoint of method {header.get('method')!r}, not {method!r}")
     saved, now = header["config"], config_to_dict(config)
