@@ -505,3 +505,14 @@ def test_absurd_magnitudes_are_refused_on_build_and_whatever_the_hash_says(gen, 
     with pytest.raises(PatchError) as exc:
         load_patch(bad)
     assert_refused(exc, "alpha.safetensors: absurd LoRA scaling generator.* (lora_alpha/r = 5e+29)")
+
+
+def test_a_header_entry_whose_bytes_do_not_match_its_shape_is_refused(tmp_path):
+    header = json.dumps({"generator.0.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
+    bad = tmp_path / "short.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(PatchError) as exc:
+        load_patch(bad)
+    assert_refused(
+        exc, "short.safetensors: corrupted safetensors header (entry 'generator.0.weight': its bytes do not"
+    )
