@@ -106,6 +106,8 @@ def _lora_from_factors(patch: Patch, factors: dict, rank: int, rel_error: float,
         config=dict(patch.config),
         concepts=list(patch.concepts),
         notes=notes,
+        hash_check=patch.hash_check,  # an unverified source stays unverified (erase.patch.require_trusted)
+        unverified_reason=patch.unverified_reason,
     )
 
 

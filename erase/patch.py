@@ -16,19 +16,25 @@ Every header value is a JSON string (safetensors metadata is ``dict[str, str]``)
 ``erase.*``. The header records the base model's *fingerprint*: per component, a sha256 over the names, shapes and
 fp32 bytes of the tensors the patch targets. Applying a patch to a different base is refused unless forced.
 
+Integrity (format version 2, `erase.patchfile`): ``erase.tensor_sha256`` holds every tensor's sha256 and
+``erase.sha256`` one digest over every header value and the tensor table, so that neither a tensor nor a header
+field (``lora_alpha``, ``method``, ``config``, ...) changes unnoticed. A patch without a verifying digest (no hashes,
+or a format-1 file) loads as *unverified*, with a warning each time; it is not re-saved with fresh hashes unless the
+caller vouches for it (`require_trusted`). Values are bounded whatever the hashes say: non-finite values, weight
+changes beyond `MAX_ABS_DELTA` and LoRA scalings beyond ``MAX_LORA_SCALING`` are refused.
+
 This module depends on torch, safetensors and the standard library only (no diffusers), so it stays a leaf that
-trainers, ``pipelines`` and the CLI can all import. Loading never unpickles; every problem raises `PatchError`,
-one line naming the file, the problem and the fix.
+trainers, ``pipelines`` and the CLI can all import; `erase.patchfile` (standard library only) reads headers.
+Loading never unpickles; every problem raises `PatchError`, one line naming the file, the problem and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -40,29 +46,56 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from erase.fsutil import write_file
+from erase.patchfile import (  # noqa: F401  (re-exported: erase.patch is the public home of these names)
+    DIGEST_KEY,
+    FORMAT_VERSION,
+    HASH_IN_MEMORY,
+    HASH_SKIPPED,
+    HASH_UNVERIFIED,
+    HASH_VERIFIED,
+    HASHES_KEY,
+    KINDS,
+    LORA_A,
+    LORA_B,
+    LORA_METADATA_KEY,
+    MASK,
+    MAX_ABS_DELTA,
+    MAX_LORA_SCALING,
+    SCALE,
+    SCHEMA,
+    TARGETS,
+    TRUSTED,
+    VALUES,
+    PatchError,
+    check_tensor_hashes,
+    first_offenders,
+    header_digest,
+    json_kind,
+    lora_scaling,
+    lora_scaling_error,
+    read_header,
+    schema_error,
+    targets_of,
+    unverified_warning,
+    value_error,
+    weight_names,
+)
 
-FORMAT_VERSION = 1
-KINDS = ("lora", "delta", "sparse")
-TARGETS = ("unet", "text_encoder", "text_encoder_2", "generator")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' own key (diffusers.loaders.lora_base)
-MASK, VALUES, SCALE = ".sparse_mask", ".sparse_values", ".sparse_scale"
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
-HASHES_KEY = "erase.tensor_sha256"  # per stored tensor, the sha256 of its bytes as written
-# What `Patch.hash_check` says about the data of a patch read from a file.
-HASH_VERIFIED, HASH_SKIPPED, HASH_ABSENT, HASH_IN_MEMORY = "verified", "skipped", "absent", "in memory"
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-_SHOWN = 5  # offenders listed in an error message
-
-
-class PatchError(ValueError):
-    """A patch cannot be read, built or applied. The message is one line: what is wrong, where, and the fix."""
-
-
-def first_offenders(items: list[str]) -> str:
-    """The first few items of a list of bad keys, with a count of the rest, for one-line error messages."""
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
+# safetensors' dtype names, as its header stores them (for the erase.sha256 tensor table of an in-memory patch)
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_LOG = logging.getLogger("erase.patch")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,6 +123,17 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 hex digest of a tensor's bytes as safetensors stores them (C order, little-endian hosts)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+def seal(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``metadata`` plus ``erase.tensor_sha256`` (every tensor's sha256) and ``erase.sha256`` (the digest over all of
+    it and the tensor table, `erase.patchfile.header_digest`): the header of a file whose every field and tensor
+    can be verified (patches and training checkpoints)."""
+    header = dict(metadata)
+    header[HASHES_KEY] = json.dumps({k: tensor_sha256(t) for k, t in tensors.items()}, sort_keys=True)
+    table = {k: (_ST_DTYPES[t.dtype], list(t.shape)) for k, t in tensors.items()}
+    header[DIGEST_KEY] = header_digest(header, table)
+    return header
 
 
 def short_hash(entry: Mapping[str, Any] | None) -> str:
@@ -164,8 +208,11 @@ class Patch:
         source (`str`, *optional*): the file the patch was read from (used in messages).
         tensor_hashes (`dict[str, str]`, *optional*): as read from a file, the sha256 of every stored tensor
             (`save_patch` computes them afresh; files written before erase stored them have none).
-        hash_check (`str`, *optional*): what loading found: ``"verified"``, ``"skipped"`` (``verify=False``),
-            ``"absent"`` (an older file without hashes) or ``"in memory"``.
+        hash_check (`str`, *optional*): what loading found (`erase.patchfile`): ``"verified"`` (``erase.sha256``
+            covers the header and every tensor), ``"skipped"`` (header verified, data not checked: ``verify=False``),
+            ``"unverified"`` (no hash covers the header: no hashes, or a format-1 file) or ``"in memory"``. A patch
+            derived from another (``delta_to_lora``) passes its source's status on.
+        unverified_reason (`str`, *optional*): why an ``"unverified"`` patch is not verified (for messages).
     """
 
     kind: str
@@ -182,6 +229,7 @@ class Patch:
     source: str | None = None
     tensor_hashes: dict[str, str] = field(default_factory=dict)
     hash_check: str = HASH_IN_MEMORY
+    unverified_reason: str = ""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -194,8 +242,7 @@ class Patch:
     @property
     def targets(self) -> list[str]:
         """The components this patch changes, in `TARGETS` order."""
-        present = {key.split(".", 1)[0] for key in self.tensors}
-        return [t for t in TARGETS if t in present]
+        return targets_of(self.tensors)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -214,17 +261,20 @@ class Patch:
             "n_tensors": {t: len(self.target_names(t)) for t in self.targets},
             "nbytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
             "data_hash": self.hash_check,
+            "unverified_reason": self.unverified_reason,
         }
 
     def header(self) -> dict[str, str]:
         """The safetensors ``__metadata__``: every value a JSON string, erase keys namespaced ``erase.*``.
 
         Includes the sha256 of every tensor's bytes (``erase.tensor_sha256``), computed now, so that `load_patch`
-        can tell corrupted data from a real weight change (a flipped exponent bit stays finite).
+        can tell corrupted data from a real weight change (a flipped exponent bit stays finite), and ``erase.sha256``
+        over every header value and the tensor table, so that no header field can change unnoticed
+        (`erase.patchfile`).
         """
         header = {
             "format": "pt",
-            "erase.format_version": json.dumps(self.format_version),
+            "erase.format_version": json.dumps(FORMAT_VERSION),  # what this erase writes
             "erase.kind": json.dumps(self.kind),
             "erase.targets": json.dumps(self.targets),
             "erase.method": json.dumps(self.method),
@@ -233,7 +283,6 @@ class Patch:
             "erase.base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
             "erase.versions": json.dumps(self.versions, sort_keys=True),
             "erase.notes": json.dumps(self.notes, sort_keys=True),
-            HASHES_KEY: json.dumps({k: tensor_sha256(t) for k, t in self.tensors.items()}, sort_keys=True),
         }
         if self.kind == "sparse":
             header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
@@ -242,17 +291,11 @@ class Patch:
             # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
             packed = {f"{c}.{k}": v for c, cfg in self.lora_config.items() for k, v in cfg.items()}
             header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-        return header
+        return seal(header, self.tensors)
 
     def target_names(self, component: str) -> list[str]:
         """Names (inside ``component``) of the base tensors this patch changes, e.g. ``down_blocks....to_k.weight``."""
-        prefix = component + "."
-        keys = [k[len(prefix) :] for k in self.tensors if k.startswith(prefix)]
-        if self.kind == "delta":
-            return sorted(keys)
-        if self.kind == "sparse":
-            return sorted(k[: -len(MASK)] for k in keys if k.endswith(MASK))
-        return sorted(k[: -len(LORA_A)] + ".weight" for k in keys if k.endswith(LORA_A))
+        return weight_names(self.kind, self.tensors, component)
 
     def target_shape(self, component: str, name: str) -> tuple[int, ...]:
         """The dense shape of the base tensor ``name`` of ``component`` that this patch expects."""
@@ -267,10 +310,7 @@ class Patch:
 
     def lora_scaling(self, component: str, module: str) -> float:
         """PEFT's ``lora_alpha / r`` for one module, honouring ``rank_pattern``/``alpha_pattern`` and rsLoRA."""
-        cfg = self.lora_config[component]
-        r = cfg.get("rank_pattern", {}).get(module, cfg["r"])
-        alpha = cfg.get("alpha_pattern", {}).get(module, cfg["lora_alpha"])
-        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        return lora_scaling(self.lora_config[component], module)
 
     def dense_delta(self, component: str, name: str) -> torch.Tensor:
         """The fp32 dense weight difference for one targeted tensor (scale 1), decoded from any kind."""
@@ -305,114 +345,21 @@ def _fail(patch: Patch, problem: str, fix: str) -> PatchError:
     return PatchError(f"{patch.where}: {problem}; {fix}")
 
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _dict_of(value: Any, item_ok) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and item_ok(v) for k, v in value.items())
-
-
-def _fingerprint_ok(value: Any) -> bool:
-    return _dict_of(
-        value,
-        lambda e: (
-            isinstance(e, dict)
-            and isinstance(e.get("hash"), str)
-            and bool(_HEX64.fullmatch(e["hash"]))
-            and _is_int(e.get("n_tensors"))
-            and e["n_tensors"] >= 0
-        ),
-    ) and all(c in TARGETS for c in value)
-
-
-def _lora_config_ok(value: Any) -> bool:
-    def one(cfg: Any) -> bool:
-        return (
-            isinstance(cfg, dict)
-            and _is_int(cfg.get("r"))
-            and cfg["r"] > 0
-            and _is_number(cfg.get("lora_alpha"))
-            and _dict_of(cfg.get("rank_pattern", {}), lambda r: _is_int(r) and r > 0)
-            and _dict_of(cfg.get("alpha_pattern", {}), _is_number)
-            and isinstance(cfg.get("use_rslora", False), bool)
-        )
-
-    return _dict_of(value, one) and all(c in TARGETS for c in value)
-
-
-# The patch header's schema, in one place: Patch field -> (header key, check, what the value must be). Construction
-# and `load_patch` both validate through it, so a value of the wrong shape is one `PatchError` naming the field.
-_SCHEMA: dict[str, tuple[str, Any, str]] = {
-    "format_version": ("erase.format_version", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "kind": ("erase.kind", lambda v: isinstance(v, str) and v in KINDS, f"one of {', '.join(KINDS)}"),
-    "method": ("erase.method", lambda v: isinstance(v, str), "a string"),
-    "config": ("erase.config", lambda v: isinstance(v, dict), "a JSON object"),
-    "concepts": (
-        "erase.concepts",
-        lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
-        "a list of strings",
-    ),
-    "base_fingerprint": (
-        "erase.base_fingerprint",
-        _fingerprint_ok,
-        'an object mapping components (unet, text_encoder, ...) to {"hash": 64 hex digits, "n_tensors": integer}',
-    ),
-    "versions": ("erase.versions", lambda v: _dict_of(v, lambda x: isinstance(x, str)), "an object of strings"),
-    "notes": ("erase.notes", lambda v: isinstance(v, dict), "a JSON object"),
-    "shapes": (
-        "erase.shapes",
-        lambda v: _dict_of(v, lambda x: isinstance(x, list) and all(_is_int(d) and d >= 0 for d in x)),
-        "an object mapping tensor keys to lists of non-negative integers",
-    ),
-    "lora_config": (
-        LORA_METADATA_KEY,
-        _lora_config_ok,
-        "per component a LoraConfig with a positive integer r, a finite lora_alpha and object rank/alpha patterns",
-    ),
-    "tensor_hashes": (
-        HASHES_KEY,
-        lambda v: _dict_of(v, lambda x: isinstance(x, str) and bool(_HEX64.fullmatch(x))),
-        "an object mapping tensor keys to sha256 digests (64 hex digits)",
-    ),
-}
-
-
-def _json_kind(value: Any) -> str:
-    """How a JSON value looks, for messages: ``a number (5)``, ``a string ("x")``, ``a list``, ``true``."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    kind = {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")
-    shown = json.dumps(value)
-    return f"{kind} ({shown if len(shown) <= 40 else shown[:37] + '...'})"
-
-
-def _schema_error(where: str, field_name: str, value: Any, from_file: bool) -> PatchError | None:
-    """The `PatchError` for a field whose value does not fit `_SCHEMA`, or ``None`` if it fits."""
-    key, ok, expected = _SCHEMA[field_name]
-    if ok(value):
-        return None
-    name, fix = (key, "the header is corrupt, re-export the patch") if from_file else (field_name, "fix the value")
-    return PatchError(f"{where}: {name} must be {expected}, got {_json_kind(value)}; {fix}")
-
-
 def _validate(patch: Patch) -> None:
-    """Check a patch's header fields against `_SCHEMA` and its tensors' structure; raise one-line `PatchError`."""
+    """Check a patch's header fields against `SCHEMA`, its tensors' structure and their magnitudes; raise one-line
+    `PatchError`."""
     if _is_int(patch.format_version) and patch.format_version > FORMAT_VERSION:
         raise _fail(
             patch,
             f"unknown format version {patch.format_version} (this erase reads up to {FORMAT_VERSION})",
             "upgrade erase to read it",
         )
-    for name in _SCHEMA:
-        error = _schema_error(patch.where, name, getattr(patch, name), patch.source is not None)
+    for name in SCHEMA:
+        error = schema_error(patch.where, name, getattr(patch, name), patch.source is not None)
         if error is not None:
             raise error
     if not patch.tensors:
@@ -429,8 +376,40 @@ def _validate(patch: Patch) -> None:
         raise _fail(patch, f"no base fingerprint for {', '.join(missing_fp)}", "rebuild the patch with make_*_patch")
     {"delta": _validate_delta, "sparse": _validate_sparse, "lora": _validate_lora}[patch.kind](patch)
     nonfinite = [k for k, t in patch.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if nonfinite:
-        raise _fail(patch, f"NaN or inf values in {first_offenders(nonfinite)}", "fix the run that produced it")
+    error = value_error(patch.where, nonfinite, {})
+    error = error or (lora_scaling_error(patch.where, patch.lora_config) if patch.kind == "lora" else None)
+    error = error or value_error(patch.where, [], peak_changes(patch))
+    if error is not None:
+        raise error
+
+
+def peak_changes(patch: Patch) -> dict[str, float]:
+    """Per targeted weight (``component.name``), an upper bound of ``max |delta|`` at scale 1, cheap to compute.
+
+    delta: the largest stored value; sparse: the largest value (times the scale for int8); lora:
+    ``|lora_alpha / r| * max_i ||B_i|| * max_j ||A_:j||`` (Cauchy-Schwarz: ``|(B A)_ij| <= ||B_i|| ||A_:j||``),
+    without forming ``B A``.
+    """
+    peaks = {}
+    for component in patch.targets:
+        for name in patch.target_names(component):
+            key = f"{component}.{name}"
+            if patch.kind == "delta":
+                peaks[key] = _peak(patch.tensors[key])
+            elif patch.kind == "sparse":
+                scale = patch.tensors.get(key + SCALE)
+                peaks[key] = _peak(patch.tensors[key + VALUES]) * (_peak(scale) if scale is not None else 1.0)
+            else:
+                module = name[: -len(".weight")]
+                down = patch.tensors[f"{component}.{module}{LORA_A}"].to(torch.float64).flatten(1)
+                up = patch.tensors[f"{component}.{module}{LORA_B}"].to(torch.float64).flatten(1)
+                bound = _peak(up.norm(dim=1)) * _peak(down.norm(dim=0))
+                peaks[key] = abs(patch.lora_scaling(component, module)) * bound
+    return peaks
+
+
+def _peak(tensor: torch.Tensor) -> float:
+    return tensor.detach().abs().max().item() if tensor.numel() else 0.0
 
 
 def _validate_delta(patch: Patch) -> None:
@@ -715,9 +694,40 @@ def lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) ->
 # Reading and writing files
 
 
-def save_patch(patch: Patch, path: str | os.PathLike, overwrite: bool = True, label: str | None = None) -> Path:
+def require_trusted(patch: Patch, trust_unverified: bool = False, flag: str = "trust_unverified=True") -> None:
+    """Refuse to mint fresh hashes for a patch that no hash vouched for when it was read.
+
+    A patch read from a file without a verifying ``erase.sha256`` (``hash_check`` ``"unverified"``), or whose data
+    was not checked (``"skipped"``), is passed on unverified: writing it again (`save_patch`, ``erase export``) would
+    give it hashes that read as "verified". Every writer of erase patch files calls this first (``erase.lora_export``
+    too, before converting), unless the caller vouches for the source (``trust_unverified``).
+
+    Args:
+        patch (`Patch`): the patch about to be written (or converted and written).
+        trust_unverified (`bool`, *optional*, defaults to `False`): write it anyway (the caller trusts its source).
+        flag (`str`, *optional*): how the caller spells the override, for the message (``"--trust-unverified"``).
+    """
+    if trust_unverified or patch.hash_check in TRUSTED:
+        return
+    if patch.hash_check == HASH_SKIPPED:
+        why = "its tensor data was not checked (--skip-hash-check / verify=False)"
+        fix = f"load it with the hash check, or pass {flag} if you trust its source"
+    else:
+        why = f"it is unverified ({patch.unverified_reason or 'no hash covers its header'})"
+        fix = f"pass {flag} if you trust its source"
+    raise PatchError(f"{patch.where}: refusing to write it with fresh hashes: {why}; {fix}")
+
+
+def save_patch(
+    patch: Patch,
+    path: str | os.PathLike,
+    overwrite: bool = True,
+    label: str | None = None,
+    trust_unverified: bool = False,
+) -> Path:
     """Write ``patch`` to ``path`` atomically (a uniquely named temporary file in the same folder, then a rename),
-    with the sha256 of every tensor in the header and the file mode the user's umask gives.
+    with the sha256 of every tensor and the ``erase.sha256`` digest in the header and the file mode the user's umask
+    gives.
 
     Returns the path written. On any failure the previous file at ``path``, if any, is left untouched.
 
@@ -727,68 +737,15 @@ def save_patch(patch: Patch, path: str | os.PathLike, overwrite: bool = True, la
         overwrite (`bool`, *optional*, defaults to `True`): replace an existing file. With `False`, a file that
             exists when the write finishes (even one another process created meanwhile) raises `FileExistsError`.
         label (`str`, *optional*): the command-line flag naming ``path`` in messages (e.g. ``"--out"``).
+        trust_unverified (`bool`, *optional*, defaults to `False`): write a patch that was read without verification
+            (see `require_trusted`); by default that is refused, so that no unverified patch comes out "verified".
     """
+    require_trusted(patch, trust_unverified)
     header = patch.header()
     tensors = {k: t.contiguous() for k, t in patch.tensors.items()}
     return write_file(
         path, lambda tmp: save_file(tensors, str(tmp), metadata=header), overwrite=overwrite, label=label
     )
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Parse a safetensors header by hand so that truncation and corruption get precise one-line errors."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise PatchError(f"{path}: only {size} bytes, not a safetensors file; pass an erase .safetensors patch")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(_MAX_HEADER_BYTES, size - 8):
-            raise PatchError(
-                f"{path}: header length {length} exceeds the file ({size} bytes): truncated or not a safetensors "
-                "file; re-download or re-export it"
-            )
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PatchError(f"{path}: corrupted safetensors header ({error.__class__.__name__}); re-export it") from None
-    if not isinstance(header, dict):
-        raise PatchError(f"{path}: corrupted safetensors header (not a JSON object); re-export it")
-    file_meta = header.pop("__metadata__", None) or {}
-    if not isinstance(file_meta, dict):
-        raise PatchError(f"{path}: corrupted safetensors header (__metadata__ is not an object); re-export it")
-    not_text = [k for k, v in file_meta.items() if not isinstance(v, str)]
-    if not_text:
-        raise PatchError(
-            f"{path}: header values must be strings (safetensors metadata), not {first_offenders(not_text)}; "
-            "the header is corrupt, re-export it"
-        )
-    ends = []
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
-            raise PatchError(f"{path}: corrupted safetensors header (entry {name!r} has no valid data_offsets)")
-        ends.append(offsets[1])
-    if max(ends, default=0) != size - 8 - length:
-        raise PatchError(
-            f"{path}: truncated or padded: header promises {max(ends, default=0)} bytes of tensor data, the file "
-            f"holds {size - 8 - length}; re-download or re-export it"
-        )
-    return header, file_meta
-
-
-def _parse_json(path: Path, file_meta: Mapping[str, str], key: str, default: Any = None) -> Any:
-    if key not in file_meta:
-        if default is not None:
-            return default
-        raise PatchError(f"{path}: header lacks {key}; the file is not a complete erase patch, re-export it")
-    try:
-        return json.loads(file_meta[key])
-    except json.JSONDecodeError:
-        raise PatchError(
-            f"{path}: header value {key} is not valid JSON; the header is corrupt, re-export it"
-        ) from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -800,35 +757,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise PatchError(f"{path}: cannot read tensors ({reason}); re-download or re-export it") from None
 
 
-def _unpack_lora_metadata(path: Path, packed: Any) -> dict[str, dict[str, Any]]:
-    """diffusers' flat ``{"unet.r": 4, ...}`` LoRA metadata -> ``{"unet": {"r": 4, ...}}``."""
-    if not isinstance(packed, dict):
-        raise PatchError(
-            f"{path}: {LORA_METADATA_KEY} must be a JSON object, got {_json_kind(packed)}; the header is corrupt, "
-            "re-export the patch"
-        )
-    undotted = [k for k in packed if "." not in k]
-    if undotted:
-        raise PatchError(
-            f"{path}: {LORA_METADATA_KEY} keys must be component-prefixed (unet.r, text_encoder.lora_alpha, ...), "
-            f"not {first_offenders(undotted)}; the header is corrupt, re-export the patch"
-        )
-    lora_config: dict[str, dict[str, Any]] = {}
-    for key, value in packed.items():
-        component, field_name = key.split(".", 1)
-        lora_config.setdefault(component, {})[field_name] = value
-    return lora_config
-
-
-def _check_targets(patch: Patch, listed: Any) -> None:
-    """``erase.targets`` is redundant with the tensor keys; a disagreement means the header was edited or damaged."""
-    if not (isinstance(listed, list) and all(isinstance(t, str) for t in listed)) or set(listed) != set(patch.targets):
-        raise PatchError(
-            f"{patch.where}: erase.targets is {_json_kind(listed)} but the tensors change "
-            f"{', '.join(patch.targets)}; the header is corrupt, re-export the patch"
-        )
-
-
 def verify_tensor_hashes(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], hashes: Any) -> None:
     """Check every tensor against its sha256 from the header; a mismatch (corrupted data) is a `PatchError`.
 
@@ -837,81 +765,60 @@ def verify_tensor_hashes(path: str | os.PathLike, tensors: Mapping[str, torch.Te
         tensors (`Mapping[str, torch.Tensor]`): the tensors as read.
         hashes: the parsed ``erase.tensor_sha256`` header value.
     """
-    error = _schema_error(str(path), "tensor_hashes", hashes, from_file=True)
-    if error is not None:
-        raise error
-    unlisted, stale = sorted(set(tensors) - set(hashes)), sorted(set(hashes) - set(tensors))
-    if unlisted or stale:
+    check_tensor_hashes(str(path), {k: tensor_sha256(t) for k, t in tensors.items()}, hashes)
+
+
+def check_method_config(patch: Patch) -> None:
+    """For a patch no hash vouches for: its ``method`` must be one whose config its ``config`` validates against
+    (a header edited to claim another method is refused). A method this erase does not know is left unchecked."""
+    if not patch.method or not patch.config:
+        return
+    from erase.config_args import config_from_dict
+    from erase.registry import get_method, list_methods
+
+    if patch.method not in {spec.name for spec in list_methods()}:
+        return
+    try:
+        config_from_dict(get_method(patch.method).CONFIG, patch.config, where="erase.config")
+    except (ValueError, TypeError) as error:
         raise PatchError(
-            f"{path}: {HASHES_KEY} does not list the file's tensors (missing {first_offenders(unlisted) or '-'}; "
-            f"extra {first_offenders(stale) or '-'}); the file is damaged, re-download or re-export it"
-        )
-    corrupted = [k for k in sorted(tensors) if tensor_sha256(tensors[k]) != hashes[k]]
-    if corrupted:
-        raise PatchError(
-            f"{path}: tensor data does not match its sha256 in the header for {first_offenders(corrupted)}: the file "
-            "is corrupted; re-download or re-export it"
-        )
+            f"{patch.where}: the header says method {patch.method!r}, but its config is not a {patch.method} config "
+            f"({' '.join(str(error).split())}); the header was edited or damaged, re-export the patch"
+        ) from None
 
 
 def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
     """Read and validate an erase patch file. Never unpickles; every problem raises a one-line `PatchError`.
 
+    The header is checked first without reading tensor data (`erase.patchfile.read_header`: schema, targets, the
+    LoRA scaling bound and the ``erase.sha256`` digest over every header field and the tensor table), then every
+    tensor's bytes against its sha256, then the values (finite, magnitudes within bounds) and the structure. A
+    patch without a verifying digest (no hashes, or a format-1 file) loads as ``"unverified"``, with its method
+    checked against its config and an ``erase: warning:`` line (logger ``erase.patch``) every time it is read.
+
     Args:
         path (`str` or `os.PathLike`): a ``.safetensors`` file written by `save_patch`.
         verify (`bool`, *optional*, defaults to `True`): check every tensor's bytes against the sha256 stored in
-            the header (about 1 s per GB on one core, see ``benchmarks/patches.py --hash-gb``). Files written before
-            erase stored hashes load without the check; `Patch.hash_check` says which case applied.
+            the header (about 1 s per GB on one core, see ``benchmarks/patches.py --hash-gb``); the header digest is
+            checked either way. `Patch.hash_check` says what was checked.
     """
-    if not str(path).strip():
-        raise PatchError("empty patch path; pass the path of an erase .safetensors patch")
-    path = Path(path)
-    if path.is_dir():
-        raise PatchError(f"{path}: is a folder, not a patch file; pass the patch's .safetensors file")
-    if not path.is_file():
-        raise PatchError(f"{path}: no such file; check the path")
-    _, file_meta = _read_header(path)
-    if "erase.format_version" not in file_meta:
-        hint = " (a plain LoRA: load it with pipe.load_lora_weights)" if LORA_METADATA_KEY in file_meta else ""
-        raise PatchError(
-            f"{path}: not an erase patch, its header has no erase.format_version{hint}; pass an erase patch"
-        )
-    version = _parse_json(path, file_meta, "erase.format_version")
-    if _is_int(version) and version > FORMAT_VERSION:  # refuse before interpreting anything else
-        raise PatchError(
-            f"{path}: unknown format version {version} (this erase reads up to {FORMAT_VERSION}); upgrade"
-        )
-    kind = _parse_json(path, file_meta, "erase.kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise PatchError(f"{path}: unknown patch kind {kind!r}; expected one of {', '.join(KINDS)}")
-    lora_config = {}
-    if kind == "lora":
-        lora_config = _unpack_lora_metadata(path, _parse_json(path, file_meta, LORA_METADATA_KEY))
+    header = read_header(path)
+    path = header.raw.path
     tensors = _read_tensors(path)
-    hashes = _parse_json(path, file_meta, HASHES_KEY) if HASHES_KEY in file_meta else {}
-    if HASHES_KEY not in file_meta:
-        hash_check = HASH_ABSENT
-    elif verify:
-        verify_tensor_hashes(path, tensors, hashes)  # before any value check: corruption is named as such
-        hash_check = HASH_VERIFIED
-    else:
+    hash_check = header.status
+    if header.hashes and verify:  # a format-1 file's data is checked too, where it stores hashes
+        verify_tensor_hashes(path, tensors, header.hashes)  # before any value check: corruption is named as such
+    elif header.status == HASH_VERIFIED and not verify:
         hash_check = HASH_SKIPPED
     patch = Patch(
-        kind=kind,
+        **header.fields,
         tensors=tensors,
-        base_fingerprint=_parse_json(path, file_meta, "erase.base_fingerprint"),
-        method=_parse_json(path, file_meta, "erase.method"),
-        config=_parse_json(path, file_meta, "erase.config"),
-        concepts=_parse_json(path, file_meta, "erase.concepts"),
-        lora_config=lora_config,
-        shapes=_parse_json(path, file_meta, "erase.shapes", {}) if kind == "sparse" else {},
-        notes=_parse_json(path, file_meta, "erase.notes", {}),
-        versions=_parse_json(path, file_meta, "erase.versions", {}),
-        format_version=version,
         source=str(path),
-        tensor_hashes=hashes,
+        tensor_hashes=header.hashes,
         hash_check=hash_check,
+        unverified_reason=header.reason,
     )
-    if "erase.targets" in file_meta:
-        _check_targets(patch, _parse_json(path, file_meta, "erase.targets"))
+    if hash_check == HASH_UNVERIFIED:
+        check_method_config(patch)
+        _LOG.warning(unverified_warning(str(path), header.reason))
     return patch

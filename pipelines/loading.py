@@ -76,6 +76,10 @@ def load_pipeline(
 def check_model(model: str | os.PathLike) -> Path:
     """The local path of ``model`` (``"shapes"``: the shipped file), or the one-line error `load_pipeline` would give
     for a missing one; cheap, so that commands can check every input before loading anything."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(
+            f"no model given (got {model!r}); pass 'shapes', a local diffusers pipeline folder or a .safetensors file"
+        )
     from pipelines.shapes.registry import shipped_pipeline
 
     path = shipped_pipeline(model)

@@ -256,14 +256,16 @@ def test_a_scale_that_overflows_the_weights_is_refused_before_any_weight_changes
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     base = state(module)
-    tuned = {"0.weight": base["0.weight"] + 1.0, "1.weight": base["1.weight"] + 1e30}
+    with pytest.raises(PatchError, match="absurd weight change in generator.1.weight"):  # a 1e30 delta: never built
+        make_delta_patch({"generator": base}, {"generator": {"1.weight": base["1.weight"] + 1e30}})
+    tuned = {"0.weight": base["0.weight"] + 1.0, "1.weight": base["1.weight"] + 1e3}
     patch = make_delta_patch({"generator": base}, {"generator": tuned})
-    message = r"scale 1e\+09 makes generator.1.weight overflow torch.float32 \(the largest scale that fits is about 3"
+    message = r"scale 1e\+36 makes generator.1.weight overflow torch.float32 \(the largest scale that fits is about 3"
     with pytest.raises(PatchError, match=message):
-        apply_patch(module, patch, scale=1e9)  # 0.weight would fit; nothing changes all the same
+        apply_patch(module, patch, scale=1e36)  # 0.weight would fit; nothing changes all the same
     assert_bitwise(module, base)
     with pytest.raises(PatchError, match="overflow"):
-        fuse_patch(module, patch, scale=-1e9)
+        fuse_patch(module, patch, scale=-1e36)
     assert_bitwise(module, base)
     half = nn.Linear(4, 4).half()
     half_base = state(half)
@@ -313,25 +315,42 @@ def test_a_flipped_exponent_bit_is_caught_by_the_data_hash_everywhere(world, tmp
         refused(capsys, ["apply", "--model", world.model, "--patch", bad, "--out", tmp_path / "o"], expected)
         refused(capsys, ["export", bad, "--to", "lora", "--rank", "2", "--out", tmp_path / "o.safetensors"], expected)
         refused(capsys, ["eval", "--concept", "red", "--patch", bad, "--out", tmp_path / "o"], expected)
-        skipped = load_patch(bad, verify=False)  # the escape hatch for very large trusted files
-        assert skipped.hash_check == "skipped"
-        assert main(["inspect", str(bad), "--skip-hash-check"]) == 0
-        assert "data hash:       not checked (--skip-hash-check)" in capsys.readouterr().out
+        # skipping the data hash (the escape hatch for very large trusted files) still refuses an absurd value
+        with pytest.raises(PatchError, match=r"absurd weight change in .* \(up to [0-9.]+e\+3[0-9]\)"):
+            load_patch(bad, verify=False)
+    skipped = load_patch(world.delta, verify=False)
+    assert skipped.hash_check == "skipped"
+    assert main(["inspect", str(world.delta), "--skip-hash-check"]) == 0
+    assert "data hash:       header verified, tensor data not checked (--skip-hash-check)" in capsys.readouterr().out
 
 
-def test_inspect_says_whether_the_hash_verified_and_old_patches_still_load(world, tmp_path, capsys):
+def test_inspect_says_whether_the_hash_verified_and_older_patches_still_load_unverified(world, tmp_path, capsys):
     assert main(["inspect", str(world.delta)]) == 0
     out = capsys.readouterr().out
-    assert f"data hash:       verified (the sha256 of each of the {len(world.names)} tensors matches" in out
+    n = len(world.names)
+    assert f"data hash:       verified (erase.sha256 covers the header; the sha256 of each of the {n} tensors" in out
     assert main(["inspect", str(world.lora), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data_hash"] == "verified"
-    old = rewrite(world.delta, tmp_path / "old.safetensors", **{HASHES_KEY: None})  # as written before hashes
-    patch = load_patch(old)
-    assert patch.hash_check == "absent" and patch.tensors.keys() == load_patch(world.delta).tensors.keys()
-    assert main(["inspect", str(old)]) == 0
-    assert "data hash:       none stored (written before erase stored tensor hashes)" in capsys.readouterr().out
-    resaved = load_patch(save_patch(patch, tmp_path / "resaved.safetensors"))
-    assert resaved.hash_check == "verified"
+    # as written by format 1 (erase before erase.sha256), with and without per-tensor hashes: both still load, loudly
+    v1 = rewrite(world.delta, tmp_path / "v1.safetensors", erase__format_version="1", erase__sha256=None)
+    bare = rewrite(v1, tmp_path / "bare.safetensors", **{HASHES_KEY: None})
+    for old, reason in [(v1, "written by erase format 1"), (bare, "it stores no hashes")]:
+        capsys.readouterr()
+        patch = load_patch(old)
+        assert patch.hash_check == "unverified" and reason in patch.unverified_reason
+        assert all(torch.equal(t, load_patch(world.delta).tensors[k]) for k, t in patch.tensors.items())
+        assert main(["inspect", str(old)]) == 0
+        captured = capsys.readouterr()
+        assert f"data hash:       UNVERIFIED ({reason}" in captured.out
+        warnings = [line for line in captured.err.splitlines() if line.startswith("erase: warning:")]
+        assert len(warnings) == 1 and f"{old}: UNVERIFIED patch ({reason}" in warnings[0], captured.err
+        # an unverified patch is not re-saved with fresh hashes ("verified") unless the caller vouches for it
+        resaved = tmp_path / f"resaved-{old.name}"
+        with pytest.raises(PatchError, match="refusing to write it with fresh hashes: it is unverified"):
+            save_patch(patch, resaved)
+        assert not resaved.exists()
+        resaved = load_patch(save_patch(patch, resaved, trust_unverified=True))
+        assert resaved.hash_check == "verified" and resaved.format_version == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -781,7 +800,7 @@ def test_erase_patch_stays_a_leaf():
         " 'prompts', 'peft', 'open_clip')]\n"
         "ours = sorted(m for m in sys.modules if m.startswith('erase'))\n"
         "assert not bad, bad\n"
-        "assert ours == ['erase', 'erase.fsutil', 'erase.patch'], ours\n"
+        "assert ours == ['erase', 'erase.fsutil', 'erase.patch', 'erase.patchfile'], ours\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert result.returncode == 0, result.stderr
@@ -865,3 +884,276 @@ def test_model_is_refused_where_it_would_be_silently_ignored(tmp_path, capsys):
             ["eval", "--gan", "shapes", "--model", "shapes", "--concept", "red", "--out", out],
             "--model shapes does not apply to --gan",
         )
+
+
+# Issue 18: the header's meaning is covered by erase.sha256; unverified patches are loud and never come out verified;
+# absurd magnitudes are refused whatever the hashes say; checkpoints are sealed; the header is read without torch
+
+
+def without(source: Path, target: Path, *keys: str, **tensors: torch.Tensor) -> Path:
+    """A copy of a patch without the header ``keys``, with ``tensors`` (``__`` for ``.``) replaced."""
+    with safe_open(str(source), "pt") as handle:
+        meta = {k: v for k, v in handle.metadata().items() if k not in keys}
+        data = {k: handle.get_tensor(k) for k in handle.keys()}
+    data.update({k.replace("__", "."): v for k, v in tensors.items()})
+    save_file(data, str(target), metadata=meta)
+    return target
+
+
+def patch_commands(world: SimpleNamespace, bad: Path, tmp_path: Path) -> list[list]:
+    """Every command that reads a patch, on ``bad``."""
+    return [
+        ["inspect", bad],
+        ["apply", "--model", world.model, "--patch", bad, "--out", tmp_path / "o"],
+        ["export", bad, "--to", "lora", "--rank", "2", "--out", tmp_path / "o.safetensors"],
+        ["export", bad, "--to", "kohya", "--out", tmp_path / "k.safetensors"],
+        ["eval", "--concept", "red", "--patch", bad, "--out", tmp_path / "o"],
+        ["attack", "--concept", "red", "--patch", bad, "--cases", "1", "--out", tmp_path / "a"],
+    ]
+
+
+def test_a_huge_weight_with_its_hash_key_deleted_is_refused_by_every_command(world, tmp_path, capsys):
+    name = f"unet.{world.names[0]}"
+    huge = load_patch(world.delta).tensors[name].clone()
+    huge[0, 0] = 9.7e37
+    stale = without(world.delta, tmp_path / "stale.safetensors", HASHES_KEY, **{name.replace(".", "__"): huge})
+    bare = without(stale, tmp_path / "bare.safetensors", "erase.sha256")  # no hash of any kind left
+    with safe_open(str(stale), "pt") as handle:  # hashes made to match the huge value: refused on the value
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    resealed = tmp_path / "resealed.safetensors"
+    save_file(tensors, str(resealed), metadata=erase.patch.seal(meta, tensors))
+    with untouched(world.root, tmp_path):
+        for argv in patch_commands(world, stale, tmp_path):
+            refused(capsys, argv, "stale.safetensors: the header does not match its erase.sha256")
+        for path in (bare, resealed):
+            for argv in patch_commands(world, path, tmp_path):
+                refused(capsys, argv, f"{path.name}: absurd weight change in {name} (up to 9.7e+37)")
+
+
+def test_a_flipped_bit_in_a_header_field_is_caught(world, tmp_path, capsys):
+    data = bytearray(world.lora.read_bytes())
+    at = data.index(b'unet.lora_alpha\\": 8.0')  # inside the header's JSON string, quotes are escaped
+    data[at + len(b'unet.lora_alpha\\": ')] ^= 0x01  # 8.0 -> 9.0: valid JSON, valid value, same length
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    assert load_patch(world.lora).lora_config["unet"]["lora_alpha"] == 8.0
+    with untouched(world.root, tmp_path):
+        for argv in patch_commands(world, flipped, tmp_path):
+            refused(capsys, argv, "flipped.safetensors: the header does not match its erase.sha256 (a field such as")
+    capsys.readouterr()
+    # lora_alpha 1e30 with hashes made to match: refused on its value
+    from erase.patchfile import DIGEST_KEY, header_digest, raw_table, read_raw
+
+    with safe_open(str(world.lora), "pt") as handle:
+        packed = handle.metadata()["lora_adapter_metadata"]
+    packed = packed.replace('"unet.lora_alpha": 8.0', '"unet.lora_alpha": 1e30')
+    huge = rewrite(world.lora, tmp_path / "huge.safetensors", lora_adapter_metadata=packed)
+    raw = read_raw(huge)
+    huge = rewrite(huge, huge, **{DIGEST_KEY: header_digest(raw.metadata, raw_table(raw))})
+    with untouched(world.root, tmp_path):
+        for argv in patch_commands(world, huge, tmp_path):
+            refused(capsys, argv, "huge.safetensors: absurd LoRA scaling unet.* (lora_alpha/r = 5e+29)")
+
+
+def test_an_unverified_patch_warns_everywhere_and_exports_only_when_trusted(world, pipe, tmp_path, capsys):
+    bare = without(world.delta, tmp_path / "bare.safetensors", "erase.sha256", HASHES_KEY)
+    warning = f"erase: warning: {bare}: UNVERIFIED patch (it stores no hashes)"
+    out = tmp_path / "lora.safetensors"
+    with untouched(world.root, tmp_path):
+        for to in (["lora", "--rank", "2"], ["kohya"]):
+            capsys.readouterr()
+            assert main(["export", str(bare), "--to", *to, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            assert [line.split(":", 2)[1] for line in err.splitlines()] == [" warning", " error"], err
+            assert err.splitlines()[0].startswith(warning)
+            assert err.splitlines()[1] == (
+                f"erase: error: {bare}: refusing to write it with fresh hashes: it is unverified (it stores no "
+                "hashes); pass --trust-unverified if you trust its source"
+            )
+    assert main(["export", str(bare), "--to", "lora", "--rank", "2", "--out", str(out), "--trust-unverified"]) == 0
+    assert warning in capsys.readouterr().err
+    assert load_patch(out).hash_check == "verified"  # the user vouched for it
+    assert main(["apply", "--model", str(world.model), "--patch", str(bare), "--out", str(tmp_path / "applied")]) == 0
+    assert capsys.readouterr().err.count(warning) == 1
+    assert main(["inspect", str(bare)]) == 0
+    captured = capsys.readouterr()
+    assert "data hash:       UNVERIFIED (it stores no hashes)" in captured.out and warning in captured.err
+    # a patch whose data hash was skipped is not re-hashed either
+    line = refused(
+        capsys,
+        [
+            "export",
+            world.delta,
+            "--to",
+            "lora",
+            "--rank",
+            "2",
+            "--out",
+            tmp_path / "s.safetensors",
+            "--skip-hash-check",
+        ],
+        "refusing to write it with fresh hashes: its tensor data was not checked",
+    )
+    assert "pass --trust-unverified" in line
+
+
+def test_a_header_claiming_another_method_is_refused(world, tmp_path, capsys):
+    from erase.config_args import config_to_dict
+    from erase.registry import get_method
+
+    config = config_to_dict(get_method("uce").CONFIG(concepts=["cat"]))
+    unet = load_patch(world.delta)
+    patch = make_delta_patch(
+        {"unet": {n: torch.zeros_like(t) for n, t in unet.dense_deltas("unet").items()}},
+        {"unet": unet.dense_deltas("unet")},
+        method="uce",
+        config=config,
+        concepts=["cat"],
+    )
+    uce = save_patch(patch, tmp_path / "uce.safetensors")
+    claims_esd = rewrite(uce, tmp_path / "claims_esd.safetensors", erase__method='"esd"')
+    bare_uce = without(uce, tmp_path / "bare_uce.safetensors", "erase.sha256", HASHES_KEY)
+    bare_esd = without(claims_esd, tmp_path / "bare_esd.safetensors", "erase.sha256", HASHES_KEY)
+    with untouched(world.root, tmp_path):
+        refused(capsys, ["inspect", claims_esd], "claims_esd.safetensors: the header does not match its erase.sha256")
+        line = refused(capsys, ["inspect", bare_esd], "the header says method 'esd', but its config is not a esd")
+        assert "unknown setting(s)" in line and "ESDConfig" in line
+    assert load_patch(bare_uce).method == "uce"  # unverified, but its method and config agree
+
+
+def test_load_patch_and_load_pipeline_of_none_are_one_line_errors():
+    with pytest.raises(PatchError, match=r"^no patch path given \(got None\); pass the path of an erase"):
+        load_patch(None)
+    with pytest.raises(ValueError, match=r"^no model given \(got None\); pass 'shapes', a local diffusers"):
+        load_pipeline(None)
+
+
+def test_inspect_reads_and_verifies_a_patch_without_importing_torch(world, tmp_path):
+    from erase.cli import patch_summary
+
+    code = (
+        "import json, sys\n"
+        "from erase.patchfile import summarize\n"
+        "print(json.dumps([summarize(p) for p in sys.argv[1:]]))\n"
+        "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules, 'torch imported'\n"
+    )
+    paths = [str(world.delta), str(world.sparse), str(world.lora)]
+    result = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    fast = json.loads(result.stdout)
+    for path, summary in zip(paths, fast):
+        slow = json.loads(json.dumps(patch_summary(load_patch(path), Path(path))))
+        assert summary == slow
+    flipped = tmp_path / "flipped.safetensors"
+    flip_exponent_bit(world.delta, flipped)
+    result = subprocess.run([sys.executable, "-c", code, str(flipped)], capture_output=True, text=True, env=os.environ)
+    assert "tensor data does not match its sha256 in the header" in result.stderr
+
+
+# Checkpoints: a tiny ESD run on the Shapes world with a checkpoint every 2 of 6 steps (checkpoints 2 and 4 are kept)
+ESD_RUN = ["train", "--method", "esd", "--concept", "red", "--steps", "6", "--batch-size", "2", "--sample-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    argv = [*ESD_RUN, "--checkpoint-every", "2", "--checkpoint-dir", str(folder / "ckpt"), "--quiet"]
+    assert main([*argv, "--out", str(folder / "esd.safetensors")]) == 0
+    assert sorted(p.name for p in (folder / "ckpt").iterdir()) == [
+        "checkpoint-000002.safetensors",
+        "checkpoint-000004.safetensors",
+    ]
+    return folder / "ckpt"
+
+
+def resume(tmp_path: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
+    return [
+        *ESD_RUN,
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--resume",
+        "--quiet",
+        "--out",
+        tmp_path / "r.safetensors",
+        *extra,
+    ]
+
+
+def damaged_copy(checkpoints: Path, folder: Path, damage) -> tuple[Path, Path]:
+    """A copy of the checkpoint folder whose newest checkpoint's bytes went through ``damage``."""
+    folder.mkdir(parents=True)
+    for path in checkpoints.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    newest = folder / "checkpoint-000004.safetensors"
+    newest.write_bytes(damage(newest.read_bytes()))
+    return folder, newest
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_caught_and_named(checkpoints, tmp_path, capsys):
+    def flip(data: bytes) -> bytes:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        entry = header[next(k for k in header if k.startswith("module."))]
+        at = 8 + length + entry["data_offsets"][0] + 3
+        return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
+
+    folder, newest = damaged_copy(checkpoints, tmp_path / "ckpt", flip)
+    with untouched(tmp_path):
+        line = refused(capsys, resume(tmp_path, folder), f"--resume: damaged checkpoint: {newest}: tensor data does")
+        assert "delete it to resume from checkpoint-000002.safetensors, or run without --resume" in line
+        assert "diverged" not in line
+
+
+def test_a_truncated_or_edited_checkpoint_is_named(checkpoints, tmp_path, capsys):
+    folder, newest = damaged_copy(checkpoints, tmp_path / "ckpt", lambda data: data[:-100])
+    with untouched(tmp_path):
+        line = refused(
+            capsys, resume(tmp_path, folder), f"--resume: damaged checkpoint: {newest}: truncated or padded"
+        )
+        assert "delete it to resume from checkpoint-000002.safetensors" in line
+
+    def step_edit(data: bytes) -> bytes:  # the header's step 4 -> 5, the same length
+        edited = data.replace(b'\\"step\\": 4', b'\\"step\\": 5')
+        assert edited != data
+        return edited
+
+    folder, newest = damaged_copy(checkpoints, tmp_path / "edited", step_edit)
+    with untouched(tmp_path):
+        refused(capsys, resume(tmp_path, folder), f"{newest}: damaged checkpoint (its header does not match its erase")
+
+
+def test_resume_from_a_checkpoint_past_steps_is_refused_before_any_work(checkpoints, tmp_path, capsys):
+    argv = [a if a != "6" else "1" for a in resume(tmp_path, checkpoints)]  # --steps 1
+    with untouched(checkpoints.parent, tmp_path):
+        refused(
+            capsys,
+            argv,
+            f"--resume: {checkpoints / 'checkpoint-000004.safetensors'} is at step 4, past --steps 1; pass --steps 4 "
+            "or more, or drop --resume to start afresh",
+        )
+    # --steps equal to the checkpoint's step resumes to exactly that checkpoint's weights (nothing left to train)
+    argv = [a if a != "6" else "4" for a in resume(tmp_path, checkpoints)]
+    assert main([str(a) for a in argv]) == 0
+    notes = load_patch(tmp_path / "r.safetensors").notes
+    assert notes["steps"] == 4 and notes["steps_this_run"] == 0 and notes["resumed_from_step"] == 4
+
+
+def test_real_patches_stay_far_below_the_magnitude_bounds(tmp_path):
+    """The value bounds against real patches. Measured with ``erase train --method M --concept red`` on the Shapes
+    world at default settings (upper bound of max |delta| as `erase.patch.peak_changes` computes it; exact in
+    brackets where it differs): UCE delta 0.71, UCE LoRA 0.85 (0.71), ESD delta 0.081, ESD LoRA 0.092 (0.089),
+    SalUn sparse 0.23, DoCo LoRA 0.32 (0.29), Text-to-Unlearn delta 0.023; |lora_alpha / r| 1.0 in every
+    LoRA. The bounds (1e3 for both) leave a margin of over 1000x; UCE, the largest, is retrained here."""
+    from erase.patchfile import MAX_ABS_DELTA, MAX_LORA_SCALING
+
+    for kind in ("delta", "lora"):
+        out = tmp_path / f"uce-{kind}.safetensors"
+        assert (
+            main(["train", "--method", "uce", "--concept", "red", "--kind", kind, "--out", str(out), "--quiet"]) == 0
+        )
+        patch = load_patch(out)
+        assert 0.1 < max(erase.patch.peak_changes(patch).values()) < MAX_ABS_DELTA / 1000
+        if kind == "lora":
+            scalings = [patch.lora_scaling("unet", n[: -len(".weight")]) for n in patch.target_names("unet")]
+            assert max(map(abs, scalings)) <= MAX_LORA_SCALING / 1000

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -27,6 +28,7 @@ from erase.patch import (
     make_sparse_patch,
     pack_mask,
     save_patch,
+    tensor_sha256,
     unpack_mask,
 )
 from pipelines.apply import apply_patch, fuse_patch, remove_patch, stack_patches
@@ -375,3 +377,142 @@ def test_failed_save_keeps_previous_file(saved, tmp_path):
     with pytest.raises(Exception):
         save_patch(broken, saved)
     assert dir_digest(tmp_path) == disk  # old file intact, no temp file left
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integrity (format 2): erase.sha256 covers every header field and the tensor table; unverified files load loudly;
+# absurd magnitudes are refused whatever the hashes say
+
+
+def all_kinds(gen: nn.Module, tmp_path: Path) -> dict[str, Path]:
+    base = {"generator": gen.state_dict()}
+    down, up = 0.1 * torch.randn(2, 16), 0.1 * torch.randn(512, 2)
+    return {
+        "delta-fp16": save_patch(delta_patch(gen, dtype="fp16"), tmp_path / "d16.safetensors"),
+        "delta-bf16": save_patch(delta_patch(gen, dtype="bf16"), tmp_path / "d8.safetensors"),
+        "sparse-int8": save_patch(
+            make_sparse_patch(base, {"generator": tuned_weights(gen, density=0.3)}, dtype="int8"),
+            tmp_path / "s.safetensors",
+        ),
+        "lora": save_patch(
+            make_lora_patch(base, {"generator": {"0": (down, up)}}, lora_alpha=4.0), tmp_path / "l.safetensors"
+        ),
+    }
+
+
+def test_hashes_of_raw_file_bytes_equal_the_tensor_hashes_and_the_digest(gen, tmp_path):
+    from erase.patchfile import DIGEST_KEY, file_tensor_hashes, header_digest, raw_table, read_raw
+
+    for path in all_kinds(gen, tmp_path).values():
+        raw = read_raw(path)  # no torch: the byte ranges of the file
+        patch = load_patch(path)
+        assert patch.hash_check == "verified"
+        assert file_tensor_hashes(raw) == {k: tensor_sha256(t) for k, t in patch.tensors.items()}
+        assert raw.metadata[DIGEST_KEY] == header_digest(raw.metadata, raw_table(raw)) == patch.header()[DIGEST_KEY]
+
+
+def test_any_edit_of_any_header_field_fails_the_digest(gen, tmp_path):
+    """Each field gets a change that keeps it valid JSON with the same meaning (a trailing space): only the digest
+    can tell, so every field is covered by it; a real edit (another lora_alpha, method) is caught the same way."""
+    for kind, path in all_kinds(gen, tmp_path).items():
+        with safe_open(str(path), "pt") as handle:
+            meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+        edits = [{key: meta[key] + " "} for key in meta if key != "erase.sha256"]
+        if kind == "lora":
+            edits.append({"lora_adapter_metadata": meta["lora_adapter_metadata"].replace("4.0", "6.0")})
+        edits.append({"erase.method": '"uce"'})
+        for edit in edits:
+            bad = tmp_path / "edited.safetensors"
+            save_file(tensors, str(bad), metadata={**meta, **edit})
+            with pytest.raises(PatchError) as exc:
+                load_patch(bad)
+            assert_refused(exc, "edited.safetensors: the header does not match its erase.sha256", "re-download")
+        # the tensor table is covered too: a tensor reshaped keeps its bytes (and its sha256) but not its meaning
+        name = max(tensors, key=lambda k: tensors[k].numel())
+        reshaped = {**tensors, name: tensors[name].reshape(1, -1)}
+        save_file(reshaped, str(bad), metadata=meta)
+        with pytest.raises(PatchError) as exc:
+            load_patch(bad)
+        assert_refused(exc, "edited.safetensors: the header does not match its erase.sha256")
+
+
+def test_a_patch_without_erase_sha256_loads_unverified_with_a_warning(gen, tmp_path, caplog):
+    path = all_kinds(gen, tmp_path)["lora"]
+    with safe_open(str(path), "pt") as handle:
+        meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+    for removed, reason in [
+        (["erase.sha256"], "its header lacks erase.sha256"),
+        (["erase.sha256", "erase.tensor_sha256"], "it stores no hashes"),
+    ]:
+        bare = tmp_path / "bare.safetensors"
+        save_file(tensors, str(bare), metadata={k: v for k, v in meta.items() if k not in removed})
+        caplog.clear()
+        patch = load_patch(bare)
+        assert patch.hash_check == "unverified" and patch.unverified_reason == reason
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{bare}: UNVERIFIED patch ({reason}): nothing shows that its values and settings are the ones erase "
+            "wrote; use it only if you trust its source, or re-export it from a verified patch"
+        ]
+        # passed on through a conversion, and never re-saved with fresh hashes unless trusted
+        with pytest.raises(PatchError, match=r"bare.safetensors: refusing to write it with fresh hashes"):
+            save_patch(patch, tmp_path / "out.safetensors")
+        assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_converted_unverified_patch_stays_unverified(gen, tmp_path):
+    path = save_patch(delta_patch(gen), tmp_path / "d.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, str(bare), metadata={k: v for k, v in meta.items() if not k.endswith("sha256")})
+    lora, _ = delta_to_lora(load_patch(bare), rank=4)
+    assert lora.hash_check == "unverified"
+    with pytest.raises(PatchError, match="refusing to write it with fresh hashes: it is unverified"):
+        save_patch(lora, tmp_path / "lora.safetensors")
+    assert load_patch(save_patch(lora, tmp_path / "lora.safetensors", trust_unverified=True)).hash_check == "verified"
+    # a verified source converts and saves as usual
+    lora, _ = delta_to_lora(load_patch(path), rank=4)
+    assert load_patch(save_patch(lora, tmp_path / "lora2.safetensors")).hash_check == "verified"
+
+
+def test_absurd_magnitudes_are_refused_on_build_and_whatever_the_hash_says(gen, tmp_path):
+    base = {"generator": gen.state_dict()}
+    tuned = tuned_weights(gen)
+    tuned["0.weight"][3, 4] = 9.7e37
+    with pytest.raises(PatchError) as exc:
+        make_delta_patch(base, {"generator": tuned})
+    assert_refused(exc, "absurd weight change in generator.0.weight (up to 9.7e+37)", "at most 1000")
+    with pytest.raises(PatchError) as exc:
+        make_sparse_patch(base, {"generator": tuned}, dtype="int8")
+    assert_refused(exc, "absurd weight change in generator.0.weight")
+    factors = {"generator": {"0": (torch.randn(2, 16), torch.randn(512, 2))}}
+    with pytest.raises(PatchError) as exc:
+        make_lora_patch(base, factors, lora_alpha=1e30)
+    assert_refused(exc, "absurd LoRA scaling generator.* (lora_alpha/r = 5e+29)", "at most 1000")
+    # a file with valid hashes over an absurd lora_alpha (the hash proves the bytes, not the sanity of the writer)
+    from erase.patchfile import DIGEST_KEY, header_digest, raw_table, read_raw
+
+    path = all_kinds(gen, tmp_path)["lora"]
+    with safe_open(str(path), "pt") as handle:
+        meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+    meta["lora_adapter_metadata"] = meta["lora_adapter_metadata"].replace(
+        '"generator.lora_alpha": 4.0', '"generator.lora_alpha": 1e30'
+    )
+    bad = tmp_path / "alpha.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    raw = read_raw(bad)
+    save_file(tensors, str(bad), metadata={**meta, DIGEST_KEY: header_digest(meta, raw_table(raw))})
+    with pytest.raises(PatchError) as exc:
+        load_patch(bad)
+    assert_refused(exc, "alpha.safetensors: absurd LoRA scaling generator.* (lora_alpha/r = 5e+29)")
+
+
+def test_a_header_entry_whose_bytes_do_not_match_its_shape_is_refused(tmp_path):
+    header = json.dumps({"generator.0.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
+    bad = tmp_path / "short.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(PatchError) as exc:
+        load_patch(bad)
+    assert_refused(
+        exc, "short.safetensors: corrupted safetensors header (entry 'generator.0.weight': its bytes do not"
+    )

@@ -97,7 +97,7 @@ def test_inspect_prints_metadata_and_sizes(work, capsys):
     n_unet = len(patch.target_names("unet"))
     unet_elements = sum(t.numel() for k, t in patch.tensors.items() if k.startswith("unet."))
     assert f"file size:       {work.delta.stat().st_size:,} bytes" in out
-    assert "format version:  1" in out and "kind:            delta" in out and "method:          esd" in out
+    assert "format version:  2" in out and "kind:            delta" in out and "method:          esd" in out
     assert "concepts:        cat" in out and "targets:         unet, text_encoder" in out
     assert f"tensors:         {n_unet + 1}" in out
     assert f"  unet:          {n_unet} tensors, {unet_elements:,} elements ({n_unet} weights changed)" in out
@@ -114,7 +114,7 @@ def test_inspect_json_is_machine_readable(work, capsys):
     summary = json.loads(capsys.readouterr().out)
     patch = load_patch(work.lora)
     assert summary["file"] == str(work.lora) and summary["file_size"] == work.lora.stat().st_size
-    assert summary["format_version"] == 1 and summary["kind"] == "lora" and summary["method"] == "uce"
+    assert summary["format_version"] == 2 and summary["kind"] == "lora" and summary["method"] == "uce"
     assert summary["targets"] == ["unet", "text_encoder"] and summary["concepts"] == ["dog", "wolf"]
     assert summary["base_fingerprint"] == patch.base_fingerprint and "diffusers" in summary["versions"]
     assert summary["n_tensors"] == len(patch.tensors)

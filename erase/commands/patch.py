@@ -45,6 +45,9 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     export.add_argument("--out", required=True, metavar="FILE", help="output file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
+    export.add_argument(
+        "--trust-unverified", action="store_true", help="export a patch no hash verifies (you trust its source)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +103,8 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  {component + ':':<15}{entry['hash']} (over {entry['n_tensors']} base tensors)")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(summary["versions"].items()))
     lines.append(f"versions:        {versions or '-'}")
-    lines.append(f"data hash:       {_HASH_LINES[summary['data_hash']].format(n=summary['n_tensors'])}")
+    hash_line = _HASH_LINES[summary["data_hash"]].format(n=summary["n_tensors"], reason=summary["unverified_reason"])
+    lines.append(f"data hash:       {hash_line}")
     if summary["lora_config"]:
         lora = summary["lora_config"]
         ranks = "; ".join(f"{c} r={lora[c]['r']} lora_alpha={lora[c]['lora_alpha']}" for c in summary["targets"])
@@ -114,18 +118,17 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 _HASH_LINES = {
-    "verified": "verified (the sha256 of each of the {n} tensors matches the header)",
-    "skipped": "not checked (--skip-hash-check)",
-    "absent": "none stored (written before erase stored tensor hashes): the data cannot be checked; re-save to add",
+    "verified": "verified (erase.sha256 covers the header; the sha256 of each of the {n} tensors matches)",
+    "skipped": "header verified, tensor data not checked (--skip-hash-check)",
+    "unverified": "UNVERIFIED ({reason}): use it only if you trust its source",
     "in memory": "-",
 }
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from erase.patch import load_patch
+    from erase.patchfile import summarize  # no torch for a verified patch: inspect starts in a fraction of a second
 
-    path = Path(args.patch)  # load_patch gets the text: Path("") would be "."
-    summary = patch_summary(load_patch(args.patch, verify=not args.skip_hash_check), path)
+    summary = summarize(args.patch, verify=not args.skip_hash_check)
     print(json.dumps(summary, indent=2, sort_keys=True) if args.json else "\n".join(_summary_lines(summary)))
     return 0
 
@@ -170,10 +173,11 @@ def _export(args: argparse.Namespace) -> int:
         raise CliError("--out must differ from PATCH; choose a new file")
     status("erase export: loading torch and the patch ...")
     from erase.lora_export import delta_to_lora, lora_to_kohya
-    from erase.patch import load_patch, save_patch
+    from erase.patch import load_patch, require_trusted, save_patch
 
     check_output_file(out, args.overwrite, label="--out")
     patch = load_patch(args.patch, verify=not args.skip_hash_check)
+    require_trusted(patch, args.trust_unverified, flag="--trust-unverified")  # no fresh hashes for unverified data
     if patch.kind == "lora":
         if args.rank is not None:
             raise CliError("--rank applies to delta and sparse patches; this patch is already a LoRA, drop --rank")
@@ -186,7 +190,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"relative reconstruction error at rank {args.rank}: {error:.3e}")
     # whether --out exists is decided again when the file is complete: of two runs, the second fails
     if args.to == "lora":
-        save_patch(patch, out, overwrite=args.overwrite, label="--out")
+        save_patch(patch, out, overwrite=args.overwrite, label="--out", trust_unverified=args.trust_unverified)
     else:
         lora_to_kohya(patch, out, overwrite=args.overwrite, label="--out")
     print(f"wrote {out} ({args.to})")

@@ -6,11 +6,17 @@ each optimizer's state and its parameter groups go to the header), the step, the
 every step draws from its own generator (`erase.training.loop.step_generator`), and resuming leaves the caller's
 global torch RNG alone. Resuming refuses a checkpoint made with other settings (other than the step count and
 checkpoint interval, which may change). The two newest checkpoints are kept.
+
+Checkpoints are sealed like patches (`erase.patch.seal`): ``erase.tensor_sha256`` holds every tensor's sha256 and
+``erase.sha256`` a digest over the header and the tensor table, so a flipped bit or a truncated file is refused by
+name (with the checkpoint to fall back on) instead of resuming from damaged weights. Checkpoints written before
+erase sealed them load with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -20,10 +26,23 @@ from safetensors.torch import save_file
 
 from erase.config_args import config_to_dict
 from erase.fsutil import write_file
+from erase.patch import seal, tensor_sha256
+from erase.patchfile import (
+    DIGEST_KEY,
+    HASHES_KEY,
+    PatchError,
+    check_tensor_hashes,
+    file_tensor_hashes,
+    header_digest,
+    raw_table,
+    read_raw,
+)
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 _KEEP = 2
 _MAY_CHANGE = ("steps", "checkpoint_every", "threads")
+_KEY = "erase.checkpoint"
+_LOG = logging.getLogger("erase.checkpoint")
 
 
 def _path(directory: Path, step: int) -> Path:
@@ -76,19 +95,67 @@ def save(directory: Path, step: int, modules: dict, optimizers: dict, config, me
         "optimizers": optim_meta,
     }
     final = _path(directory, step)
-    write_file(final, lambda tmp: save_file(tensors, str(tmp), metadata={"erase.checkpoint": json.dumps(header)}))
+    metadata = seal({_KEY: json.dumps(header)}, tensors)
+    write_file(final, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     for old in list_checkpoints(directory)[:-_KEEP]:
         old.unlink(missing_ok=True)
     return final
 
 
-def load(path: Path, modules: dict, optimizers: dict, config, method: str) -> int:
-    """Restore modules and optimizers from ``path``; returns the checkpoint's step."""
+def _fallback(path: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the one before it, or start afresh."""
+    older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+    if older:
+        return f"delete it to resume from {older[-1].name}, or run without --resume to start afresh"
+    return "delete it and run without --resume to start afresh"
+
+
+def read_header(path: Path, check_data: bool = False) -> dict:
+    """The checkpoint's header (step, method, config, optimizers), after checking the file's size against its table
+    and the header against ``erase.sha256`` (and, with ``check_data``, every tensor's bytes against its sha256, read
+    straight from the file); damage is one line naming ``path`` and the checkpoint to fall back on."""
+    path = Path(path)
+    try:
+        raw = read_raw(path, what="an erase training checkpoint")
+    except PatchError as error:
+        problem = str(error).rsplit("; ", 1)[0]  # the patch reader's fix does not apply to a checkpoint
+        raise ValueError(f"--resume: damaged checkpoint: {problem}; {_fallback(path)}") from None
+    meta = raw.metadata
+    try:
+        header = json.loads(meta.get(_KEY, "null"))
+    except json.JSONDecodeError:
+        header = None
+    if DIGEST_KEY in meta and meta[DIGEST_KEY] != header_digest(meta, raw_table(raw)):
+        raise ValueError(
+            f"--resume: {path}: damaged checkpoint (its header does not match its {DIGEST_KEY}); {_fallback(path)}"
+        )
+    if not isinstance(header, dict) or not isinstance(header.get("step"), int):
+        raise ValueError(f"{path} is not an erase training checkpoint; remove it or pass another --checkpoint-dir")
+    if DIGEST_KEY not in meta:
+        _LOG.warning(f"{path}: a checkpoint without hashes (written by an older erase): its data cannot be checked")
+    header["_hashes"] = json.loads(meta[HASHES_KEY]) if HASHES_KEY in meta and DIGEST_KEY in meta else None
+    if check_data and header["_hashes"] is not None:
+        _check_hashes(path, file_tensor_hashes(raw), header["_hashes"])
+    return header
+
+
+def _check_hashes(path: Path, computed: dict[str, str], hashes: dict) -> None:
+    try:
+        check_tensor_hashes(str(path), computed, hashes)
+    except PatchError as error:
+        problem = str(error).rsplit("; ", 1)[0]
+        raise ValueError(f"--resume: damaged checkpoint: {problem}; {_fallback(path)}") from None
+
+
+def load(path: Path, modules: dict, optimizers: dict, config, method: str, check_data: bool = True) -> int:
+    """Restore modules and optimizers from ``path`` after checking its hashes (the tensor data's only with
+    ``check_data``: `read_header` may have checked it already); returns its step."""
+    path = Path(path)
+    header = read_header(path)
     with safe_open(str(path), framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get("erase.checkpoint", "null") or "null")
-        if not isinstance(header, dict):
-            raise ValueError(f"{path} is not an erase training checkpoint; remove it or pass another --checkpoint-dir")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if check_data and header["_hashes"] is not None:
+        _check_hashes(path, {k: tensor_sha256(t) for k, t in tensors.items()}, header["_hashes"])
     if header.get("method") != method:
         raise ValueError(f"{path} is a checkpoint of method {header.get('method')!r}, not {method!r}")
     saved, now = header["config"], config_to_dict(config)

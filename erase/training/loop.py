@@ -135,8 +135,8 @@ class TrainingLoop:
         self.last_checkpoint: Path | None = None
         self.stats: dict = {}
         self.timer = PassTimer([*modules.values(), *(frozen or [])])
-        if resume:  # refuse a missing checkpoint now, before a method spends minutes sampling
-            self._checkpoint_to_resume()
+        if resume:  # refuse a missing, damaged or too advanced checkpoint now, before a method spends minutes sampling
+            self._check_resumable(self._checkpoint_to_resume())
 
     @property
     def process(self) -> int:
@@ -169,11 +169,23 @@ class TrainingLoop:
             raise ValueError(f"--resume: no checkpoint in {self.checkpoint_dir}; run without --resume to start afresh")
         return found
 
+    def _check_resumable(self, found: Path) -> None:
+        """Refuse a damaged checkpoint (hashes), and one past ``steps``, which would come out as a patch of more steps
+        than it says."""
+        step = ckpt.read_header(found, check_data=True)["step"]
+        if step > self.config.steps:
+            raise ValueError(
+                f"--resume: {found} is at step {step}, past --steps {self.config.steps}; pass --steps {step} or more, "
+                "or drop --resume to start afresh"
+            )
+
     def _restore(self) -> None:
         if not self.resume:
             return
-        found = self._checkpoint_to_resume()
-        self.start_step = ckpt.load(found, self.raw_modules, self.optimizers, self.config, self.method)
+        found = self._checkpoint_to_resume()  # checked by _check_resumable when the loop was made
+        self.start_step = ckpt.load(
+            found, self.raw_modules, self.optimizers, self.config, self.method, check_data=False
+        )
         self.last_checkpoint = found
 
     def _check_finite(self, step: int, logs: dict[str, float]) -> None:
