@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erase.config_args import SEED_MAX  # standard library only; torch.Generator takes 0 .. 2**64 - 1
+
 if TYPE_CHECKING:
     from erase.patch import Patch
 
@@ -33,7 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
 # Value checks for flags (argparse ``type=``): a bad value is refused while parsing, before anything loads, in one
 # line naming the flag and the valid range. A CliError raised here leaves argparse as is and reaches `main`.
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 MAX_IMAGES = 1000  # images per `erase generate` run: 1000 SDXL images (and their grid) still fit in memory
 
 
@@ -115,6 +116,7 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     export_world = world_commands.add_parser("export", help="write the Shapes pipeline as a standard diffusers folder")
     export_world.add_argument("out", metavar="DIR", help="a new (or empty) folder")
+    export_world.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote")
 
     generate = commands.add_parser("generate", help="generate images from a pipeline or a GAN")
     source = generate.add_mutually_exclusive_group(required=True)
@@ -142,7 +144,12 @@ def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
         default=5.0,
         help="classifier-free guidance scale, 0 to 100 (default: 5)",
     )
-    generate.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png")
+    generate.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png (new or empty)"
+    )
+    generate.add_argument(
+        "--overwrite", action="store_true", help="replace a folder an earlier erase generate wrote at --out"
+    )
     generate.add_argument(
         "--patch", action="append", metavar="P", help="apply this erase patch in memory first (repeatable, in order)"
     )
@@ -284,13 +291,14 @@ def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (``sys.argv[1:]`` by default); return the exit status.
 
-    Ctrl-C prints one line and returns 130 (128 + SIGINT, as shells report it); every writer removes its temporary
-    files on the way out, so earlier outputs stay as they were.
+    Ctrl-C prints one line and returns 130 (128 + SIGINT, as shells report it), SIGTERM likewise with 143 (128 +
+    SIGTERM); every writer removes its temporary files on the way out, so earlier outputs stay as they were.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    from erase.fsutil import Terminated, sigterm_as_interrupt
     from erase.training.loop import TrainingDiverged
 
-    with _warnings_as_lines():
+    with _warnings_as_lines(), sigterm_as_interrupt():
         try:
             args = _build_parser(_train_method(argv)).parse_args(argv)
             return _dispatch(args)
@@ -303,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, OSError, ImportError) as err:  # ImportError: a missing optional extra
             print(f"erase: error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except Terminated:  # SIGTERM: handled as Ctrl-C is, and reported as shells report it (128 + 15)
+            print(
+                "erase: terminated (SIGTERM); no partial output was left, earlier outputs are unchanged",
+                file=sys.stderr,
+            )
+            return 143
         except KeyboardInterrupt:
             print(
                 "erase: interrupted (Ctrl-C); no partial output was left, earlier outputs are unchanged",
@@ -371,7 +385,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "world" and args.world_command == "export":
         from erase.world import export_world
 
-        print(f"wrote {export_world(args.out)}")
+        print(f"wrote {export_world(args.out, overwrite=args.overwrite)}")
         return 0
     if args.command == "generate":
         return _generate(args)
@@ -566,7 +580,12 @@ def _generate(args: argparse.Namespace) -> int:
     scales = args.scale or [1.0] * len(patches)
     if len(scales) != len(patches):
         raise CliError(f"give one --scale per --patch ({len(patches)} patches, {len(scales)} scales)")
-    check_output_folder(args.out, overwrite=True, label="--out", create_parents=True)  # before the model loads
+    from erase.world import check_generated_folder
+
+    # before the model loads; --overwrite replaces only a folder erase generate wrote (decided again when writing)
+    check_output_folder(
+        args.out, args.overwrite, label="--out", may_replace=check_generated_folder, create_parents=True
+    )
     written = generate_to_folder(
         args.out,
         model=args.model,
@@ -580,6 +599,7 @@ def _generate(args: argparse.Namespace) -> int:
         scales=scales,
         force=args.force,
         verify=not args.skip_hash_check,
+        overwrite=args.overwrite,
     )
     applied = f" with {', '.join(f'{p} x{s:g}' for p, s in zip(patches, scales))}" if patches else ""
     print(f"wrote {len(written) - 1} images and {written[-1]}{applied}")
@@ -650,11 +670,13 @@ def _train(args: argparse.Namespace) -> int:
     if not args.out:
         raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")
     from erase.config_args import config_from_args
-    from erase.fsutil import check_output_file
+    from erase.fsutil import check_output_file, only_erase_patches
     from erase.registry import get_method
 
     out = Path(args.out).expanduser()
-    check_output_file(out, args.overwrite or args.resume, label="--out")
+    # --resume may replace the patch an earlier run wrote; any other file only with --overwrite
+    replace = args.overwrite or args.resume
+    check_output_file(out, replace, label="--out", may_replace=None if args.overwrite else only_erase_patches("--out"))
     cls = get_method(args.method).CONFIG
     config = config_from_args(cls, args, args.config)
     if args.concepts_file:
@@ -670,7 +692,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoint_dir,
         resume=args.resume,
         progress=not args.quiet,
-        overwrite=args.overwrite or args.resume,
+        overwrite=args.overwrite or (args.resume and out.exists()),  # no file at --out before: none may appear
     )
     seconds = patch.notes.get("wall_seconds")
     print(f"wrote {out} ({args.method}, {patch.kind}, {', '.join(patch.concepts)}; {seconds} s)")

@@ -8,8 +8,14 @@ weights) goes through this module:
 - the final path is published atomically: a file by ``os.replace`` (overwrite) or ``os.link`` (create only, so two
   runs racing for one name cannot both succeed), a folder by ``os.rename`` (which refuses a non-empty folder);
   what exists is decided at that moment, not only when a command starts;
-- on any failure, ``KeyboardInterrupt`` included, the temporary file or folder is removed and whatever was at the
-  final path before is left as it was;
+- on any failure, ``KeyboardInterrupt`` included (and SIGTERM, which the command line turns into one, see
+  `sigterm_as_interrupt`), the temporary file or folder is removed and whatever was at the final path before is left
+  as it was;
+- temporary names say whose they are (``.NAME.erase-TARGET-HOST-PID-RANDOM.tmp``), so that the temporaries of a run
+  killed outright (SIGKILL, power loss) are removed by the next run that writes the same target, once their writer
+  process is gone; nothing else is ever removed;
+- only regular files and folders are ever replaced: a device, FIFO or socket at the output path is refused, also when
+  it appears while the data is being written (``/dev/null`` stays a device);
 - files and folders get the modes the user's umask gives (``tempfile`` and safetensors create them 0600);
 - I/O errors (also safetensors' ``SafetensorError`` wrapping one) become one-line `OutputError` messages that name
   the path and the fix.
@@ -21,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -60,8 +68,42 @@ class OutputExistsError(OutputError, FileExistsError):
     """The output path exists (possibly created by another run while this one was working)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's `KeyboardInterrupt` so that every writer cleans up the same way."""
+
+
 def _where(path: Path, label: str | None) -> str:
     return f"{label} {path}" if label else str(path)
+
+
+def _special(path: Path) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (symbolic links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _special_error(path: Path, label: str | None, what: str, expected: str = "a regular file") -> OutputError:
+    return OutputError(
+        f"{_where(path, label)} is {what}, not {expected}; erase never replaces one: choose another path", errno.EEXIST
+    )
+
+
+def _not_a_folder(path: Path, label: str | None) -> OutputError:
+    what = _special(path)
+    if what is not None:
+        return _special_error(path, label, what, "a folder")
+    return OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
 
 
 _PSEUDO_FS = "that folder does not accept new files (a pseudo file system such as /proc?): choose another folder"
@@ -160,7 +202,7 @@ def check_parent(path: str | os.PathLike, label: str | None = None, create: bool
 def _probe(folder: Path, path: Path, label: str | None) -> None:
     """Create and remove a uniquely named empty file in ``folder``; a failure names ``path`` and the fix."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".probe", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -170,17 +212,29 @@ def _probe(folder: Path, path: Path, label: str | None) -> None:
         ) from None
 
 
-def check_output_file(path: str | os.PathLike, overwrite: bool, label: str | None = None) -> Path:
-    """Refuse, before any work, an output file that cannot be written or that exists without ``overwrite``."""
+def check_output_file(
+    path: str | os.PathLike,
+    overwrite: bool,
+    label: str | None = None,
+    may_replace: Callable[[Path], None] | None = None,
+) -> Path:
+    """Refuse, before any work, an output file that cannot be written, that exists without ``overwrite``, or that
+    is no regular file (a device, FIFO or socket: never replaced); with ``overwrite``, ``may_replace(path)`` raises
+    if the existing file must not be replaced."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{_where(path, label)} is a folder; pass a file name", errno.EISDIR)
+    what = _special(path)
+    if what is not None:
+        raise _special_error(path, label, what)
     check_parent(path, label)
     if path.exists() and not overwrite:
         raise OutputExistsError(
             f"{_where(path, label)} already exists; choose a new file or pass --overwrite (overwrite=True)",
             errno.EEXIST,
         )
+    if path.exists() and may_replace is not None:
+        may_replace(path)
     return path
 
 
@@ -195,7 +249,7 @@ def check_output_folder(
     ``overwrite``; with ``overwrite``, ``may_replace(path)`` raises if the existing folder must not be replaced."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
+        raise _not_a_folder(path, label)
     check_parent(path, label, create=create_parents)
     if path.is_dir():
         _probe(path, path, label)  # commands that write into an existing folder need it writable too
@@ -210,29 +264,171 @@ def check_output_folder(
     return path
 
 
+def is_erase_patch(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file whose safetensors header carries ``erase.format_version`` (an erase patch,
+    valid or not). Reads the header only."""
+    import json
+    import struct
+
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > min(100_000_000, os.fstat(handle.fileno()).st_size - 8):
+                return False
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except (OSError, ValueError, struct.error):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and "erase.format_version" in meta
+
+
+def only_erase_patches(label: str | None = None, flag: str = "--overwrite") -> Callable[[Path], None]:
+    """A ``may_replace`` check that refuses any existing file but an erase patch (``--resume`` may replace the patch
+    an earlier run of the same training wrote, never a user's other file)."""
+
+    def check(path: Path) -> None:
+        if os.path.lexists(path) and not is_erase_patch(path):
+            raise OutputExistsError(
+                f"{_where(path, label)} exists and is not an erase patch; refusing to replace it: choose a new file, "
+                f"or pass {flag} to replace it",
+                errno.EEXIST,
+            )
+
+    return check
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) for the few renames that must happen together; it is raised right after."""
+    """Hold back Ctrl-C (SIGINT) and SIGTERM for the few renames that must happen together; they act right after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in _DEFERRED}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(signal.SIGINT, None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)  # the default action (SIGTERM: end the process), now that it is safe
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` (a `KeyboardInterrupt`), so that it is handled as Ctrl-C
+    is: temporary files removed, earlier outputs left as they were. The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temporary names: ours, per target, and removable once their writer is gone
+
+_TEMP_NAME = re.compile(
+    r"\.(?P<name>.*)\.erase-(?P<target>[0-9a-f]{8})-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})-[A-Za-z0-9_]+"
+    r"(?P<suffix>\.tmp|\.probe|\.old)",
+    re.DOTALL,
+)
+_NAME_CHARS = 64  # of the target's name kept in a temporary name (the target hash tells targets apart)
+
+
+def _hash8(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _host() -> str:
+    return _hash8(os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", ""))
+
+
+def _temp_prefix(path: Path) -> str:
+    """The start of every temporary name for the final path ``path``: the name (shortened), a hash of the whole name,
+    this machine and this process."""
+    return f".{path.name[:_NAME_CHARS]}.erase-{_hash8(path.name)}-{_host()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would end the process, not probe it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or nothing we can tell: keep its files
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that earlier writers of ``path`` left when they were killed outright
+    (SIGKILL, power loss): those named for ``path`` by this module, made on this machine, by a process that no
+    longer runs. A previous output set aside while a folder was being replaced (``.old``) is removed only when
+    ``path`` exists again (the replacement finished); otherwise it is kept and a warning says where it is. Returns
+    the paths removed."""
+    import logging
+
+    path = Path(path)
+    target, host = _hash8(path.name), _host()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        found = _TEMP_NAME.fullmatch(entry.name)
+        if (
+            found is None
+            or found["target"] != target
+            or found["host"] != host
+            or found["name"] != path.name[:_NAME_CHARS]
+            or _alive(int(found["pid"]))
+        ):
+            continue
+        stale = Path(entry.path)
+        if found["suffix"] == ".old" and not os.path.lexists(path):
+            logging.getLogger("erase").warning(
+                f"{stale} holds the previous {path} (a run was killed while replacing it): rename it back or delete it"
+            )
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        except OSError:
+            continue
+        removed.append(stale)
+    return removed
 
 
 def _temp_file(path: Path, label: str | None) -> Path:
+    remove_stale_temporaries(path)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise output_error(err, path, label) from None
     os.close(fd)
@@ -247,10 +443,17 @@ def _exists_error(path: Path, label: str | None) -> OutputExistsError:
     )
 
 
-def _publish_file(tmp: Path, path: Path, overwrite: bool, label: str | None) -> None:
+def _publish_file(
+    tmp: Path, path: Path, overwrite: bool, label: str | None, may_replace: Callable[[Path], None] | None = None
+) -> None:
     if path.is_dir():
         raise OutputError(f"{_where(path, label)} is a folder; pass a file name", errno.EISDIR)
+    what = _special(path)  # decided again now: a FIFO made while the data was written is not replaced either
+    if what is not None:
+        raise _special_error(path, label, what)
     if overwrite:
+        if may_replace is not None and os.path.lexists(path):
+            may_replace(path)
         os.replace(tmp, path)
         return
     try:
@@ -268,7 +471,11 @@ def _publish_file(tmp: Path, path: Path, overwrite: bool, label: str | None) -> 
 
 
 def write_file(
-    path: str | os.PathLike, write: Callable[[Path], object], overwrite: bool = True, label: str | None = None
+    path: str | os.PathLike,
+    write: Callable[[Path], object],
+    overwrite: bool = True,
+    label: str | None = None,
+    may_replace: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a file atomically: ``write(tmp)`` fills a uniquely named temporary file next to ``path``, which then
     becomes ``path`` (replacing an existing file only with ``overwrite``). On any failure, the temporary file is
@@ -280,6 +487,10 @@ def write_file(
         overwrite (`bool`, *optional*, defaults to `True`): replace an existing file; without it an existing file,
             even one created while ``write`` ran, is an `OutputExistsError`.
         label (`str`, *optional*): the command-line flag naming the path in messages (e.g. ``"--out"``).
+        may_replace (`Callable[[Path], None]`, *optional*): with ``overwrite``, raises `OutputError` if the file
+            found at ``path`` when the data is complete must not be replaced.
+
+    Whatever ``overwrite`` says, only a regular file is ever replaced (never a device, FIFO or socket).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -288,7 +499,7 @@ def write_file(
     try:
         write(tmp)
         apply_umask(tmp)
-        _publish_file(tmp, path, overwrite, label)
+        _publish_file(tmp, path, overwrite, label, may_replace)
     except Exception as err:
         converted = output_error(err, path, label)
         if converted is None or converted is err:
@@ -304,11 +515,14 @@ def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True, la
     return write_file(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, label=label)
 
 
-def temp_folder(beside: str | os.PathLike, label: str | None = None) -> Path:
-    """A new, uniquely named, hidden folder next to ``beside`` (for staging an output before publishing it)."""
+def temp_folder(beside: str | os.PathLike, label: str | None = None, suffix: str = ".tmp") -> Path:
+    """A new, uniquely named, hidden folder next to ``beside`` (for staging an output before publishing it); the
+    stale temporaries of earlier, killed writers of ``beside`` are removed first (`remove_stale_temporaries`)."""
     beside = Path(beside)
+    if suffix == ".tmp":
+        remove_stale_temporaries(beside)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(beside), suffix=suffix, dir=beside.parent))
     except OSError as err:
         raise output_error(err, beside, label) from None
 
@@ -340,7 +554,7 @@ def write_folder(
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
+        raise _not_a_folder(path, label)
     if not path.parent.is_dir():
         raise OutputError(f"{_where(path, label)}: folder {path.parent} does not exist; create it first", errno.ENOENT)
     tmp = temp_folder(path, label)
@@ -368,12 +582,12 @@ def _publish_folder(
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
     if not path.is_dir():
-        raise OutputError(f"{_where(path, label)} is a file, not a folder; choose a folder", errno.ENOTDIR)
+        raise _not_a_folder(path, label)
     if not overwrite:
         raise _exists_error(path, label)
     if may_replace is not None:
         may_replace(path)
-    old = temp_folder(path, label)  # an empty, uniquely named folder that the old output is renamed onto
+    old = temp_folder(path, label, suffix=".old")  # an empty, uniquely named folder the old output is renamed onto
     with deferred_interrupt():
         os.rename(path, old)
         try:

@@ -43,6 +43,9 @@ class MethodConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     def __post_init__(self):
+        from erase.config_args import check_seed
+
+        check_seed("seed", self.seed)  # the same range as every --seed (torch wraps -1 silently)
         self.check_at_least(1, "threads")
         if self.kind not in self.KINDS:
             raise ValueError(f"this method writes {' or '.join(self.KINDS)} patches, not {self.kind!r}")

@@ -71,6 +71,9 @@ class AttackConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
 
     def __post_init__(self):
+        from erase.config_args import check_seed
+
+        check_seed("seed", self.seed)  # the same range as every --seed (torch wraps -1 silently)
         if self.batch_size is None:
             self.batch_size = 32 if self.is_shapes else 4
         for name in (

@@ -10,6 +10,7 @@ restored).
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,7 +45,10 @@ def _judge(config: AttackConfig):
 
 
 def _clear_previous(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; choose a folder") from None
     if not out.is_dir():
         raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
     for path in [*(out / name for name in OUTPUT_FILES), *out.glob("grid_*.png")]:
@@ -98,7 +102,10 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
     from prompts.sets import load_prompt_set
 
     started = time.perf_counter()
-    out = Path(out)
+    from erase.fsutil import check_output_folder
+
+    # a file, an unwritable folder or /proc at --out: one line now, not an errno after the model loaded
+    out = check_output_folder(out, overwrite=True, label="--out", create_parents=True)
     prompt_set = load_prompt_set(
         config.prompts if config.prompts or not config.is_shapes else "shapes",
         config.concept,
@@ -117,6 +124,12 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
     pixels = OracleCheck() if prompt_set.name == "shapes" and prompt_set.task in ATTRIBUTES else None
     session = AttackSession(config, pipe, patch, prompt_set, judge, pixels, progress)
+    ran = len(session.cases)
+    if ran < config.cases:  # attack.json records the cases that ran, and this says so now
+        logging.getLogger("erase").warning(
+            f"--cases {config.cases}: the prompt set has {ran} target cases for {prompt_set.concept!r}; running all "
+            f"{ran} (attack.json records cases {ran})"
+        )
     _clear_previous(out)
     results: list[AttackResult] = []
     images: dict[str, dict[str, np.ndarray]] = {}
@@ -154,6 +167,8 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         "pixel_check": pixels.describe() if pixels else None,
         "settings": {
             **asdict(config),
+            "cases": n,  # what ran: at most the set's target cases
+            **({"cases_requested": config.cases} if config.cases != n else {}),
             "patch_info": _patch_info(config.patch, patch),
             "prompt_set": prompt_set.describe(),
             "torch_threads": torch.get_num_threads(),
