@@ -539,7 +539,7 @@ def _export(args: argparse.Namespace) -> int:
     source, out = Path(args.patch), Path(args.out)
     if _same_path(out, source):
         raise CliError("--out must differ from PATCH; choose a new file")
-    check_output_file(out, args.overwrite, label="--out")
+    check_output_file(args.out, args.overwrite, label="--out")  # the text: Path("") would be "."
     patch = load_patch(args.patch, verify=not args.skip_hash_check)
     if patch.kind == "lora":
         if args.rank is not None:
@@ -683,6 +683,10 @@ def _train(args: argparse.Namespace) -> int:
         config.concepts = list(dict.fromkeys([*config.concepts, *_read_concepts(args.concepts_file)]))
         config.__post_init__()
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else Path(f"{out}.checkpoints")
+    from erase.fsutil import check_output_folder
+
+    # a file there would be an errno after training started; checkpoints in it are replaced as training goes
+    check_output_folder(checkpoint_dir, overwrite=True, label="--checkpoint-dir", create_parents=True)
     from erase.training.run import train_patch
 
     patch = train_patch(

@@ -200,6 +200,10 @@ def read_config_file(cls: type, path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file; pass a JSON file with the method's settings") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path}: is a folder; pass a JSON file with the method's settings") from None
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror}); pass a readable JSON file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(
             f"--config {path}: not a JSON file ({' '.join(str(err).split())}); fix or regenerate it"

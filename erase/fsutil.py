@@ -221,6 +221,8 @@ def check_output_file(
     """Refuse, before any work, an output file that cannot be written, that exists without ``overwrite``, or that
     is no regular file (a device, FIFO or socket: never replaced); with ``overwrite``, ``may_replace(path)`` raises
     if the existing file must not be replaced."""
+    if isinstance(path, str) and not path.strip():  # Path("") would be ".", "a folder"
+        raise OutputError(f"{label or 'output'}: empty path; pass a file name")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{_where(path, label)} is a folder; pass a file name", errno.EISDIR)

@@ -37,8 +37,12 @@ def train_world(
     Returns ``{kind: {"path", "config", "facts", "accuracy"}}``; each accuracy table is measured on the file as
     reloaded, and is also stored in the file's metadata. ``eval_n=0`` skips the tables.
     """
+    from erase.fsutil import check_output_folder
+
     out = Path(out) if out is not None else WEIGHTS_DIR
-    try:  # fail before training, not after
+    # fail before training, not after; the world's files in it are replaced one by one (atomically)
+    check_output_folder(out, overwrite=True, label="--out", create_parents=True)
+    try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(

@@ -43,6 +43,11 @@ def generate_images(
         )
     if any(not p.strip() for p in prompts):
         raise ValueError("empty prompt: give each image a non-empty prompt")
+    for p in prompts:  # undecodable bytes on a command line arrive as lone surrogates, which tokenizers reject
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"prompt {p!r} is not valid UTF-8 text: pass the prompt in UTF-8") from None
     from pipelines.tokenizer import TOKENIZER_LOGGER, quiet_loggers, warn_if_truncated
 
     quiet = []  # our own warning says it better than diffusers' token dump and transformers' "indexing errors"

@@ -10,6 +10,15 @@ from typing import Literal
 
 from eval.attacks import ATTACKS
 
+_RANGES = {
+    "steps": (1, 1000),  # diffusers schedulers refuse more steps than their 1000 training timesteps
+    "batch_size": (1, 4096),
+    "seeds_per_prompt": (1, 1000),
+    "height": (8, 8192),
+    "width": (8, 8192),
+    "guidance": (0, 100),  # beyond ~100 images saturate to black or white
+}
+
 
 @dataclass
 class AttackConfig:
@@ -74,6 +83,16 @@ class AttackConfig:
         from erase.config_args import check_seed
 
         check_seed("seed", self.seed)  # the same range as every --seed (torch wraps -1 silently)
+        for name in ("model", "patch", "prompts", "judge", "judge_arch"):  # "" would silently mean "the default"
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} is empty; pass a value or leave {flag} out")
+        # the ranges `erase eval` has for the same settings (a typo is refused before anything loads)
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be from {low:g} to {high:g}, got {value:g}")
         if self.batch_size is None:
             self.batch_size = 32 if self.is_shapes else 4
         for name in (

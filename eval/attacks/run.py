@@ -44,15 +44,21 @@ def _judge(config: AttackConfig):
     return judge
 
 
-def _clear_previous(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise NotADirectoryError(f"--out {out} is a file, not a folder; choose a folder") from None
-    if not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
-    for path in [*(out / name for name in OUTPUT_FILES), *out.glob("grid_*.png")]:
-        path.unlink(missing_ok=True)
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished attack run from ``staging`` into ``out``, replacing an earlier run's files (its grids too) but
+    no other file. Ctrl-C and SIGTERM are held back for these few renames; the old ``attack.json`` goes first and the
+    new one comes last, so ``out`` never shows a finished run whose files are not all of one run."""
+    from erase.fsutil import deferred_interrupt
+
+    out.mkdir(exist_ok=True)
+    with deferred_interrupt():
+        (out / "attack.json").unlink(missing_ok=True)
+        new = {p.name for p in staging.iterdir()}
+        for old in [*out.glob("grid_*.png"), *(out / name for name in OUTPUT_FILES)]:
+            if old.name not in new:
+                old.unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "attack.json"):
+            path.replace(out / path.name)
 
 
 def _versions() -> dict:
@@ -130,7 +136,6 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
             f"--cases {config.cases}: the prompt set has {ran} target cases for {prompt_set.concept!r}; running all "
             f"{ran} (attack.json records cases {ran})"
         )
-    _clear_previous(out)
     results: list[AttackResult] = []
     images: dict[str, dict[str, np.ndarray]] = {}
     from tqdm.auto import tqdm
@@ -182,12 +187,22 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         "attacks": {r.name: _result_json(r, n) for r in results},
         "timing": {"setup_s": round(setup_s, 2)},
     }
+    from erase.fsutil import output_error, remove_tree, temp_folder
     from eval.attacks.report import write_attack_report
     from eval.report import write_json
 
-    write_attack_report(out, summary, {"base": session.base_images, "plain": plain_images, **images})
-    summary["timing"]["total_s"] = round(time.perf_counter() - started, 2)
-    write_json(out / "attack.json", summary)  # last: a folder with attack.json is a finished run
+    # written beside --out, then moved in: a failed or interrupted run leaves the earlier run's files as they were
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_folder(out, label="--out")
+    try:
+        write_attack_report(staging, summary, {"base": session.base_images, "plain": plain_images, **images})
+        summary["timing"]["total_s"] = round(time.perf_counter() - started, 2)
+        write_json(staging / "attack.json", summary)  # last: a folder with attack.json is a finished run
+        _publish(staging, out)
+    except OSError as err:  # name --out, not the hidden staging folder the error happened in
+        raise output_error(err, out, "--out", reword=True) or err from None
+    finally:
+        remove_tree(staging)
     return summary
 
 
