@@ -682,6 +682,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.concepts_file:
         config.concepts = list(dict.fromkeys([*config.concepts, *_read_concepts(args.concepts_file)]))
         config.__post_init__()
+    inputs = {"--model": config.model, "--prompts": config.prompts, "--config": args.config}
+    for flag, value in {**inputs, "--concepts": args.concepts_file}.items():  # --overwrite would replace an input
+        if value and _same_path(out, Path(value)):
+            raise CliError(f"--out must differ from {flag}; choose a new file")
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else Path(f"{out}.checkpoints")
     from erase.fsutil import check_output_folder
 
