@@ -1101,3 +1101,69 @@ def test_attack_cases_above_the_set_are_recorded_as_run_and_said(tmp_path, capsy
     assert settings["cases"] == ran < 1000000 and settings["cases_requested"] == 1000000
     err = capsys.readouterr().err
     assert f"erase: warning: --cases 1000000: the prompt set has {ran} target cases for 'red'; running all" in err
+
+
+BAD_INPUTS = [  # found by trying every command as a new user would; each was a traceback, an errno or misleading
+    (["train", "--method", "esd", "--concept", "red", "--threads", "100000"], "threads must be at most 256"),
+    (["train", "--method", "esd", "--concept", "red", "--batch-size", "100000"], "batch_size must be at most 4096"),
+    (["train", "--method", "esd", "--concept", "red", "--kind", "lora", "--rank", "1000000"], "rank must be at most"),
+    (["train", "--method", "esd", "--concept", "red", "--model", ""], "--model is empty; pass a value or leave"),
+    (["train", "--method", "esd", "--concept", "red", "--prompts", ""], "--prompts is empty; pass a value or leave"),
+    (["train", "--method", "esd", "--concept", "red", "--config", "{folder}"], "--config {folder}: is a folder"),
+    (
+        ["train", "--method", "esd", "--concept", "red", "--checkpoint-dir", "{keep}", "--checkpoint-every", "1"],
+        "--checkpoint-dir {keep} is a file, not a folder",
+    ),
+    (
+        ["train", "--method", "esd", "--concept", "red", "--config", "{cfg}", "--OUT={cfg}", "--overwrite"],
+        "from --config",
+    ),
+    (
+        ["train", "--method", "uce", "--concept", "red", "--model", "{delta}", "--OUT={delta}", "--overwrite"],
+        "from --model",
+    ),
+    (["export", "{delta}", "--to", "lora", "--rank", "2", "--OUT="], "--out: empty path; pass a file name"),
+    (["generate", "--model", "shapes", "--prompt", "a \udcff circle", "--n", "1"], "is not valid UTF-8 text"),
+    (["world", "train", "--only", "guide", "--steps", "1", "--OUT={keep}"], "--out {keep} is a file, not a folder"),
+    (["demo", "--concept", "zebra"], "no shipped prompt set knows the concept 'zebra'"),
+    (["demo", "--concept", " "], "empty concept: pass the concept to erase"),
+    (["demo", "--method", "esd", "--method", "bogus"], "unknown method 'bogus'"),
+    (["attack", "--concept", "red", "--prompts", ""], "--prompts is empty; pass a value or leave --prompts out"),
+    (["attack", "--concept", "red", "--patch", ""], "--patch is empty; pass a value or leave --patch out"),
+    (["attack", "--concept", "red", "--model", ""], "--model is empty"),
+    (["attack", "--concept", "red", "--judge", ""], "--judge is empty"),
+    (["attack", "--concept", "red", "--steps", "100000"], "--steps must be from 1 to 1000, got 100000"),
+    (["attack", "--concept", "red", "--guidance", "1e9"], "--guidance must be from 0 to 100"),
+    (["attack", "--concept", "red", "--height", "7"], "--height must be from 8 to 8192, got 7"),
+    (["attack", "--concept", "red", "--batch-size", "1000000000"], "--batch-size must be from 1 to 4096"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD_INPUTS)
+def test_bad_inputs_found_by_trying_every_command(world, tmp_path, capsys, argv, expected):
+    paths = {"folder": tmp_path / "folder", "keep": tmp_path / "keep.txt", "cfg": tmp_path / "cfg.json"}
+    paths["folder"].mkdir()
+    paths["keep"].write_text("mine\n")
+    paths["cfg"].write_text('{"steps": 1}\n')
+    paths["delta"] = world.delta
+    argv = [a.format(**paths) for a in argv]
+    if not any(a.startswith("--OUT=") for a in argv):
+        argv += ["--out", str(tmp_path / ("out.safetensors" if argv[0] in ("train", "export") else "out"))]
+    argv = [a.replace("--OUT=", "--out=") for a in argv]
+    with unchanged(world.root, tmp_path):
+        one_line_refusal(capsys, argv, expected.format(**paths))
+
+
+def test_a_failed_attack_rerun_keeps_the_earlier_results_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "attack"
+    small = ["attack", "--concept", "red", "--attacks", "completion", "--cases", "2", "--steps", "2", "--quiet"]
+    assert main([*small, "--out", str(out)]) == 0
+    (out / "my_notes.txt").write_text("mine\n")
+    with unchanged(tmp_path):  # the pipeline refuses height 12 only when generating, after the outputs were cleared
+        one_line_refusal(capsys, [*small, "--height", "12", "--out", out], "have to be divisible by 8")
+    with unchanged(tmp_path):
+        one_line_refusal(capsys, [*small, "--height", "12", "--out", tmp_path / "new"], "divisible by 8")
+    assert main([*small, "--seed", "1", "--out", str(out)]) == 0  # a finished rerun replaces the run, not my notes
+    assert json.loads((out / "attack.json").read_text())["settings"]["seed"] == 1
+    assert (out / "my_notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attack"]
