@@ -1136,6 +1136,7 @@ BAD_INPUTS = [  # found by trying every command as a new user would; each was a 
     (["attack", "--concept", "red", "--guidance", "1e9"], "--guidance must be from 0 to 100"),
     (["attack", "--concept", "red", "--height", "7"], "--height must be from 8 to 8192, got 7"),
     (["attack", "--concept", "red", "--batch-size", "1000000000"], "--batch-size must be from 1 to 4096"),
+    (["attack", "--concept", "red", "--attacks", "completion", "--steps", "1"], "leaves no denoising step"),
 ]
 
 

@@ -121,6 +121,11 @@ class AttackConfig:
                 f"unknown attack(s) {', '.join(unknown) or '(none given)'}: use a comma-separated list of "
                 f"{', '.join(ATTACKS)}"
             )
+        if "completion" in self.attack_names and int(self.steps * self.completion_strength) < 1:
+            raise ValueError(
+                f"completion: --steps {self.steps} at --completion-strength {self.completion_strength:g} leaves no "
+                "denoising step to complete the image with: raise --steps or --completion-strength"
+            )
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to attack, e.g. --concept red")
         if not self.placeholder.strip() or " " in self.placeholder.strip():
