@@ -689,6 +689,8 @@ def _train(args: argparse.Namespace) -> int:
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else Path(f"{out}.checkpoints")
     from erase.fsutil import check_output_folder
 
+    if _same_path(checkpoint_dir, out):
+        raise CliError("--checkpoint-dir must differ from --out (the patch file); choose another folder")
     # a file there would be an errno after training started; checkpoints in it are replaced as training goes
     check_output_folder(checkpoint_dir, overwrite=True, label="--checkpoint-dir", create_parents=True)
     from erase.training.run import train_patch

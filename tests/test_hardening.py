@@ -1123,6 +1123,10 @@ BAD_INPUTS = [  # found by trying every command as a new user would; each was a 
         "from --model",
     ),
     (["export", "{delta}", "--to", "lora", "--rank", "2", "--OUT="], "--out: empty path; pass a file name"),
+    (
+        ["train", "--method", "esd", "--concept", "red", "--checkpoint-dir", "{p}", "--OUT={p}"],
+        "--checkpoint-dir must differ from --out",
+    ),
     (["generate", "--model", "shapes", "--prompt", "a \udcff circle", "--n", "1"], "is not valid UTF-8 text"),
     (["world", "train", "--only", "guide", "--steps", "1", "--OUT={keep}"], "--out {keep} is a file, not a folder"),
     (["demo", "--concept", "zebra"], "no shipped prompt set knows the concept 'zebra'"),
@@ -1146,7 +1150,7 @@ def test_bad_inputs_found_by_trying_every_command(world, tmp_path, capsys, argv,
     paths["folder"].mkdir()
     paths["keep"].write_text("mine\n")
     paths["cfg"].write_text('{"steps": 1}\n')
-    paths["delta"] = world.delta
+    paths["delta"], paths["p"] = world.delta, tmp_path / "p.safetensors"
     argv = [a.format(**paths) for a in argv]
     if not any(a.startswith("--OUT=") for a in argv):
         argv += ["--out", str(tmp_path / ("out.safetensors" if argv[0] in ("train", "export") else "out"))]
