@@ -385,45 +385,70 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Folders this process has looked through for stale temporaries: folder -> {target hash: [names]}. A folder is read
+# once per process (a writer found dead stays dead), so that writing many files into one folder stays linear.
+_STALE: dict[str, dict[str, list[str]]] = {}
+_STALE_LOCK = threading.Lock()
+
+
+def _stale_in(folder: Path) -> dict[str, list[str]]:
+    key = os.path.abspath(folder)
+    with _STALE_LOCK:
+        index = _STALE.get(key)
+        if index is None:
+            index, host = {}, _host()
+            try:
+                with os.scandir(folder) as entries:
+                    names = [entry.name for entry in entries if ".erase-" in entry.name]
+            except OSError:
+                names = []
+            for name in names:
+                found = _TEMP_NAME.fullmatch(name)
+                if found is not None and found["host"] == host and not _alive(int(found["pid"])):
+                    index.setdefault(found["target"], []).append(name)
+            _STALE[key] = index
+        return index
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders that earlier writers of ``path`` left when they were killed outright
     (SIGKILL, power loss): those named for ``path`` by this module, made on this machine, by a process that no
-    longer runs. A previous output set aside while a folder was being replaced (``.old``) is removed only when
-    ``path`` exists again (the replacement finished); otherwise it is kept and a warning says where it is. Returns
-    the paths removed."""
+    longer runs (found when this process first writes into that folder). A previous output set aside while a folder
+    was being replaced (``.old``) is removed only when ``path`` exists again (the replacement finished); otherwise it
+    is kept and a warning says where it is. Returns the paths removed."""
     import logging
 
     path = Path(path)
-    target, host = _hash8(path.name), _host()
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
-        found = _TEMP_NAME.fullmatch(entry.name)
-        if (
-            found is None
-            or found["target"] != target
-            or found["host"] != host
-            or found["name"] != path.name[:_NAME_CHARS]
-            or _alive(int(found["pid"]))
-        ):
+    index, target = _stale_in(path.parent), _hash8(path.name)
+    with _STALE_LOCK:
+        names = index.pop(target, [])
+    removed, kept = [], []
+    for name in names:
+        stale = path.parent / name
+        found = _TEMP_NAME.fullmatch(name)
+        if found["name"] != path.name[:_NAME_CHARS]:  # another target whose name hashes alike
+            kept.append(name)
             continue
-        stale = Path(entry.path)
         if found["suffix"] == ".old" and not os.path.lexists(path):
             logging.getLogger("erase").warning(
                 f"{stale} holds the previous {path} (a run was killed while replacing it): rename it back or delete it"
             )
+            kept.append(name)
             continue
         try:
-            if entry.is_dir(follow_symlinks=False):
+            if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
             else:
                 stale.unlink()
+        except FileNotFoundError:
+            continue
         except OSError:
+            kept.append(name)
             continue
         removed.append(stale)
+    if kept:
+        with _STALE_LOCK:
+            index.setdefault(target, []).extend(kept)
     return removed
 
 
