@@ -670,7 +670,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.out:
         raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")
     from erase.config_args import config_from_args
-    from erase.fsutil import check_output_file, only_erase_patches
+    from erase.fsutil import check_differs, check_output_file, check_output_folder, only_erase_patches
     from erase.registry import get_method
 
     out = Path(args.out).expanduser()
@@ -683,14 +683,9 @@ def _train(args: argparse.Namespace) -> int:
         config.concepts = list(dict.fromkeys([*config.concepts, *_read_concepts(args.concepts_file)]))
         config.__post_init__()
     inputs = {"--model": config.model, "--prompts": config.prompts, "--config": args.config}
-    for flag, value in {**inputs, "--concepts": args.concepts_file}.items():  # --overwrite would replace an input
-        if value and _same_path(out, Path(value)):
-            raise CliError(f"--out must differ from {flag}; choose a new file")
+    check_differs(out, {**inputs, "--concepts": args.concepts_file})  # --overwrite would replace an input
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else Path(f"{out}.checkpoints")
-    from erase.fsutil import check_output_folder
-
-    if _same_path(checkpoint_dir, out):
-        raise CliError("--checkpoint-dir must differ from --out (the patch file); choose another folder")
+    check_differs(checkpoint_dir, {"--out": out}, label="--checkpoint-dir")
     # a file there would be an errno after training started; checkpoints in it are replaced as training goes
     check_output_folder(checkpoint_dir, overwrite=True, label="--checkpoint-dir", create_parents=True)
     from erase.training.run import train_patch

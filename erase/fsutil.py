@@ -266,6 +266,21 @@ def check_output_folder(
     return path
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.expanduser().resolve() == b.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_differs(path: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], label: str = "--out") -> None:
+    """Refuse an output ``path`` that is one of the ``inputs`` (flag -> path; ``None`` skipped): with ``--overwrite``
+    it would replace the very file the run reads."""
+    for flag, value in inputs.items():
+        if value and str(value).strip() and _same_file(Path(path), Path(value)):
+            raise OutputError(f"{label} must differ from {flag}; choose another path", errno.EEXIST)
+
+
 def is_erase_patch(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a regular file whose safetensors header carries ``erase.format_version`` (an erase patch,
     valid or not). Reads the header only."""
