@@ -168,6 +168,13 @@ def apply_umask(path: str | os.PathLike) -> None:
 # Checks before any heavy work
 
 
+def _as_path(path: object, label: str | None) -> Path:
+    """``path`` as a `Path`; a value that is no path (``None``, a number) is one line, not a ``TypeError``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise OutputError(f"{label or 'output'}: expected a file or folder path, got {path!r}")
+    return Path(path)
+
+
 def _nearest_existing(path: Path) -> Path:
     for parent in path.parents:
         if parent.exists() or parent == parent.parent:
@@ -181,7 +188,7 @@ def check_parent(path: str | os.PathLike, label: str | None = None, create: bool
     Writability is probed by creating and removing a uniquely named empty file, which also catches read-only mounts
     and pseudo file systems (``/proc``) that permission bits do not show.
     """
-    path = Path(path)
+    path = _as_path(path, label)
     if not str(path) or str(path) == ".":
         raise OutputError(f"{label or 'output'}: empty path; pass a file or folder name")
     parent = path.parent
@@ -223,7 +230,7 @@ def check_output_file(
     if the existing file must not be replaced."""
     if isinstance(path, str) and not path.strip():  # Path("") would be ".", "a folder"
         raise OutputError(f"{label or 'output'}: empty path; pass a file name")
-    path = Path(path)
+    path = _as_path(path, label)
     if path.is_dir():
         raise OutputError(f"{_where(path, label)} is a folder; pass a file name", errno.EISDIR)
     what = _special(path)
@@ -249,7 +256,7 @@ def check_output_folder(
 ) -> Path:
     """Refuse, before any work, an output folder that cannot be written, or that is not empty without
     ``overwrite``; with ``overwrite``, ``may_replace(path)`` raises if the existing folder must not be replaced."""
-    path = Path(path)
+    path = _as_path(path, label)
     if path.exists() and not path.is_dir():
         raise _not_a_folder(path, label)
     check_parent(path, label, create=create_parents)
@@ -534,7 +541,7 @@ def write_file(
 
     Whatever ``overwrite`` says, only a regular file is ever replaced (never a device, FIFO or socket).
     """
-    path = Path(path)
+    path = _as_path(path, label)
     if not path.parent.is_dir():
         raise OutputError(f"{_where(path, label)}: folder {path.parent} does not exist; create it first", errno.ENOENT)
     tmp = _temp_file(path, label)
@@ -594,7 +601,7 @@ def write_folder(
             replaced (for example because this program did not write it).
         label (`str`, *optional*): the command-line flag naming the path in messages.
     """
-    path = Path(path)
+    path = _as_path(path, label)
     if path.exists() and not path.is_dir():
         raise _not_a_folder(path, label)
     if not path.parent.is_dir():

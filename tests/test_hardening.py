@@ -1172,3 +1172,19 @@ def test_a_failed_attack_rerun_keeps_the_earlier_results_and_leaves_nothing(tmp_
     assert json.loads((out / "attack.json").read_text())["settings"]["seed"] == 1
     assert (out / "my_notes.txt").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attack"]
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"\xff"])
+def test_output_functions_refuse_a_value_that_is_no_path_in_one_line(tmp_path, bad):
+    from erase.fsutil import check_output_file, check_output_folder, write_folder
+    from erase.world import export_world
+
+    for call in (
+        lambda: check_output_file(bad, overwrite=False, label="--out"),
+        lambda: check_output_folder(bad, overwrite=False, label="--out"),
+        lambda: write_bytes(bad, b"x", label="--out"),
+        lambda: write_folder(bad, lambda tmp: None, label="--out"),
+        lambda: export_world(bad),
+    ):
+        with unchanged(tmp_path), pytest.raises(OutputError, match=r"expected a file or folder path, got"):
+            call()
