@@ -56,14 +56,15 @@ def _build_parser(argv: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentPa
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (``sys.argv[1:]`` by default); return the exit status.
 
-    Ctrl-C prints one line and returns 130 (128 + SIGINT, as shells report it); every writer removes its temporary
-    files on the way out, so earlier outputs stay as they were.
+    Ctrl-C prints one line and returns 130 (128 + SIGINT, as shells report it), SIGTERM likewise with 143 (128 +
+    SIGTERM); every writer removes its temporary files on the way out, so earlier outputs stay as they were.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     from erase.commands import command_module
     from erase.commands._args import CliError
+    from erase.fsutil import Terminated, sigterm_as_interrupt
 
-    with _warnings_as_lines():
+    with _warnings_as_lines(), sigterm_as_interrupt():
         try:
             args = _build_parser(argv).parse_args(argv)
             return command_module(args.command).run(args)
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, OSError, ImportError) as err:  # ImportError: a missing optional extra
             print(f"erase: error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except Terminated:  # SIGTERM: handled as Ctrl-C is, and reported as shells report it (128 + 15)
+            print(
+                "erase: terminated (SIGTERM); no partial output was left, earlier outputs are unchanged",
+                file=sys.stderr,
+            )
+            return 143
         except KeyboardInterrupt:
             print(_INTERRUPTED, file=sys.stderr)
             return 130

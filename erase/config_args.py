@@ -93,6 +93,21 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and silently wraps -1 to 2**64 - 1)
+
+
+def check_seed(name: str, value: Any, flag: str | None = None) -> None:
+    """One-line `ValueError` unless ``value`` is an integer seed from 0 to `SEED_MAX` (the range every ``--seed``
+    flag of ``erase`` accepts: generate, train, eval, attack, and their configs from the Python API or a file)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{flag or flag_name(name)} must be an integer from 0 to {SEED_MAX}, got {value!r}")
+
+
+def seed_for_torch(seed: int) -> int:
+    """A seed derived from a checked one (``seed * 7919 + i``) folded into the range torch takes."""
+    return seed % (SEED_MAX + 1)
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -185,6 +200,10 @@ def read_config_file(cls: type, path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file; pass a JSON file with the method's settings") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path}: is a folder; pass a JSON file with the method's settings") from None
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror}); pass a readable JSON file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(
             f"--config {path}: not a JSON file ({' '.join(str(err).split())}); fix or regenerate it"

@@ -132,6 +132,15 @@ def _run_demo(
     out = Path(out)
     if methods is None:
         methods = [m.name for m in list_methods() if m.family == "diffusion"]
+    # bad input is refused before any training and before any folder is made
+    from erase.registry import get_method
+    from prompts.training import concept_prompts
+
+    if not concept or not concept.strip():
+        raise ValueError("empty concept: pass the concept to erase, e.g. --concept red")
+    concept_prompts(concept)
+    for method in methods:
+        get_method(method)
     say = _Stages(len(methods) * 3 + 2)
     metrics: dict = {
         "concept": concept,

@@ -37,8 +37,12 @@ def train_world(
     Returns ``{kind: {"path", "config", "facts", "accuracy"}}``; each accuracy table is measured on the file as
     reloaded, and is also stored in the file's metadata. ``eval_n=0`` skips the tables.
     """
+    from erase.fsutil import check_output_folder
+
     out = Path(out) if out is not None else WEIGHTS_DIR
-    try:  # fail before training, not after
+    # fail before training, not after; the world's files in it are replaced one by one (atomically)
+    check_output_folder(out, overwrite=True, label="--out", create_parents=True)
+    try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(
@@ -135,20 +139,57 @@ def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
     return _save_measured(path, config, facts, lambda meta: save_generator(generator, path, meta), measure)
 
 
-def export_world(directory: str | Path) -> Path:
+EXPORT_MARKER = "erase_export.json"  # written into every `export_world` folder: what wrote it and its file list
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def _check_written_by(folder: Path, marker: str, command: str) -> None:
+    """Raise `OutputError` unless ``folder`` holds ``marker`` (written by ``command``) and no file it does not list."""
+    from erase.fsutil import OutputError
+
+    try:
+        listed = json.loads((folder / marker).read_text(encoding="utf-8"))["files"]
+        listed = {str(name) for name in listed}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(
+            f"{folder}: not a folder written by {command} (no valid {marker}); refusing to replace it: choose a new "
+            "or empty folder, or delete it yourself"
+        ) from None
+    foreign = [name for name in _files_under(folder) if name not in listed and name != marker]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{folder}: holds files {command} did not write ({shown}); refusing to replace it: move them, or choose "
+            "a new folder"
+        )
+
+
+def check_exported_folder(folder: Path) -> None:
+    """Raise `OutputError` unless ``folder`` is one `export_world` wrote and holds only what it wrote."""
+    _check_written_by(folder, EXPORT_MARKER, "erase world export")
+
+
+def export_world(directory: str | Path, overwrite: bool = False) -> Path:
     """Write the shipped Shapes pipeline as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained``
     loads it without this package), in the form transformers 4.x + diffusers 0.30 load with the same weights too
     (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`).
     The folder carries the world's marker (`pipelines.shapes.registry.MARKER_FILE`), so ``--model DIR`` gets the
-    Shapes world's defaults, exactly as ``--model shapes`` does."""
+    Shapes world's defaults, exactly as ``--model shapes`` does.
+
+    ``directory`` must be new or empty; with ``overwrite``, a folder an earlier export wrote (`EXPORT_MARKER`) and
+    that holds nothing else is replaced as a whole; any other folder is refused.
+    """
     import pipelines
     from erase.fsutil import check_output_folder, write_folder
     from pipelines.portable import make_portable
     from pipelines.shapes.registry import write_marker
 
-    # a new or empty folder, checked before loading; missing parent folders are made, as `erase generate` and
-    # `erase eval` do (the README's `erase world export out/shapes-sd` on a fresh clone)
-    directory = check_output_folder(directory, overwrite=False, create_parents=True)
+    # a new or empty folder (or, with overwrite, an earlier export), checked before loading; missing parent folders
+    # are made, as `erase generate` and `erase eval` do (the README's `erase world export out/shapes-sd`)
+    directory = check_output_folder(directory, overwrite, may_replace=check_exported_folder, create_parents=True)
     pipe = pipelines.load("shapes")
     directory.parent.mkdir(parents=True, exist_ok=True)
 
@@ -156,9 +197,23 @@ def export_world(directory: str | Path) -> Path:
         pipe.save_pretrained(folder)
         make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
         write_marker(folder)  # what the weights are: their defaults follow it, not the folder's name
+        files = _files_under(folder)
+        (folder / EXPORT_MARKER).write_text(
+            json.dumps({"written_by": "erase world export", "files": files}, indent=2) + "\n", encoding="utf-8"
+        )
 
-    # a uniquely named temporary folder, renamed into place only if nobody else wrote `directory` meanwhile
-    return write_folder(directory, write, overwrite=False)
+    # a uniquely named temporary folder, renamed into place only if nobody else wrote `directory` meanwhile (or,
+    # with overwrite, if what is there then is still an earlier export)
+    return write_folder(directory, write, overwrite=overwrite, may_replace=check_exported_folder)
+
+
+GENERATE_MARKER = "erase_generate.json"  # written into every `erase generate` folder: settings and file list
+
+
+def check_generated_folder(folder: Path) -> None:
+    """Raise `OutputError` unless ``folder`` is one `generate_to_folder` wrote and holds only what it wrote, so that
+    ``overwrite=True`` replaces an earlier run's images and never a user's folder or files."""
+    _check_written_by(folder, GENERATE_MARKER, "erase generate")
 
 
 def generate_to_folder(
@@ -175,8 +230,13 @@ def generate_to_folder(
     scales: list[float] | None = None,
     force: bool = False,
     verify: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written.
+
+    ``out`` is written as a whole (a staging folder renamed into place, with `GENERATE_MARKER` listing the settings
+    and files): it must be new or empty, or, with ``overwrite``, a folder an earlier `generate_to_folder` wrote that
+    holds nothing else (`check_generated_folder`), which is then replaced, so that images of two runs never mix.
 
     ``patches`` (erase patch files, applied in order with one scale each from ``scales``, default 1.0) are applied to
     the pipeline or GAN generator in memory only, so the images show what the patched model draws without writing a
@@ -185,18 +245,21 @@ def generate_to_folder(
     """
 
     import pipelines
+    from erase.fsutil import check_output_folder, write_folder
     from erase.patch import load_patch
-    from eval.report import save_grid, save_png
+    from eval.report import save_grid, save_png, write_json
     from pipelines.apply import stack_patches
     from pipelines.sampling import generate_images, sample_gan
 
     out = Path(out)
+    check_output_folder(out, overwrite, label="--out", may_replace=check_generated_folder, create_parents=True)
+    patch_files = [str(p) for p in patches or []]
     patches = [load_patch(p, verify=verify) for p in patches or []]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(
-            f"cannot create the output folder {out} ({err.strerror}): pass a writable folder with --out"
+            f"cannot create the output folder {out.parent} ({err.strerror}): pass a writable folder with --out"
         ) from None
     if gan is not None:
         generator = pipelines.load_gan(gan)
@@ -214,12 +277,18 @@ def generate_to_folder(
             progress=True,
             **_size_kwargs(pipe),
         )
-    written = []
-    for k, image in enumerate(images):
-        path = out / f"{seed + k:06d}.png"
-        written.append(save_png(image, path))
-    written.append(save_grid(images, out / "grid.png", cols=min(8, n), scale=max(1, 128 // images.shape[1])))
-    return written
+    names = [f"{seed + k:06d}.png" for k in range(n)] + ["grid.png"]
+
+    def write(folder: Path) -> None:
+        for name, image in zip(names, images):
+            save_png(image, folder / name)
+        save_grid(images, folder / "grid.png", cols=min(8, n), scale=max(1, 128 // images.shape[1]))
+        settings = {"model": model, "gan": gan, "prompt": prompt, "n": n, "seed": seed, "steps": steps}
+        settings |= {"guidance": guidance, "patches": patch_files, "scales": list(scales or [])}
+        write_json(folder / GENERATE_MARKER, {"written_by": "erase generate", "settings": settings, "files": names})
+
+    write_folder(out, write, overwrite=overwrite, may_replace=check_generated_folder, label="--out")
+    return [out / name for name in names]
 
 
 def _size_kwargs(pipe) -> dict:

@@ -26,6 +26,7 @@ _INT_RANGES = {
     "height": (8, 8192),
     "width": (8, 8192),
     "latents": (1, 1_000_000),  # fixed latents of a --gan evaluation
+    "latent_seed": (0, 2**64 - 1),  # the range of every --seed (erase.config_args.SEED_MAX); torch wraps -1 silently
 }
 _OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width", "batch_size"}
 DEFAULT_MODEL = "shapes"  # --model when neither --model nor --gan is given

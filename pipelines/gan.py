@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from erase.config_args import seed_for_torch
+
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth")
 NVLABS_MODULES = ("dnnlib", "torch_utils")
 
@@ -85,7 +87,7 @@ class GanGenerator:
     # ------------------------------------------------------------------------------------------------ sampling
     def sample_latents(self, n: int, seed: int | torch.Generator = 0) -> torch.Tensor:
         """``n`` latents ``N(0, I)`` from a CPU generator (so a seed gives the same latents on any device)."""
-        gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+        gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed_for_torch(int(seed)))
         return torch.randn(n, self.z_dim, generator=gen)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from erase.config_args import seed_for_torch
+
 
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """NCHW images in ``value_range`` -> ``uint8 [N, H, W, 3]``."""
@@ -41,6 +43,11 @@ def generate_images(
         )
     if any(not p.strip() for p in prompts):
         raise ValueError("empty prompt: give each image a non-empty prompt")
+    for p in prompts:  # undecodable bytes on a command line arrive as lone surrogates, which tokenizers reject
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"prompt {p!r} is not valid UTF-8 text: pass the prompt in UTF-8") from None
     from pipelines.tokenizer import TOKENIZER_LOGGER, quiet_loggers, warn_if_truncated
 
     quiet = []  # our own warning says it better than diffusers' token dump and transformers' "indexing errors"
@@ -49,7 +56,7 @@ def generate_images(
         quiet = [type(pipe).__module__, TOKENIZER_LOGGER]
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
+        generators = [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds[i : i + batch_size]]
         with quiet_loggers(*quiet):
             out = pipe(
                 prompts[i : i + batch_size],
@@ -76,7 +83,7 @@ def sample_gan(
     """``n`` images from a generator ``G(z) -> NCHW`` with ``z ~ N(0, I)`` drawn from ``seed``: a module in [-1, 1],
     or a `pipelines.gan.GanGenerator` in its declared ``pixel_range``."""
     latent_dim = latent_dim or generator.z_dim
-    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed_for_torch(seed)))
     kwargs = {"truncation": truncation} if truncation != 1.0 else {}
     value_range = getattr(generator, "pixel_range", (-1.0, 1.0))
     return np.concatenate(

@@ -1157,3 +1157,404 @@ def test_real_patches_stay_far_below_the_magnitude_bounds(tmp_path):
         if kind == "lora":
             scalings = [patch.lora_scaling("unet", n[: -len(".weight")]) for n in patch.target_names("unet")]
             assert max(map(abs, scalings)) <= MAX_LORA_SCALING / 1000
+
+
+# Issue 18, section 5 (helper `inputs`): what --resume and --overwrite may replace, devices and FIFOs, generate and
+# world export --overwrite, SIGTERM, temporaries of killed runs, seeds, attack --cases / --out, bad inputs found by
+# trying every command as a new user would
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every path under ``roots`` (hidden ones and the roots included, links not followed): its type, mtime and, for
+    a regular file, the sha256 of its bytes. Reading nothing but regular files, so FIFOs and devices are safe."""
+    import stat as stat_module
+
+    out = {}
+    for root in roots:
+        for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            info = path.lstat()
+            kind = stat_module.S_IFMT(info.st_mode)
+            data = hashlib.sha256(path.read_bytes()).hexdigest() if stat_module.S_ISREG(info.st_mode) else None
+            # a folder's own mtime changes when a probe file is made and removed in it: its entries are compared
+            out[str(path)] = (kind, None if stat_module.S_ISDIR(info.st_mode) else info.st_mtime_ns, data)
+    return out
+
+
+@contextlib.contextmanager
+def unchanged(*roots: Path):
+    """Assert that nothing under ``roots`` changes: no file written, replaced, touched, removed or left behind."""
+    before = snapshot(*roots)
+    yield
+    assert snapshot(*roots) == before
+
+
+def one_line_refusal(capsys, argv: list, *fragments: str, code: int = 2) -> str:
+    """`refused`, with every path stringified."""
+    return refused(capsys, [str(a) for a in argv], *fragments, code=code)
+
+
+def test_resume_replaces_an_erase_patch_only_never_a_users_other_file(world, tmp_path, capsys):
+    keep = tmp_path / "keep_me.txt"
+    keep.write_text("my notes\n")
+    train = ["train", "--method", "uce", "--concept", "red", "--resume", "--quiet", "--out"]
+    with unchanged(world.root, tmp_path):
+        one_line_refusal(
+            capsys, [*train, keep], f"--out {keep} exists and is not an erase patch", "pass --overwrite to replace it"
+        )
+    # a safetensors file that is not an erase patch (kohya LoRA, a model) is not ours either
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with unchanged(tmp_path):
+        one_line_refusal(capsys, [*train, tmp_path / "model.safetensors"], "is not an erase patch")
+    patch = tmp_path / "erase-red.safetensors"
+    patch.write_bytes(world.delta.read_bytes())  # an erase patch an earlier run wrote: --resume continues and replaces
+    assert main([*train, str(patch)]) == 0
+    assert load_patch(patch).method == "uce" and patch.read_bytes() != world.delta.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["erase-red.safetensors", "keep_me.txt", "model.safetensors"]
+
+
+def special_files(folder: Path) -> list[tuple[str, Path]]:
+    """A FIFO, a symbolic link to ``/dev/null`` and, as root, a character device made like ``/dev/null``."""
+    folder.mkdir()
+    made = [("a FIFO (named pipe)", folder / "fifo"), ("a device", folder / "null-link")]
+    os.mkfifo(made[0][1])
+    made[1][1].symlink_to("/dev/null")
+    if os.geteuid() == 0:
+        os.mknod(folder / "null-copy", 0o666 | 0o020000, os.makedev(1, 3))  # what `cp -a /dev/null` makes
+        made.append(("a device", folder / "null-copy"))
+    return made
+
+
+def test_overwrite_never_replaces_a_device_fifo_or_socket(world, tmp_path, capsys):
+    specials = special_files(tmp_path / "special")
+    for what, path in specials:
+        for argv in (
+            ["export", world.delta, "--to", "lora", "--rank", "2", "--out", path, "--overwrite"],
+            ["export", world.lora, "--to", "kohya", "--out", path],
+            ["train", "--method", "uce", "--concept", "red", "--out", path, "--overwrite"],
+            ["train", "--method", "uce", "--concept", "red", "--out", path, "--resume"],
+        ):
+            with unchanged(world.root, tmp_path):
+                one_line_refusal(capsys, argv, f"--out {path} is {what}, not a regular file", "never replaces one")
+        for argv in (
+            ["apply", "--model", world.model, "--patch", world.delta, "--out", path, "--overwrite"],
+            ["generate", "--gan", "shapes", "--n", "1", "--out", path, "--overwrite"],
+            ["world", "export", path, "--overwrite"],
+            ["eval", "--concept", "red", "--out", path],
+            ["attack", "--concept", "red", "--out", path],
+        ):
+            with unchanged(world.root, tmp_path):
+                one_line_refusal(capsys, argv, f"{path} is {what}, not a folder", "never replaces one")
+
+
+def test_a_fifo_made_while_the_data_is_written_is_not_replaced_either(tmp_path):
+    target = tmp_path / "out.bin"
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"data")
+        os.mkfifo(target)  # appears at the output path before the rename
+
+    with pytest.raises(OutputError, match="is a FIFO \\(named pipe\\), not a regular file"):
+        erase.fsutil.write_file(target, write, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"] and not target.is_file()
+
+
+def generate_argv(out: Path, *extra) -> list[str]:
+    return ["generate", "--gan", "shapes", "--n", "2", "--out", str(out), *map(str, extra)]
+
+
+def test_generate_refuses_a_folder_with_other_files_and_overwrite_replaces_only_its_own(tmp_path, capsys):
+    out = tmp_path / "images"
+    assert main(generate_argv(out)) == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert first == ["000000.png", "000001.png", "erase_generate.json", "grid.png"]
+    with unchanged(tmp_path):  # a second run without --overwrite would mix two runs' images
+        one_line_refusal(capsys, generate_argv(out, "--seed", "5"), f"--out {out} is not empty", "--overwrite")
+    assert main(generate_argv(out, "--seed", "5", "--overwrite")) == 0  # replaced as a whole: no image of run 1 left
+    assert sorted(p.name for p in out.iterdir()) == ["000005.png", "000006.png", "erase_generate.json", "grid.png"]
+    marker = json.loads((out / "erase_generate.json").read_text())
+    assert marker["settings"]["seed"] == 5 and marker["files"] == ["000005.png", "000006.png", "grid.png"]
+    (out / "my_notes.txt").write_text("mine\n")
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "000000.png").write_bytes(b"a photo, not erase's")
+    (tmp_path / "empty").mkdir()
+    with unchanged(tmp_path):
+        one_line_refusal(capsys, generate_argv(out, "--overwrite"), "holds files erase generate did not write")
+        one_line_refusal(capsys, generate_argv(mine, "--overwrite"), "not a folder written by erase generate")
+        one_line_refusal(capsys, generate_argv(mine), f"--out {mine} is not empty")
+    assert main(generate_argv(tmp_path / "empty")) == 0  # an empty folder is fine, as a new one is
+    assert main(generate_argv(tmp_path / "new" / "deeper")) == 0  # missing parents are made, as before
+
+
+def test_world_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    out = tmp_path / "shapes-sd"
+    assert main(["world", "export", str(out)]) == 0
+    with unchanged(tmp_path):
+        line = one_line_refusal(capsys, ["world", "export", out], f"{out} is not empty", "pass --overwrite")
+    assert "--overwrite" in line
+    (out / "unet" / "config.json").write_text("{}")  # replaced: the new export is whole again
+    assert main(["world", "export", str(out), "--overwrite"]) == 0
+    assert (out / "unet" / "config.json").read_text() != "{}"
+    # a user's diffusers folder, even one laid out exactly like an export, is never replaced
+    users = tmp_path / "my-sd"
+    subprocess.run(["cp", "-r", str(out), str(users)], check=True)
+    (users / "erase_export.json").unlink()
+    (out / "my_lora.safetensors").write_bytes(b"mine")
+    with unchanged(tmp_path):
+        one_line_refusal(
+            capsys, ["world", "export", users, "--overwrite"], "not a folder written by erase world export"
+        )
+        one_line_refusal(capsys, ["world", "export", out, "--overwrite"], "did not write (my_lora.safetensors)")
+
+
+def test_sigterm_is_handled_like_ctrl_c_exit_143_one_line_no_temporaries(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("metrics.json", "images.csv", "report.html"):
+        (out / name).write_text(f"an earlier finished evaluation: {name}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "erase", "eval", "--concept", "red", "--out", str(out)]  # ~2 min if not stopped
+    with unchanged(tmp_path):
+        run = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+        stderr = bytearray()
+        reader = threading.Thread(target=pump, args=(run.stderr.fileno(), stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 240
+        while b"base:" not in stderr and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # generation has started: the staging folder beside --out exists now
+        assert b"base:" in stderr, bytes(stderr).decode(errors="replace")
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(timeout=120)
+        reader.join(timeout=10)
+    text = bytes(stderr).decode(errors="replace")
+    assert code == 143 and "Traceback" not in text, text
+    assert text.replace("\r", "\n").strip().splitlines()[-1] == (
+        "erase: terminated (SIGTERM); no partial output was left, earlier outputs are unchanged"
+    )
+
+
+def test_sigterm_is_held_back_during_the_renames_that_go_together():
+    from erase.fsutil import Terminated, deferred_interrupt, sigterm_as_interrupt
+
+    done = []
+    with sigterm_as_interrupt(), pytest.raises(Terminated):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            done.append("renames finished")
+    assert done == ["renames finished"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from erase.fsutil import write_file, write_folder
+target = Path(sys.argv[2])
+def die(tmp):
+    (tmp / "unet.safetensors" if tmp.is_dir() else tmp).write_bytes(b"half written")
+    os.kill(os.getpid(), 9)
+(write_folder if sys.argv[1] == "folder" else write_file)(target, die)
+"""
+
+
+def killed_writer(kind: str, target: Path) -> None:
+    """Run a writer of ``target`` that is killed with SIGKILL halfway (its temporary file or folder stays)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITER, kind, str(target)], env=env, capture_output=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_run_writing_the_same_target(world, tmp_path, capsys):
+    lora, export = tmp_path / "l.safetensors", tmp_path / "shapes-sd"
+    killed_writer("file", lora)
+    killed_writer("folder", export)
+    killed_writer("file", tmp_path / "other.safetensors")  # another target's: left for its own next run
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 3 and all(".erase-" in n and n.endswith(".tmp") for n in left), left
+    # names that are not a dead erase process's on this machine are never removed
+    pid, host = os.getpid(), erase.fsutil._host()
+    target = erase.fsutil._hash8(lora.name)
+    kept = [
+        f".l.safetensors.erase-{target}-{host}-{pid}-abcd1234.tmp",  # a live process's (this one)
+        f".l.safetensors.erase-{target}-0badc0de-999999-abcd1234.tmp",  # another machine's
+        ".l.safetensors.tmp",  # another program's
+        "l.safetensors.erase-notes.txt",
+    ]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"not ours to remove")
+    assert main(["export", str(world.delta), "--to", "lora", "--rank", "2", "--out", str(lora)]) == 0
+    assert main(["world", "export", str(export)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([*kept, "l.safetensors", "shapes-sd", next(n for n in left if n.startswith(".other"))])
+
+
+def test_a_previous_output_set_aside_by_a_killed_run_is_removed_only_once_replaced(tmp_path, caplog):
+    from erase.fsutil import remove_stale_temporaries
+
+    target = tmp_path / "shapes-sd"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    prefix = f".shapes-sd.erase-{erase.fsutil._hash8('shapes-sd')}-{erase.fsutil._host()}-{dead.stdout.strip()}-"
+    aside = tmp_path / (prefix + "x1y2z3.old")
+    aside.mkdir()
+    (aside / "model_index.json").write_text("{} the only copy of the previous output\n")
+    with unchanged(tmp_path):  # killed between the two renames: the previous output is all there is, kept
+        assert remove_stale_temporaries(target) == []
+    assert "holds the previous" in caplog.text and "rename it back" in caplog.text
+    target.mkdir()  # the replacement had finished: the set-aside copy is the one being deleted
+    assert remove_stale_temporaries(target) == [aside] and not aside.exists()
+
+
+SEED_CASES = [
+    (["train", "--method", "esd", "--concept", "red", "--seed", "-1"], "--seed must be an integer from 0 to"),
+    (["train", "--method", "uce", "--concept", "red", "--seed", str(2**64)], "--seed must be an integer from 0 to"),
+    (["train", "--method", "salun", "--concept", "red", "--seed", "-7"], "got -7"),
+    (["train", "--method", "doco", "--concept", "red", "--seed", "-1"], "--seed must be an integer from 0 to"),
+    (["train", "--method", "text2unlearn", "--concept", "red", "--seed", "-1"], "--seed must be an integer"),
+    (["attack", "--concept", "red", "--seed", "-1"], "--seed must be an integer from 0 to"),
+    (["attack", "--concept", "red", "--seed", str(2**65)], "--seed must be an integer from 0 to"),
+    (["eval", "--concept", "red", "--gan", "shapes", "--latent-seed", "-1"], "--latent-seed must be an integer"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", SEED_CASES)
+def test_every_seed_flag_has_generates_range(tmp_path, capsys, argv, expected):
+    with unchanged(tmp_path):
+        line = one_line_refusal(capsys, [*argv, "--out", tmp_path / "out"], expected)
+    assert str(2**64 - 1) in line
+
+
+def test_seeds_from_a_config_file_or_the_python_api_have_the_same_range(tmp_path, capsys):
+    from erase.methods.esd import ESDConfig
+    from eval.attacks.config import AttackConfig
+
+    config = tmp_path / "c.json"
+    config.write_text('{"seed": -1}')
+    with unchanged(tmp_path):
+        one_line_refusal(
+            capsys, ["train", "--method", "esd", "--concept", "red", "--config", config, "--out", tmp_path / "p"], "-1"
+        )
+    for make in (lambda: ESDConfig(concepts=["red"], seed=-1), lambda: AttackConfig(seed=-1)):
+        with pytest.raises(ValueError, match="--seed must be an integer from 0 to 18446744073709551615, got -1"):
+            make()
+    with pytest.raises(ValueError, match="--latent-seed must be an integer"):
+        EvalConfig(concept="red", latent_seed=2**64)
+
+
+def test_the_largest_seed_works_where_seeds_are_derived_from_it(pipe):
+    big = 2**64 - 1  # seeds derived as seed * 7919 + i went past torch's range ("Overflow when unpacking long long")
+    derived = big * 7919 + 3
+    folded = generate_images(pipe, "a photo", [derived % 2**64], steps=2, height=32, width=32)
+    assert (generate_images(pipe, "a photo", [derived], steps=2, height=32, width=32) == folded).all()
+
+
+def test_attack_out_is_checked_before_anything_loads(world, tmp_path, capsys, monkeypatch):
+    import eval.clip
+
+    monkeypatch.setattr(eval.clip, "load_judge", lambda *a, **k: pytest.fail("the judge loaded before --out"))
+    a_file = tmp_path / "attack-results"
+    a_file.write_text("mine\n")
+    with unchanged(tmp_path):
+        one_line_refusal(
+            capsys, ["attack", "--concept", "red", "--out", a_file], f"--out {a_file} is a file, not a folder"
+        )
+        one_line_refusal(capsys, ["attack", "--concept", "red", "--out", a_file / "sub"], "is a file, not a folder")
+        one_line_refusal(capsys, ["attack", "--concept", "red", "--out", "/proc/erase-x"], "does not accept new")
+
+
+def test_attack_cases_above_the_set_are_recorded_as_run_and_said(tmp_path, capsys):
+    out = tmp_path / "attack"
+    argv = ["attack", "--concept", "red", "--attacks", "completion", "--cases", "1000000", "--steps", "2"]
+    assert main([*argv, "--seeds-per-prompt", "1", "--quiet", "--out", str(out)]) == 0
+    settings = json.loads((out / "attack.json").read_text())["settings"]
+    ran = len(json.loads((out / "attack.json").read_text())["cases"])
+    assert settings["cases"] == ran < 1000000 and settings["cases_requested"] == 1000000
+    err = capsys.readouterr().err
+    assert f"erase: warning: --cases 1000000: the prompt set has {ran} target cases for 'red'; running all" in err
+
+
+BAD_INPUTS = [  # found by trying every command as a new user would; each was a traceback, an errno or misleading
+    (["train", "--method", "esd", "--concept", "red", "--threads", "100000"], "threads must be at most 256"),
+    (["train", "--method", "esd", "--concept", "red", "--batch-size", "100000"], "batch_size must be at most 4096"),
+    (["train", "--method", "esd", "--concept", "red", "--kind", "lora", "--rank", "1000000"], "rank must be at most"),
+    (["train", "--method", "esd", "--concept", "red", "--model", ""], "--model is empty; pass a value or leave"),
+    (["train", "--method", "esd", "--concept", "red", "--prompts", ""], "--prompts is empty; pass a value or leave"),
+    (["train", "--method", "esd", "--concept", "red", "--config", "{folder}"], "--config {folder}: is a folder"),
+    (
+        ["train", "--method", "esd", "--concept", "red", "--checkpoint-dir", "{keep}", "--checkpoint-every", "1"],
+        "--checkpoint-dir {keep} is a file, not a folder",
+    ),
+    (
+        ["train", "--method", "esd", "--concept", "red", "--config", "{cfg}", "--OUT={cfg}", "--overwrite"],
+        "from --config",
+    ),
+    (
+        ["train", "--method", "uce", "--concept", "red", "--model", "{delta}", "--OUT={delta}", "--overwrite"],
+        "from --model",
+    ),
+    (["export", "{delta}", "--to", "lora", "--rank", "2", "--OUT="], "--out: empty path; pass a file name"),
+    (
+        ["train", "--method", "esd", "--concept", "red", "--checkpoint-dir", "{p}", "--OUT={p}"],
+        "--checkpoint-dir must differ from --out",
+    ),
+    (["generate", "--model", "shapes", "--prompt", "a \udcff circle", "--n", "1"], "is not valid UTF-8 text"),
+    (["world", "train", "--only", "guide", "--steps", "1", "--OUT={keep}"], "--out {keep} is a file, not a folder"),
+    (["demo", "--concept", "zebra"], "no shipped prompt set knows the concept 'zebra'"),
+    (["demo", "--concept", " "], "empty concept: pass the concept to erase"),
+    (["demo", "--method", "esd", "--method", "bogus"], "unknown method 'bogus'"),
+    (["attack", "--concept", "red", "--prompts", ""], "--prompts is empty; pass a value or leave --prompts out"),
+    (["attack", "--concept", "red", "--patch", ""], "--patch is empty; pass a value or leave --patch out"),
+    (["attack", "--concept", "red", "--model", ""], "--model is empty"),
+    (["attack", "--concept", "red", "--judge", ""], "--judge is empty"),
+    (["attack", "--concept", "red", "--steps", "100000"], "--steps must be from 1 to 1000, got 100000"),
+    (["attack", "--concept", "red", "--guidance", "1e9"], "--guidance must be from 0 to 100"),
+    (["attack", "--concept", "red", "--height", "7"], "--height must be from 8 to 8192, got 7"),
+    (["attack", "--concept", "red", "--batch-size", "1000000000"], "--batch-size must be from 1 to 4096"),
+    (["attack", "--concept", "red", "--attacks", "completion", "--steps", "1"], "leaves no denoising step"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD_INPUTS)
+def test_bad_inputs_found_by_trying_every_command(world, tmp_path, capsys, argv, expected):
+    paths = {"folder": tmp_path / "folder", "keep": tmp_path / "keep.txt", "cfg": tmp_path / "cfg.json"}
+    paths["folder"].mkdir()
+    paths["keep"].write_text("mine\n")
+    paths["cfg"].write_text('{"steps": 1}\n')
+    paths["delta"], paths["p"] = world.delta, tmp_path / "p.safetensors"
+    argv = [a.format(**paths) for a in argv]
+    if not any(a.startswith("--OUT=") for a in argv):
+        argv += ["--out", str(tmp_path / ("out.safetensors" if argv[0] in ("train", "export") else "out"))]
+    argv = [a.replace("--OUT=", "--out=") for a in argv]
+    with unchanged(world.root, tmp_path):
+        one_line_refusal(capsys, argv, expected.format(**paths))
+
+
+def test_a_failed_attack_rerun_keeps_the_earlier_results_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "attack"
+    small = ["attack", "--concept", "red", "--attacks", "completion", "--cases", "2", "--steps", "2", "--quiet"]
+    assert main([*small, "--out", str(out)]) == 0
+    (out / "my_notes.txt").write_text("mine\n")
+    with unchanged(tmp_path):  # the pipeline refuses height 12 only when generating, after the outputs were cleared
+        one_line_refusal(capsys, [*small, "--height", "12", "--out", out], "have to be divisible by 8")
+    with unchanged(tmp_path):
+        one_line_refusal(capsys, [*small, "--height", "12", "--out", tmp_path / "new"], "divisible by 8")
+    assert main([*small, "--seed", "1", "--out", str(out)]) == 0  # a finished rerun replaces the run, not my notes
+    assert json.loads((out / "attack.json").read_text())["settings"]["seed"] == 1
+    assert (out / "my_notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attack"]
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"\xff"])
+def test_output_functions_refuse_a_value_that_is_no_path_in_one_line(tmp_path, bad):
+    from erase.fsutil import check_output_file, check_output_folder, write_folder
+    from erase.world import export_world
+
+    for call in (
+        lambda: check_output_file(bad, overwrite=False, label="--out"),
+        lambda: check_output_folder(bad, overwrite=False, label="--out"),
+        lambda: write_bytes(bad, b"x", label="--out"),
+        lambda: write_folder(bad, lambda tmp: None, label="--out"),
+        lambda: export_world(bad),
+    ):
+        with unchanged(tmp_path), pytest.raises(OutputError, match=r"expected a file or folder path, got"):
+            call()

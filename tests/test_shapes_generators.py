@@ -163,10 +163,16 @@ def test_generate_cli_writes_pngs_and_a_grid(tmp_path):
         "000007.png",
         "000008.png",
         "000009.png",
+        "erase_generate.json",  # settings and file list: what lets --overwrite replace this folder and no other
         "grid.png",
     ]
     assert main(["generate", "--gan", "shapes", "--n", "2", "--out", str(tmp_path / "gan")]) == 0
-    assert sorted(p.name for p in (tmp_path / "gan").iterdir()) == ["000000.png", "000001.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "gan").iterdir()) == [
+        "000000.png",
+        "000001.png",
+        "erase_generate.json",
+        "grid.png",
+    ]
 
 
 def test_world_export_loads_in_plain_diffusers_without_this_package(tmp_path):

@@ -10,6 +10,8 @@ import argparse
 import math
 import sys
 
+from erase.config_args import SEED_MAX  # noqa: F401  (re-exported; torch.Generator takes 0 .. 2**64 - 1)
+
 
 class CliError(Exception):
     """A user error on the command line; printed as one line."""
@@ -22,7 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
 # Value checks for flags (argparse ``type=``): a bad value is refused while parsing, before anything loads, in one
 # line naming the flag and the valid range. A CliError raised here leaves argparse as is and reaches `main`.
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 MAX_IMAGES = 1000  # images per `erase generate` run: 1000 SDXL images (and their grid) still fit in memory
 
 

@@ -35,7 +35,12 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         default=5.0,
         help="classifier-free guidance scale, 0 to 100 (default: 5)",
     )
-    generate.add_argument("--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png")
+    generate.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png (new or empty)"
+    )
+    generate.add_argument(
+        "--overwrite", action="store_true", help="replace a folder an earlier erase generate wrote at --out"
+    )
     generate.add_argument(
         "--patch", action="append", metavar="P", help="apply this erase patch in memory first (repeatable, in order)"
     )
@@ -65,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"give one --scale per --patch ({len(patches)} patches, {len(scales)} scales)")
     from erase.fsutil import check_output_folder
 
-    check_output_folder(args.out, overwrite=True, label="--out", create_parents=True)  # before the model loads
     status(f"erase generate: loading torch and the {'GAN' if args.gan is not None else 'model'} ...")
-    from erase.world import generate_to_folder
+    from erase.world import check_generated_folder, generate_to_folder
+
+    # before the model loads; --overwrite replaces only a folder erase generate wrote (decided again when writing)
+    check_output_folder(
+        args.out, args.overwrite, label="--out", may_replace=check_generated_folder, create_parents=True
+    )
 
     written = generate_to_folder(
         args.out,
@@ -82,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         scales=scales,
         force=args.force,
         verify=not args.skip_hash_check,
+        overwrite=args.overwrite,
     )
     applied = f" with {', '.join(f'{p} x{s:g}' for p, s in zip(patches, scales))}" if patches else ""
     print(f"wrote {len(written) - 1} images and {written[-1]}{applied}")

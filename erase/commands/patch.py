@@ -175,7 +175,7 @@ def _export(args: argparse.Namespace) -> int:
     from erase.lora_export import delta_to_lora, lora_to_kohya
     from erase.patch import load_patch, require_trusted, save_patch
 
-    check_output_file(out, args.overwrite, label="--out")
+    check_output_file(args.out, args.overwrite, label="--out")  # the text: Path("") would be "."
     patch = load_patch(args.patch, verify=not args.skip_hash_check)
     require_trusted(patch, args.trust_unverified, flag="--trust-unverified")  # no fresh hashes for unverified data
     if patch.kind == "lora":

@@ -71,17 +71,24 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")
     from erase.config_args import config_from_args
-    from erase.fsutil import check_output_file
+    from erase.fsutil import check_differs, check_output_file, check_output_folder, only_erase_patches
     from erase.registry import get_method
 
     out = Path(args.out).expanduser()
-    check_output_file(out, args.overwrite or args.resume, label="--out")
+    # --resume may replace the patch an earlier run wrote; any other file only with --overwrite
+    replace = args.overwrite or args.resume
+    check_output_file(out, replace, label="--out", may_replace=None if args.overwrite else only_erase_patches("--out"))
     cls = get_method(args.method).CONFIG
     config = config_from_args(cls, args, args.config)
     if args.concepts_file:
         config.concepts = list(dict.fromkeys([*config.concepts, *_read_concepts(args.concepts_file)]))
         config.__post_init__()
+    inputs = {"--model": getattr(config, "model", None), "--prompts": getattr(config, "prompts", None)}
+    check_differs(out, {**inputs, "--config": args.config, "--concepts": args.concepts_file})  # inputs stay inputs
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else Path(f"{out}.checkpoints")
+    check_differs(checkpoint_dir, {"--out": out}, label="--checkpoint-dir")
+    # a file there would be an errno after training started; checkpoints in it are replaced as training goes
+    check_output_folder(checkpoint_dir, overwrite=True, label="--checkpoint-dir", create_parents=True)
     from erase.training.run import train_patch
 
     patch = train_patch(
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoint_dir,
         resume=args.resume,
         progress=not args.quiet,
-        overwrite=args.overwrite or args.resume,
+        overwrite=args.overwrite or (args.resume and out.exists()),  # no file at --out before: none may appear
     )
     seconds = patch.notes.get("wall_seconds")
     print(f"wrote {out} ({args.method}, {patch.kind}, {', '.join(patch.concepts)}; {seconds} s)")

@@ -47,6 +47,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     export_world = world_commands.add_parser("export", help="write the Shapes pipeline as a standard diffusers folder")
     export_world.add_argument("out", metavar="DIR", help="a new (or empty) folder")
+    export_world.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from erase.world import export_world  # argparse requires "train" or "export"
 
-    print(f"wrote {export_world(args.out)}")
+    print(f"wrote {export_world(args.out, overwrite=args.overwrite)}")
     return 0

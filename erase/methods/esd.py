@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from erase.config_args import seed_for_torch
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.config import TrainConfig
@@ -176,7 +177,7 @@ class _Sampler:
         if n == 0:
             return None
         chosen = [prompts[j % len(prompts)] for j in range(n)]  # every prompt, in turn
-        gens = [torch.Generator().manual_seed(s) for s in training_seeds(seed, n)]
+        gens = [torch.Generator().manual_seed(seed_for_torch(s)) for s in training_seeds(seed, n)]
         cond = self.encode(chosen)
         latents, timesteps = sample_trajectories(
             self.sampler,
@@ -210,6 +211,6 @@ class _Sampler:
             stop,
             steps,
             self.config.guidance,
-            [torch.Generator().manual_seed(s) for s in seeds],
+            [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds],
         )
         return picked, x_t, t

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from erase.config_args import seed_for_torch
 from erase.grad import mask_share, saliency_mask
 from erase.patch import Patch
 from erase.targets import resolve
@@ -162,7 +163,7 @@ def compute_saliency(
     accumulated raw over the batches, as the official ``generate_mask.py`` does, and cleared afterwards."""
     for p in params.values():
         p.grad = None
-    gen = torch.Generator().manual_seed(config.seed + 1)
+    gen = torch.Generator().manual_seed(seed_for_torch(config.seed + 1))
     n, b = len(forget), config.batch_size
     for start in tqdm(range(0, n, b), desc="salun: saliency", disable=not progress, leave=False):
         x0 = forget.latents[start : start + b]

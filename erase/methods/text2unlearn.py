@@ -62,6 +62,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from erase.config_args import seed_for_torch
 from erase.patch import Patch
 from erase.targets import Target
 from erase.training.config import TrainConfig
@@ -263,7 +264,7 @@ def _mapping_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def _pool(generator, guide: GuideClip, classes: torch.Tensor, config, batch: int = 256):
     """Latents, frozen images, their guide embeddings and the guide's class probabilities, computed once."""
-    gen = torch.Generator().manual_seed(LATENT_SEED_OFFSET + config.seed)
+    gen = torch.Generator().manual_seed(seed_for_torch(LATENT_SEED_OFFSET + config.seed))
     z = generator.sample_latents(config.pool, gen)
     images, embeddings = [], []
     with torch.no_grad():

@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+# Upper bounds that refuse a typo before anything loads (a thread count of 100000 crashes torch outright).
+MAX_THREADS = 256
+MAX_BATCH = 4096
+MAX_RANK = 4096
+
 PatchKind = Literal["lora", "delta", "sparse"]
 StorageDtype = Literal["fp32", "fp16", "bf16", "int8"]
 
@@ -35,6 +40,13 @@ class MethodConfig:
             if value is not None and value < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
+    def check_at_most(self, maximum: int, *names: str) -> None:
+        """One-line ``ValueError`` unless each named field is ``None`` or at most ``maximum``."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value > maximum:
+                raise ValueError(f"{name} must be at most {maximum}, got {value}")
+
     def check_finite_nonnegative(self, *names: str) -> None:
         """One-line ``ValueError`` unless each named field is ``None`` or a finite number >= 0."""
         for name in names:
@@ -43,7 +55,15 @@ class MethodConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     def __post_init__(self):
+        from erase.config_args import check_seed
+
+        check_seed("seed", self.seed)  # the same range as every --seed (torch wraps -1 silently)
         self.check_at_least(1, "threads")
+        self.check_at_most(MAX_THREADS, "threads")  # torch crashes (segfault) on absurd thread counts
+        for name in ("model", "prompts"):  # "" would be taken as a path ("." or "no such folder")
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"--{name} is empty; pass a value or leave --{name} out")
         if self.kind not in self.KINDS:
             raise ValueError(f"kind must be {' or '.join(self.KINDS)} (what this method writes), got {self.kind!r}")
         if self.dtype == "int8" and self.kind != "sparse":
@@ -72,6 +92,8 @@ class TrainConfig(MethodConfig):
         if self.steps is None and self.STEPS_PER_CONCEPT:
             self.steps = self.STEPS_PER_CONCEPT * max(1, len(self.concepts))
         self.check_at_least(1, "steps", "batch_size", "rank")
+        self.check_at_most(MAX_BATCH, "batch_size")  # a typo, not a batch any machine holds
+        self.check_at_most(MAX_RANK, "rank")  # above the widest layer of any supported model: only memory spent
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (off) or more, got {self.checkpoint_every}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from erase.config_args import seed_for_torch
 from pipelines.denoise import PromptEncoder, sample_latents, sampling_pipeline
 from prompts.training import ConceptPrompts, shared_retain, training_seeds
 
@@ -122,6 +123,6 @@ def generate_latents(
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         part = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
+        generators = [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds[start : start + batch_size]]
         chunks.append(sample_latents(sampler, encoder(part), encoder([""] * len(part)), steps, guidance, generators))
     return LatentSet(torch.cat(chunks), list(prompts))

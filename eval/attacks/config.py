@@ -10,6 +10,15 @@ from typing import Literal
 
 from eval.attacks import ATTACKS
 
+_RANGES = {
+    "steps": (1, 1000),  # diffusers schedulers refuse more steps than their 1000 training timesteps
+    "batch_size": (1, 4096),
+    "seeds_per_prompt": (1, 1000),
+    "height": (8, 8192),
+    "width": (8, 8192),
+    "guidance": (0, 100),  # beyond ~100 images saturate to black or white
+}
+
 
 @dataclass
 class AttackConfig:
@@ -77,10 +86,19 @@ class AttackConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow pickled model or judge files"})
 
     def __post_init__(self):
-        for name in ("seeds_per_prompt", "height", "width", "batch_size"):
+        from erase.config_args import check_seed
+
+        check_seed("seed", self.seed)  # the same range as every --seed (torch wraps -1 silently)
+        for name in ("model", "patch", "prompts", "judge", "judge_arch"):  # "" would silently mean "the default"
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            if value is not None and not value.strip():
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} is empty; pass a value or leave {flag} out")
+        # the ranges `erase eval` has for the same settings (a typo is refused before anything loads)
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be from {low:g} to {high:g}, got {value:g}")
         for name in (
             "cases", "steps", "prefix_tokens", "prefix_steps", "prefix_checks", "prefix_timesteps",
             "train_images", "ti_steps", "ti_batch_size", "relearn_steps", "relearn_batch_size", "relearn_every",
@@ -102,6 +120,11 @@ class AttackConfig:
             raise ValueError(
                 f"unknown attack(s) {', '.join(unknown) or '(none given)'}: use a comma-separated list of "
                 f"{', '.join(ATTACKS)}"
+            )
+        if "completion" in self.attack_names and int(self.steps * self.completion_strength) < 1:
+            raise ValueError(
+                f"completion: --steps {self.steps} at --completion-strength {self.completion_strength:g} leaves no "
+                "denoising step to complete the image with: raise --steps or --completion-strength"
             )
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to attack, e.g. --concept red")

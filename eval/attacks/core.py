@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from erase.config_args import seed_for_torch
 from eval.attacks.config import AttackConfig
 from pipelines.denoise import (
     Conditioning,
@@ -286,7 +287,7 @@ class AttackSession:
                     prompts[i : i + bs],
                     num_inference_steps=self.config.steps,
                     guidance_scale=self.config.guidance,
-                    generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + bs]],
+                    generator=[torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds[i : i + bs]],
                     output_type="latent",
                     **self.size,
                 )
@@ -320,7 +321,9 @@ class AttackSession:
         h = self.size.get("height", self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
         w = self.size.get("width", self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
         shape = (1, channels, h // self.pipe.vae_scale_factor, w // self.pipe.vae_scale_factor)
-        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return torch.cat(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed_for_torch(s))) for s in seeds]
+        )
 
     # ------------------------------------------------------------------------------------------------ prompts
     @torch.no_grad()
@@ -397,7 +400,9 @@ class AttackSession:
     def generator(self, salt: int, case_seed: int = 0, round_: int = 0) -> torch.Generator:
         """A CPU generator seeded from the run's seed, a per-attack salt and optionally a case's seed and a round of
         the attack: every attack is reproducible alone, and a case's draws do not depend on the batch it is in."""
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt + 7919 * case_seed + 104729 * round_)
+        return torch.Generator().manual_seed(
+            seed_for_torch(self.config.seed * 1_000_003 + salt + 7919 * case_seed + 104729 * round_)
+        )
 
     def steps(self, n: int, desc: str):
         """``range(1, n + 1)`` with a progress bar when the run shows progress."""

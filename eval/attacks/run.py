@@ -10,6 +10,7 @@ restored).
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,12 +40,21 @@ def _judge(config: AttackConfig, profile):
     return judge
 
 
-def _clear_previous(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is not a folder: pass a new or existing folder")
-    for path in [*(out / name for name in OUTPUT_FILES), *out.glob("grid_*.png")]:
-        path.unlink(missing_ok=True)
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished attack run from ``staging`` into ``out``, replacing an earlier run's files (its grids too) but
+    no other file. Ctrl-C and SIGTERM are held back for these few renames; the old ``attack.json`` goes first and the
+    new one comes last, so ``out`` never shows a finished run whose files are not all of one run."""
+    from erase.fsutil import deferred_interrupt
+
+    out.mkdir(exist_ok=True)
+    with deferred_interrupt():
+        (out / "attack.json").unlink(missing_ok=True)
+        new = {p.name for p in staging.iterdir()}
+        for old in [*out.glob("grid_*.png"), *(out / name for name in OUTPUT_FILES)]:
+            if old.name not in new:
+                old.unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "attack.json"):
+            path.replace(out / path.name)
 
 
 def _result_json(result: AttackResult, n_cases: int) -> dict:
@@ -83,7 +93,10 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
     from prompts.sets import load_prompt_set
 
     started = time.perf_counter()
-    out = Path(out)
+    from erase.fsutil import check_output_folder
+
+    # a file, an unwritable folder or /proc at --out: one line now, not an errno after the model loaded
+    out = check_output_folder(out, overwrite=True, label="--out", create_parents=True)
     config = replace(config)  # the defaults are resolved into a copy: the caller's config stays as given
     profile = model_profile(pipe) if pipe is not None else peek_profile(config.model)
     config.resolve(profile)
@@ -101,7 +114,12 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         remove_patch(apply_patch(pipe, patch, config.patch_scale, force=config.force))  # refuse a wrong base now
     pixels = pixel_check(profile.world, prompt_set.task)
     session = AttackSession(config, pipe, patch, prompt_set, judge, pixels, progress)
-    _clear_previous(out)
+    ran = len(session.cases)
+    if ran < config.cases:  # attack.json records the cases that ran, and this says so now
+        logging.getLogger("erase").warning(
+            f"--cases {config.cases}: the prompt set has {ran} target cases for {prompt_set.concept!r}; running all "
+            f"{ran} (attack.json records cases {ran})"
+        )
     results: list[AttackResult] = []
     images: dict[str, dict[str, np.ndarray]] = {}
     from tqdm.auto import tqdm
@@ -139,6 +157,8 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         "settings": {
             **asdict(config),
             "model_profile": profile.describe(),
+            "cases": n,  # what ran: at most the set's target cases
+            **({"cases_requested": config.cases} if config.cases != n else {}),
             "patch_info": patch_info(config.patch, patch),
             "prompt_set": prompt_set.describe(),
             "torch_threads": torch.get_num_threads(),
@@ -152,10 +172,20 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
         "attacks": {r.name: _result_json(r, n) for r in results},
         "timing": {"setup_s": round(setup_s, 2)},
     }
+    from erase.fsutil import output_error, remove_tree, temp_folder
     from eval.attacks.report import write_attack_report
     from eval.report import write_json
 
-    write_attack_report(out, summary, {"base": session.base_images, "plain": plain_images, **images})
-    summary["timing"]["total_s"] = round(time.perf_counter() - started, 2)
-    write_json(out / "attack.json", summary)  # last: a folder with attack.json is a finished run
+    # written beside --out, then moved in: a failed or interrupted run leaves the earlier run's files as they were
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_folder(out, label="--out")
+    try:
+        write_attack_report(staging, summary, {"base": session.base_images, "plain": plain_images, **images})
+        summary["timing"]["total_s"] = round(time.perf_counter() - started, 2)
+        write_json(staging / "attack.json", summary)  # last: a folder with attack.json is a finished run
+        _publish(staging, out)
+    except OSError as err:  # name --out, not the hidden staging folder the error happened in
+        raise output_error(err, out, "--out", reword=True) or err from None
+    finally:
+        remove_tree(staging)
     return summary
