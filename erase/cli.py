@@ -74,6 +74,19 @@ def _integer(flag: str, low: int, high: int | None = None):
     return parse
 
 
+def _rank(text: str) -> int | str:
+    """``--rank``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise CliError(f"--rank must be an integer of at least 1 or 'auto', got {text!r}") from None
+    if value < 1:
+        raise CliError(f"--rank must be an integer of at least 1 or 'auto', got {value}")
+    return value
+
+
 def _build_parser(train_method: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="erase", description="Remove concepts from image generators.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -270,11 +283,33 @@ def _add_patch_commands(commands: argparse._SubParsersAction) -> None:
     )
     apply.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
 
-    export = commands.add_parser("export", help="convert a patch to a diffusers/PEFT LoRA or a kohya/A1111 LoRA file")
+    export = commands.add_parser(
+        "export", help="convert a patch to a LoRA file every client loads (diffusers, ComfyUI, A1111, InvokeAI, kohya)"
+    )
     export.add_argument("patch", metavar="PATCH", help="an erase patch (.safetensors)")
-    export.add_argument("--to", required=True, choices=["lora", "kohya"], help="output format")
     export.add_argument(
-        "--rank", type=_integer("--rank", 1), metavar="R", help="LoRA rank for a delta or sparse patch (truncated SVD)"
+        "--to",
+        required=True,
+        choices=["lora", "kohya", "peft"],
+        help="lora (= kohya): kohya keys, read by diffusers, ComfyUI, A1111, InvokeAI and sd-scripts; peft: PEFT keys "
+        "for diffusers/PEFT only (scale folded into lora_B, lora_alpha = r, exact in diffusers < 0.34 too)",
+    )
+    export.add_argument(
+        "--rank",
+        type=_rank,
+        metavar="R",
+        help="LoRA rank for a delta or sparse patch (truncated SVD), or 'auto': per module the smallest rank within "
+        "--max-error",
+    )
+    export.add_argument(
+        "--max-error",
+        type=_number("--max-error", 0.0, 1.0),
+        default=None,
+        metavar="E",
+        help="largest relative error (||delta - LoRA|| / ||delta||) an SVD export may have (default 0.01)",
+    )
+    export.add_argument(
+        "--allow-lossy", action="store_true", help="write an SVD export even when its error is above --max-error"
     )
     export.add_argument("--out", required=True, metavar="FILE", help="output file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -423,12 +458,18 @@ def patch_summary(patch: Patch, path: Path) -> dict[str, Any]:
             "elements": sum(t.numel() for t in stored),
             "weights": len(patch.target_names(component)),
         }
+    extra = {}
+    if patch.kind == "lora":
+        from erase.lora_format import file_layout
+
+        extra["lora_file"] = file_layout(path)
     return {
         "file": str(path),
         "file_size": path.stat().st_size,
         **summary,
         "n_tensors": len(patch.tensors),
         "components": components,
+        **extra,
     }
 
 
@@ -461,6 +502,9 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         lora = summary["lora_config"]
         ranks = "; ".join(f"{c} r={lora[c]['r']} lora_alpha={lora[c]['lora_alpha']}" for c in summary["targets"])
         lines.append(f"lora:            {ranks}")
+    if "lora_file" in summary:
+        layout = summary["lora_file"]
+        lines.append(f"lora file:       {layout['layout']} keys, for {layout['clients']}")
     if summary["config"]:
         lines.append(f"config:          {json.dumps(summary['config'], sort_keys=True)}")
     scalars = {k: v for k, v in summary["notes"].items() if isinstance(v, (str, int, float))}
@@ -519,7 +563,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from erase.fsutil import check_output_file
-    from erase.lora_export import delta_to_lora, lora_to_kohya
+    from erase.lora_export import DEFAULT_MAX_ERROR, check_export_error, delta_to_lora, lora_to_peft
     from erase.patch import load_patch, save_patch
 
     source, out = Path(args.patch), Path(args.out)
@@ -527,23 +571,34 @@ def _export(args: argparse.Namespace) -> int:
         raise CliError("--out must differ from PATCH; choose a new file")
     check_output_file(out, args.overwrite, label="--out")
     patch = load_patch(args.patch, verify=not args.skip_hash_check)
+    max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
     if patch.kind == "lora":
         if args.rank is not None:
             raise CliError("--rank applies to delta and sparse patches; this patch is already a LoRA, drop --rank")
-        if args.to == "lora":
-            raise CliError(f"{source} is already a lora patch (diffusers loads it as is); use --to kohya")
+        if args.max_error is not None or args.allow_lossy:
+            raise CliError("--max-error and --allow-lossy apply to SVD exports of delta patches; drop them")
     else:
         if args.rank is None:
-            raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank")
-        patch, error = delta_to_lora(patch, args.rank)
-        print(f"relative reconstruction error at rank {args.rank}: {error:.3e}")
+            raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank R or --rank auto")
+        patch, error = delta_to_lora(patch, args.rank, tolerance=max_error)
+        print(check_export_error(patch, error, max_error, args.allow_lossy))
+    layout = "peft" if args.to == "peft" else None
+    if args.to == "peft":
+        patch = lora_to_peft(patch)
+    elif not _kohya_ok(patch):
+        raise CliError(f"{patch.where}: a LoRA on {', '.join(patch.targets)} has no kohya form; use --to peft")
     # whether --out exists is decided again when the file is complete: of two runs, the second fails
-    if args.to == "lora":
-        save_patch(patch, out, overwrite=args.overwrite, label="--out")
-    else:
-        lora_to_kohya(patch, out, overwrite=args.overwrite, label="--out")
-    print(f"wrote {out} ({args.to})")
+    save_patch(patch, out, overwrite=args.overwrite, label="--out", lora_layout=layout)
+    from erase.lora_format import CLIENTS, KOHYA, PEFT
+
+    print(f"wrote {out} ({'peft' if layout else 'kohya'} keys; for {CLIENTS[PEFT if layout else KOHYA]})")
     return 0
+
+
+def _kohya_ok(patch: Patch) -> bool:
+    from erase.lora_format import kohya_applies
+
+    return kohya_applies(patch)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -4,9 +4,11 @@ A patch changes some weights of one or more *components* of a base model: ``unet
 ``text_encoder_2`` (diffusers pipelines) or ``generator`` (any ``torch.nn.Module``, for GANs; its ``state_dict``
 names are used). Tensor keys carry the component as a prefix (``unet.down_blocks.1....``). Three kinds:
 
-- ``lora``: keys exactly as diffusers/PEFT LoRA files (``unet.<module>.lora_A.weight``, ``.lora_B.weight``) and
-  the PEFT ``LoraConfig`` of every component under diffusers' ``lora_adapter_metadata`` header key, so that a
-  plain ``pipe.load_lora_weights(path)`` loads the file, with ``lora_alpha != r`` honoured.
+- ``lora``: in memory, PEFT keys (``unet.<module>.lora_A.weight``, ``.lora_B.weight``) and the PEFT ``LoraConfig``
+  of every component. On disk (format version 2) kohya/A1111 keys (``lora_unet_<module>.lora_down.weight``,
+  ``.lora_up.weight``, ``.alpha``) that diffusers, ComfyUI, AUTOMATIC1111, InvokeAI and sd-scripts all apply at
+  erase's strength, with the name map and LoraConfig in the header (`erase.lora_format`); GAN LoRAs, and files of
+  format version 1, hold the PEFT keys with the config under diffusers' ``lora_adapter_metadata`` key.
 - ``delta``: dense weight differences ``tuned - base`` of the changed tensors only, stored in fp32, fp16 or bf16.
 - ``sparse``: per changed tensor a bit-packed mask (``<name>.sparse_mask``, uint8, little-endian bit order), the
   masked values (``<name>.sparse_values``, float or int8) and, for int8, a per-tensor fp32 scale
@@ -41,7 +43,7 @@ from safetensors.torch import save_file
 
 from erase.fsutil import write_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LoRA patches stored with kohya keys (erase.lora_format); 1 still loads
 KINDS = ("lora", "delta", "sparse")
 TARGETS = ("unet", "text_encoder", "text_encoder_2", "generator")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -216,15 +218,17 @@ class Patch:
             "data_hash": self.hash_check,
         }
 
-    def header(self) -> dict[str, str]:
+    def header(self, lora_layout: str | None = None) -> dict[str, str]:
         """The safetensors ``__metadata__``: every value a JSON string, erase keys namespaced ``erase.*``.
 
         Includes the sha256 of every tensor's bytes (``erase.tensor_sha256``), computed now, so that `load_patch`
         can tell corrupted data from a real weight change (a flipped exponent bit stays finite).
         """
+        stored, lora_header = self.stored(lora_layout)
+        version = max(self.format_version, 2) if lora_header else self.format_version
         header = {
             "format": "pt",
-            "erase.format_version": json.dumps(self.format_version),
+            "erase.format_version": json.dumps(version),
             "erase.kind": json.dumps(self.kind),
             "erase.targets": json.dumps(self.targets),
             "erase.method": json.dumps(self.method),
@@ -233,16 +237,29 @@ class Patch:
             "erase.base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
             "erase.versions": json.dumps(self.versions, sort_keys=True),
             "erase.notes": json.dumps(self.notes, sort_keys=True),
-            HASHES_KEY: json.dumps({k: tensor_sha256(t) for k, t in self.tensors.items()}, sort_keys=True),
+            HASHES_KEY: json.dumps({k: tensor_sha256(t) for k, t in stored.items()}, sort_keys=True),
         }
         if self.kind == "sparse":
             header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
-        if self.kind == "lora":
+        header.update(lora_header)
+        if self.kind == "lora" and "erase.lora_names" not in lora_header:  # the PEFT layout
             # diffusers' layout: one flat dict with component-prefixed LoraConfig fields ("unet.r", ...), as
             # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
             packed = {f"{c}.{k}": v for c, cfg in self.lora_config.items() for k, v in cfg.items()}
             header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
         return header
+
+    def stored(self, lora_layout: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors as the file stores them and the LoRA layout's header keys: for a ``lora`` patch on UNet and
+        text encoders the kohya layout (`erase.lora_format.kohya_state`) unless ``lora_layout="peft"``, otherwise
+        the tensors as they are."""
+        if self.kind != "lora":
+            return self.tensors, {}
+        from erase import lora_format
+
+        if lora_layout == lora_format.PEFT or not lora_format.kohya_applies(self):
+            return self.tensors, {lora_format.LAYOUT_KEY: json.dumps(lora_format.PEFT)}
+        return lora_format.kohya_state(self)
 
     def target_names(self, component: str) -> list[str]:
         """Names (inside ``component``) of the base tensors this patch changes, e.g. ``down_blocks....to_k.weight``."""
@@ -559,6 +576,8 @@ def make_delta_patch(
         raise PatchError(f"patch: unknown delta dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     deltas = _changed(base, tuned)
     tensors = {f"{c}.{n}": d.to(DTYPES[dtype]).contiguous() for c, ds in deltas.items() for n, d in ds.items()}
+    from erase.lora_format import layout_notes  # an SDXL UNet's layout, for the kohya names of a later LoRA export
+
     return Patch(
         kind="delta",
         tensors=tensors,
@@ -566,6 +585,7 @@ def make_delta_patch(
         method=method,
         config=dict(config or {}),
         concepts=list(concepts or []),
+        notes=layout_notes(base),
     )
 
 
@@ -637,6 +657,8 @@ def make_sparse_patch(
                 tensors[key + VALUES], tensors[key + SCALE] = quantize_int8(delta[mask])
             else:
                 tensors[key + VALUES] = delta[mask].to(DTYPES[dtype]).contiguous()
+    from erase.lora_format import layout_notes
+
     return Patch(
         kind="sparse",
         tensors=tensors,
@@ -645,7 +667,7 @@ def make_sparse_patch(
         method=method,
         config=dict(config or {}),
         concepts=list(concepts or []),
-        notes={"dtype": dtype},
+        notes={"dtype": dtype, **layout_notes(base)},
     )
 
 
@@ -682,6 +704,8 @@ def make_lora_patch(
             tensors[f"{component}.{module}{LORA_A}"] = down.detach().to("cpu", torch.float32).contiguous()
             tensors[f"{component}.{module}{LORA_B}"] = up.detach().to("cpu", torch.float32).contiguous()
     names = {c: [f"{m}.weight" for m in modules] for c, modules in factors.items()}
+    from erase.lora_format import layout_notes
+
     return Patch(
         kind="lora",
         tensors=tensors,
@@ -690,7 +714,7 @@ def make_lora_patch(
         method=method,
         config=dict(config or {}),
         concepts=list(concepts or []),
-        notes=dict(notes or {}),
+        notes={**layout_notes(base), **dict(notes or {})},
     )
 
 
@@ -715,7 +739,13 @@ def lora_config_kwargs(ranks: Mapping[str, int], alphas: Mapping[str, float]) ->
 # Reading and writing files
 
 
-def save_patch(patch: Patch, path: str | os.PathLike, overwrite: bool = True, label: str | None = None) -> Path:
+def save_patch(
+    patch: Patch,
+    path: str | os.PathLike,
+    overwrite: bool = True,
+    label: str | None = None,
+    lora_layout: str | None = None,
+) -> Path:
     """Write ``patch`` to ``path`` atomically (a uniquely named temporary file in the same folder, then a rename),
     with the sha256 of every tensor in the header and the file mode the user's umask gives.
 
@@ -727,9 +757,11 @@ def save_patch(patch: Patch, path: str | os.PathLike, overwrite: bool = True, la
         overwrite (`bool`, *optional*, defaults to `True`): replace an existing file. With `False`, a file that
             exists when the write finishes (even one another process created meanwhile) raises `FileExistsError`.
         label (`str`, *optional*): the command-line flag naming ``path`` in messages (e.g. ``"--out"``).
+        lora_layout (`str`, *optional*): for a ``lora`` patch, ``"peft"`` stores PEFT keys (diffusers and PEFT only)
+            instead of the default kohya keys every client reads (`erase.lora_format`).
     """
-    header = patch.header()
-    tensors = {k: t.contiguous() for k, t in patch.tensors.items()}
+    header = patch.header(lora_layout)
+    tensors = {k: t.contiguous() for k, t in patch.stored(lora_layout)[0].items()}
     return write_file(
         path, lambda tmp: save_file(tensors, str(tmp), metadata=header), overwrite=overwrite, label=label
     )
@@ -885,7 +917,8 @@ def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
     if not isinstance(kind, str) or kind not in KINDS:
         raise PatchError(f"{path}: unknown patch kind {kind!r}; expected one of {', '.join(KINDS)}")
     lora_config = {}
-    if kind == "lora":
+    kohya = kind == "lora" and _parse_json(path, file_meta, "erase.lora_layout", "peft") == "kohya"
+    if kind == "lora" and not kohya:
         lora_config = _unpack_lora_metadata(path, _parse_json(path, file_meta, LORA_METADATA_KEY))
     tensors = _read_tensors(path)
     hashes = _parse_json(path, file_meta, HASHES_KEY) if HASHES_KEY in file_meta else {}
@@ -896,6 +929,14 @@ def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
         hash_check = HASH_VERIFIED
     else:
         hash_check = HASH_SKIPPED
+    stored = tensors
+    if kohya:  # kohya keys back to PEFT keys through the header's name map
+        from erase import lora_format
+
+        try:
+            tensors, lora_config = lora_format.from_kohya(str(path), stored, file_meta)
+        except lora_format.LoraFormatError as error:
+            raise PatchError(str(error)) from None
     patch = Patch(
         kind=kind,
         tensors=tensors,
@@ -914,4 +955,9 @@ def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
     )
     if "erase.targets" in file_meta:
         _check_targets(patch, _parse_json(path, file_meta, "erase.targets"))
+    if kohya:
+        try:
+            lora_format.check_alphas(patch, stored, _parse_json(path, file_meta, lora_format.NAMES_KEY))
+        except lora_format.LoraFormatError as error:
+            raise PatchError(str(error)) from None
     return patch
