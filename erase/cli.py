@@ -580,8 +580,9 @@ def _export(args: argparse.Namespace) -> int:
     else:
         if args.rank is None:
             raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank R or --rank auto")
-        patch, error = delta_to_lora(patch, args.rank, tolerance=max_error)
-        print(check_export_error(patch, error, max_error, args.allow_lossy))
+        lora, error = delta_to_lora(patch, args.rank, tolerance=max_error)
+        print(check_export_error(lora, error, max_error, args.allow_lossy, where=patch.where))
+        patch = lora
     layout = "peft" if args.to == "peft" else None
     if args.to == "peft":
         patch = lora_to_peft(patch)

@@ -198,7 +198,9 @@ def lora_to_kohya(
     return save_patch(patch, path, overwrite=overwrite, label=label)
 
 
-def check_export_error(patch: Patch, error: float, max_error: float, allow_lossy: bool = False) -> str:
+def check_export_error(
+    patch: Patch, error: float, max_error: float, allow_lossy: bool = False, where: str | None = None
+) -> str:
     """The line that reports an SVD export's error and kept energy share; a `PatchError` when the error is above
     ``max_error`` and ``allow_lossy`` is not set (nothing has been written at that point).
 
@@ -207,6 +209,7 @@ def check_export_error(patch: Patch, error: float, max_error: float, allow_lossy
         error (`float`): the relative error `delta_to_lora` returned.
         max_error (`float`): the tolerance (``--max-error``).
         allow_lossy (`bool`, *optional*): report, but do not refuse, an error above the tolerance.
+        where (`str`, *optional*): the exported file's name for the message (default: the patch's).
     """
     rank = patch.notes.get("svd_rank")
     low, high = patch.notes.get("svd_ranks", [rank, rank])
@@ -217,7 +220,7 @@ def check_export_error(patch: Patch, error: float, max_error: float, allow_lossy
     )
     if error > max_error and not allow_lossy:
         raise PatchError(
-            f"{patch.where}: the LoRA at {ranks} has relative error {error:.3g} (keeps "
+            f"{where or patch.where}: the LoRA at {ranks} has relative error {error:.3g} (keeps "
             f"{100 * kept_share(error):.1f}% of the edit's energy), above --max-error {max_error:g}; pass --rank auto "
             f"(the smallest rank within it), a larger --rank, a larger --max-error, or --allow-lossy"
         )
