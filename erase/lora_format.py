@@ -311,8 +311,10 @@ def from_kohya(
             raise LoraFormatError(
                 f"{where}: padding module {stem} is not all zeros; the file was edited, re-export it"
             )
-    if not isinstance(config, dict):
-        raise LoraFormatError(f"{where}: {CONFIG_KEY} must be a JSON object; re-export the patch")
+    from erase.patch import _SCHEMA
+
+    if not _SCHEMA["lora_config"][1](config):
+        raise LoraFormatError(f"{where}: {CONFIG_KEY} must be {_SCHEMA['lora_config'][2]}; re-export the patch")
     return out, config
 
 
