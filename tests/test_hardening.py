@@ -210,7 +210,10 @@ FLAG_CASES = [
     (["eval", "--concept", "red", "--seeds-per-prompt", "10000000"], "--seeds-per-prompt must be an integer from 1"),
     (["demo", "--seed", "-3"], "--seed must be an integer from 0"),
     (["world", "train", "--seed", "-5"], "--seed must be an integer from 0"),
-    (["export", "{delta}", "--to", "lora", "--rank", "-2"], "--rank must be an integer of at least 1 or 'auto', got -2"),
+    (
+        ["export", "{delta}", "--to", "lora", "--rank", "-2"],
+        "--rank must be an integer of at least 1 or 'auto', got -2",
+    ),
 ]
 
 

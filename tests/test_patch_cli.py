@@ -226,7 +226,8 @@ def test_export_rank_auto_finds_the_numerical_rank_per_module(work, tmp_path, ca
     assert lora.tensors[f"text_encoder.{TEXT_K}.lora_A.weight"].shape[0] == 5
     assert lora.notes["svd_rank"] == "auto" and lora.notes["svd_tolerance"] == 0.01
     loose = tmp_path / "loose.safetensors"
-    assert main(["export", str(delta), "--to", "lora", "--rank", "auto", "--max-error", "0.6", "--out", str(loose)]) == 0
+    argv = ["export", str(delta), "--to", "lora", "--rank", "auto", "--max-error", "0.6", "--out", str(loose)]
+    assert main(argv) == 0
     error = printed_error(capsys.readouterr().out)
     assert 0 < error <= 0.6
     assert max(t.shape[0] for k, t in load_patch(loose).tensors.items() if "lora_A" in k) < 5
@@ -316,7 +317,8 @@ ERRORS = [
     ),
     (
         ["export", "{delta}", "--to", "lora", "--rank", "1", "--out", "{root}/x"],
-        "delta.safetensors: the LoRA at rank 1 has relative error 0.956 (keeps 8.7% of the edit's energy), above --max-error 0.01; pass --rank auto",
+        "delta.safetensors: the LoRA at rank 1 has relative error 0.956 (keeps 8.7% of the edit's energy), "
+        "above --max-error 0.01; pass --rank auto",
     ),
     (
         ["export", "{delta}", "--to", "lora", "--rank", "2", "--max-error", "2", "--out", "{root}/x"],
