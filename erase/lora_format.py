@@ -212,24 +212,45 @@ def _out_proj_padding(patch: Patch) -> dict[str, tuple[str, str]]:
     return padding
 
 
+def file_alpha(patch: Patch) -> float:
+    """The one ``alpha`` a kohya file gives every module: the most common ``scaling * r`` (ties: the largest), as an
+    fp32 number. Modules whose own ``scaling * r`` differs get the ratio folded into ``lora_up``.
+
+    One alpha per file is what makes every client exact: diffusers (0.42 and older) turns differing ``.alpha``
+    tensors into an ``alpha_pattern`` whose keys match no module, so the minority modules silently get the common
+    alpha (measured: rank-4/alpha-8 modules at 0.375x beside rank-2/alpha-3 ones).
+    """
+    alphas = [patch.lora_scaling(c, m) * patch.tensors[f"{c}.{m}.lora_A.weight"].shape[0] for c, m in _modules(patch)]
+    nonzero = [a for a in alphas if a != 0] or alphas
+    common = max(set(nonzero), key=lambda a: (nonzero.count(a), a))
+    return float(torch.tensor(common, dtype=torch.float32))
+
+
 def kohya_state(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The stored tensors and the erase/kohya header keys of a ``lora`` patch in the kohya layout.
 
-    ``alpha`` per module is ``scaling * r`` (PEFT's ``lora_alpha / r``, rsLoRA's ``lora_alpha / sqrt(r)``) in fp32,
-    so every client's ``alpha / r`` is erase's scale. Down and up are the patch's own A and B, unchanged.
+    Every module gets the same ``alpha`` (`file_alpha`) in fp32; a module whose scale differs from ``alpha / r`` has
+    ``lora_up`` multiplied by ``scale * r / alpha`` (in float64, then stored in fp32), so every client's
+    ``alpha / r * up @ down`` is erase's ``scale * B @ A``. Modules at the common alpha (all of them for a trainer's
+    single-alpha LoRA) keep their A and B bit for bit. ``erase.lora_config`` describes the file as stored (one
+    ``lora_alpha``, ranks in ``rank_pattern``), so reading it back gives exactly what the other clients apply.
     """
-    from erase.patch import LORA_A, LORA_B
+    from erase.patch import LORA_A, LORA_B, lora_config_kwargs
 
     names = kohya_names(patch)
     padding = _out_proj_padding(patch)
+    alpha = file_alpha(patch)
     state: dict[str, torch.Tensor] = {}
-    alphas: dict[str, float] = {}
+    ranks: dict[str, dict[str, int]] = {}
     for key, stem in names.items():
         component, module = key.split(".", 1)
         down, up = patch.tensors[key + LORA_A], patch.tensors[key + LORA_B]
+        own = patch.lora_scaling(component, module) * down.shape[0]
+        if own != alpha:
+            up = (up.to(torch.float64) * (own / alpha)).to(up.dtype)
         state[stem + DOWN], state[stem + UP] = down.contiguous(), up.contiguous()
-        alphas[stem] = patch.lora_scaling(component, module) * down.shape[0]
-        state[stem + ALPHA] = torch.tensor(alphas[stem], dtype=torch.float32)
+        state[stem + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
+        ranks.setdefault(component, {})[module] = int(down.shape[0])
     padded = []
     sdxl = "text_encoder_2" in patch.targets or bool(patch.notes.get("unet_layout"))
     for key, (component, source) in padding.items():
@@ -237,13 +258,14 @@ def kohya_state(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         source_stem = names[f"{component}.{source}"]
         state[stem + DOWN] = torch.zeros_like(state[source_stem + DOWN])
         state[stem + UP] = torch.zeros_like(state[source_stem + UP])
-        state[stem + ALPHA] = state[source_stem + ALPHA].clone()  # an equal alpha: diffusers builds no pattern
+        state[stem + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
         padded.append(stem)
-    per_module = [(int(state[s + DOWN].shape[0]), state[s + ALPHA].item()) for s in names.values()]
+    config = {c: lora_config_kwargs(r, dict.fromkeys(r, alpha)) for c, r in ranks.items()}
+    per_module = [(int(state[s + DOWN].shape[0]), alpha) for s in names.values()]
     header = {
         LAYOUT_KEY: json.dumps(KOHYA),
         NAMES_KEY: json.dumps({stem: key for key, stem in names.items()}, sort_keys=True),
-        CONFIG_KEY: json.dumps(patch.lora_config, sort_keys=True),
+        CONFIG_KEY: json.dumps(config, sort_keys=True),
         PADDING_KEY: json.dumps(sorted(padded)),
         **ss_metadata(patch, per_module),
     }
@@ -256,15 +278,13 @@ def _number_text(value: float) -> str:
 
 def ss_metadata(patch: Patch, per_module: list[tuple[int, float]]) -> dict[str, str]:
     """kohya's descriptive ``ss_*`` keys. kohya writes one dim and one alpha, numbers in strings; with mixed ranks
-    or alphas they are the most common pair (every client computes with the per-module tensors, not these)."""
+    the dim is the most common one (every client computes with the per-module tensors, not these)."""
     rank, alpha = max(set(per_module), key=per_module.count)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _number_text(alpha),
-        "ss_network_args": json.dumps(
-            {"erase_mixed_ranks": len({r for r, _ in per_module}) > 1, "erase_mixed_alphas": len(set(per_module)) > 1}
-        ),
+        "ss_network_args": json.dumps({"erase_mixed_ranks": len({r for r, _ in per_module}) > 1}),
         "ss_output_name": f"erase-{patch.method or 'patch'}",
         "ss_training_comment": f"erase {patch.method or 'patch'}: erases {', '.join(patch.concepts) or '-'}",
     }
