@@ -210,9 +210,10 @@ def build_components(shape: dict) -> dict[str, torch.nn.Module]:
 
 def make_patches(components: dict, shape: dict) -> dict:
     """The four erase LoRA patches of the module docstring (random factors, fixed seeds)."""
+    from lora_conventions import layers
+
     from erase.lora_export import delta_to_lora
     from erase.patch import make_delta_patch, make_lora_patch
-    from lora_conventions import layers
 
     g = torch.Generator().manual_seed(0)
     base = {c: m.state_dict() for c, m in components.items()}
