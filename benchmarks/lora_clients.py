@@ -50,6 +50,8 @@ OLD_STACKS = {
         "transformers==4.55.4",
         "tokenizers==0.21.4",
         "huggingface_hub==0.34.4",
+        "accelerate==1.10.1",
+        "kernels==0.9.0",  # transformers 4.55 imports kernels when present; this environment's needs huggingface_hub 1.x
     ),
     "diffusers 0.30.3 + peft 0.13.2": (
         "diffusers==0.30.3",
@@ -57,10 +59,21 @@ OLD_STACKS = {
         "transformers==4.55.4",
         "tokenizers==0.21.4",
         "huggingface_hub==0.34.4",
+        "accelerate==1.10.1",
+        "kernels==0.9.0",
     ),
 }
 INVOKEAI = (
     "invokeai==6.14.2",
+    "transformers==5.5.4",  # InvokeAI 6.14's pin (its CLIPTextModel still has the text_model level 5.25 dropped)
+    "kernels==0.12.3",
+    "huggingface_hub==1.33.0",
+    "tokenizers==0.22.2",
+    "httpx",
+    "httpcore",
+    "h11",
+    "anyio",
+    "sniffio",
     "pydantic-settings",
     "python-dotenv",
     "gguf",
@@ -277,15 +290,14 @@ def run_worker(python: str | Path, job: dict, extra_path: list[str] | None = Non
 
 
 def build_invokeai() -> Path | None:
-    """InvokeAI and the few small modules its LoRA probe/patcher import, with --no-deps, in a cache folder."""
-    key = hashlib.sha256(json.dumps([INVOKEAI, sys.version]).encode()).hexdigest()[:12]
-    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erase" / f"invokeai-{key}"
-    if not (target / ".erase-ready").is_file():
-        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), *INVOKEAI]
-        if subprocess.run(pip, capture_output=True).returncode != 0:
-            return None
-        (target / ".erase-ready").write_text("\n".join(INVOKEAI) + "\n")
-    return target
+    """An environment with InvokeAI, the transformers and diffusers it pins, and the few small modules its LoRA
+    probe and patcher import, all with --no-deps beside this torch (tests/old_stack.py's mechanism); its python."""
+    from old_stack import build_old_stack, default_env_dir
+
+    try:
+        return build_old_stack(default_env_dir(INVOKEAI), INVOKEAI)
+    except subprocess.CalledProcessError:
+        return None
 
 
 def convention_clients(components: dict, files: dict[str, Path]) -> dict[str, dict]:
@@ -383,7 +395,7 @@ def main() -> None:
             if invokeai is None:
                 rows["InvokeAI 6.14"] = {"error": "could not install from PyPI"}
             else:
-                clients["InvokeAI 6.14.2"] = (sys.executable, "invokeai", [str(invokeai)])
+                clients["InvokeAI 6.14.2"] = (invokeai, "invokeai", None)
         for label, (python, kind, extra) in clients.items():
             out = folder / label.replace(" ", "_").replace("+", "")
             out.mkdir()

@@ -218,6 +218,8 @@ def check_export_error(
         f"relative reconstruction error at {ranks}: {error:.3e} (keeps {100 * kept_share(error):.1f}% of the edit's "
         "energy, 1 - error^2)"
     )
+    if rank == "auto" and error > max_error:  # every module met the tolerance or stopped at its numerical rank
+        return line + "; the rest is fp32 rounding: every module is at its numerical rank or within --max-error"
     if error > max_error and not allow_lossy:
         raise PatchError(
             f"{where or patch.where}: the LoRA at {ranks} has relative error {error:.3g} (keeps "

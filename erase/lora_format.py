@@ -401,6 +401,8 @@ def file_layout(path) -> dict[str, str]:
         meta = handle.metadata() or {}
     layout = json.loads(meta.get(LAYOUT_KEY, json.dumps(PEFT)))
     layout = layout if layout in CLIENTS else PEFT
+    if "generator" in meta.get("erase.targets", ""):
+        return {"layout": layout, "clients": "erase only (a GAN generator LoRA: apply it with erase apply_patch)"}
     if layout == PEFT and meta.get("erase.format_version") == "1":
         note = "; written by erase before format 2: re-export with 'erase export PATCH --to lora' for every client"
         return {"layout": layout, "clients": CLIENTS[layout] + note}

@@ -266,3 +266,28 @@ def test_alpha_tensors_that_disagree_with_the_config_are_refused(tmp_path):
     save_file(tensors, str(edited), metadata=meta)
     with pytest.raises(ValueError, match="alpha tensors disagree with erase.lora_config"):
         load_patch(edited, verify=False)
+
+
+def test_rank_auto_exports_a_uce_delta_exactly_within_its_own_rank(tmp_path, capsys):
+    from erase.methods.uce import UCEConfig
+    from erase.training.run import train_patch
+
+    pipe = tiny_pipeline("sd1")
+    patches = {
+        kind: train_patch("uce", UCEConfig(model="tiny", concepts=["red"], kind=kind), pipe=pipe, progress=False)
+        for kind in ("delta", "lora")
+    }
+    uce_rank = patches["lora"].notes["lora_rank"]
+    delta = save_patch(patches["delta"], tmp_path / "uce.safetensors")
+    exact = tmp_path / "exact.safetensors"
+    assert main(["export", str(delta), "--to", "lora", "--rank", "auto", "--max-error", "0", "--out", str(exact)]) == 0
+    assert "relative reconstruction error at rank auto" in capsys.readouterr().out
+    lora = load_patch(exact)
+    assert lora.notes["relative_error"] < 1e-5 and lora.notes["kept_energy_share"] > 1 - 1e-9
+    ranks = {t.shape[0] for k, t in lora.tensors.items() if k.endswith("lora_A.weight")}
+    assert max(ranks) <= uce_rank  # the numerical rank, never more
+    for name, expected in patches["delta"].dense_deltas("unet").items():
+        torch.testing.assert_close(lora.dense_delta("unet", name), expected, atol=5e-6, rtol=1e-5)
+    # a rank below the edit's is refused by default, with the kept share named
+    assert main(["export", str(delta), "--to", "lora", "--rank", "1", "--out", str(tmp_path / "r1.safetensors")]) == 2
+    assert "of the edit's energy), above --max-error 0.01" in capsys.readouterr().err

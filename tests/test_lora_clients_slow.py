@@ -60,10 +60,10 @@ def test_old_diffusers_apply_the_default_file_exactly(stack, tmp_path):
 def test_invokeai_installs_and_applies_the_default_file_exactly(tmp_path):
     from lora_clients import build_invokeai
 
-    target = build_invokeai()
-    if target is None:
+    python = build_invokeai()
+    if python is None:
         pytest.skip("could not install InvokeAI from PyPI")
-    table = measured(tmp_path, "invokeai", sys.executable, [str(target)], "sd15")  # its probe needs SD 1.5 widths
+    table = measured(tmp_path, "invokeai", python, None, "sd15")  # its probe needs SD 1.5 widths
     for case in ("uce", "doco", "svd-mixed", "te+conv"):
         r = table[f"{case}/kohya"]
         assert isinstance(r, dict) and r["applied"] == r["modules"] and r["max_abs_diff"] <= 1e-6, (case, r)
