@@ -29,7 +29,6 @@ Run: ``.venv/bin/python benchmarks/lora_clients.py [--shape sd15|tiny] [--no-old
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -51,7 +50,7 @@ OLD_STACKS = {
         "tokenizers==0.21.4",
         "huggingface_hub==0.34.4",
         "accelerate==1.10.1",
-        "kernels==0.9.0",  # transformers 4.55 imports kernels when present; this environment's needs huggingface_hub 1.x
+        "kernels==0.9.0",  # transformers 4.55 imports kernels if present; this environment's needs a newer hub
     ),
     "diffusers 0.30.3 + peft 0.13.2": (
         "diffusers==0.30.3",
