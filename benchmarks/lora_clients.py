@@ -158,7 +158,8 @@ if job["client"] == "diffusers":
                                    requires_safety_checker=False)
     for name, path in job["files"].items():
         try:
-            pipe.load_lora_weights(path, adapter_name="x")
+            folder, weight_name = path.rsplit("/", 1)  # offline, diffusers < 0.34 needs weight_name for a file
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="x")
             pipe.fuse_lora()
             pipe.unload_lora_weights()
             save_file(changed(), f"{job['out']}/{name}.safetensors")
@@ -330,9 +331,16 @@ def convention_clients(components: dict, files: dict[str, Path]) -> dict[str, di
 # Comparing with erase
 
 
+def _plain(key: str) -> str:
+    """transformers 4.x and up to 5.5 nest CLIP under ``text_model.``, later 5.x do not: compare without it."""
+    component, _, name = key.partition(".")
+    return f"{component}.{name.removeprefix('text_model.')}" if component.startswith("text_encoder") else key
+
+
 def compare(patch, changed: dict[str, torch.Tensor]) -> dict:
     """Modules changed / in the patch, max |client - erase|, fitted strengths, and weights changed outside it."""
-    expected = {f"{c}.{n}": patch.dense_delta(c, n) for c in patch.targets for n in patch.target_names(c)}
+    expected = {_plain(f"{c}.{n}"): patch.dense_delta(c, n) for c in patch.targets for n in patch.target_names(c)}
+    changed = {_plain(k): v for k, v in changed.items()}
     applied, worst, dot, norm, per_module = 0, 0.0, 0.0, 0.0, []
     for key, want in expected.items():
         got = changed.get(key, torch.zeros_like(want)).to(torch.float64)
@@ -367,6 +375,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="sd15", help="model shapes (default: SD 1.5)")
     parser.add_argument("--no-old", action="store_true", help="skip the diffusers 0.30/0.33 stacks")
     parser.add_argument("--no-invokeai", action="store_true", help="skip InvokeAI")
+    parser.add_argument("--no-current", action="store_true", help="skip the installed diffusers")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -382,7 +391,9 @@ def main() -> None:
         folder = Path(tmp)
         files = write_files(patches, folder)
         reference = {name: patches[name.split("/")[0]] for name in files}  # erase's own weight change
-        clients: dict[str, tuple] = {"diffusers (this stack)": (sys.executable, "diffusers", None)}
+        clients: dict[str, tuple] = {}
+        if not args.no_current:
+            clients["diffusers (this stack)"] = (sys.executable, "diffusers", None)
         if not args.no_old:
             for label, pins in OLD_STACKS.items():
                 try:
