@@ -4,9 +4,11 @@ A patch changes some weights of one or more *components* of a base model: ``unet
 ``text_encoder_2`` (diffusers pipelines) or ``generator`` (any ``torch.nn.Module``, for GANs; its ``state_dict``
 names are used). Tensor keys carry the component as a prefix (``unet.down_blocks.1....``). Three kinds:
 
-- ``lora``: keys exactly as diffusers/PEFT LoRA files (``unet.<module>.lora_A.weight``, ``.lora_B.weight``) and
-  the PEFT ``LoraConfig`` of every component under diffusers' ``lora_adapter_metadata`` header key, so that a
-  plain ``pipe.load_lora_weights(path)`` loads the file, with ``lora_alpha != r`` honoured.
+- ``lora``: in memory, PEFT keys (``unet.<module>.lora_A.weight``, ``.lora_B.weight``) and the PEFT ``LoraConfig``
+  of every component. On disk (format version 2) kohya/A1111 keys (``lora_unet_<module>.lora_down.weight``,
+  ``.lora_up.weight``, ``.alpha``) that diffusers, ComfyUI, AUTOMATIC1111, InvokeAI and sd-scripts all apply at
+  erase's strength, with the name map and LoraConfig in the header (`erase.lora_format`); GAN LoRAs, and files of
+  format version 1, hold the PEFT keys with the config under diffusers' ``lora_adapter_metadata`` key.
 - ``delta``: dense weight differences ``tuned - base`` of the changed tensors only, stored in fp32, fp16 or bf16.
 - ``sparse``: per changed tensor a bit-packed mask (``<name>.sparse_mask``, uint8, little-endian bit order), the
   masked values (``<name>.sparse_values``, float or int8) and, for int8, a per-tensor fp32 scale
@@ -264,7 +266,7 @@ class Patch:
             "unverified_reason": self.unverified_reason,
         }
 
-    def header(self) -> dict[str, str]:
+    def header(self, lora_layout: str | None = None) -> dict[str, str]:
         """The safetensors ``__metadata__``: every value a JSON string, erase keys namespaced ``erase.*``.
 
         Includes the sha256 of every tensor's bytes (``erase.tensor_sha256``), computed now, so that `load_patch`
@@ -272,6 +274,7 @@ class Patch:
         over every header value and the tensor table, so that no header field can change unnoticed
         (`erase.patchfile`).
         """
+        stored, lora_header = self.stored(lora_layout)
         header = {
             "format": "pt",
             "erase.format_version": json.dumps(FORMAT_VERSION),  # what this erase writes
@@ -286,12 +289,25 @@ class Patch:
         }
         if self.kind == "sparse":
             header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
-        if self.kind == "lora":
+        header.update(lora_header)
+        if self.kind == "lora" and "erase.lora_names" not in lora_header:  # the PEFT layout
             # diffusers' layout: one flat dict with component-prefixed LoraConfig fields ("unet.r", ...), as
             # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
             packed = {f"{c}.{k}": v for c, cfg in self.lora_config.items() for k, v in cfg.items()}
             header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-        return seal(header, self.tensors)
+        return seal(header, stored)  # the hashes cover the tensors as stored
+
+    def stored(self, lora_layout: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors as the file stores them and the LoRA layout's header keys: for a ``lora`` patch on UNet and
+        text encoders the kohya layout (`erase.lora_format.kohya_state`) unless ``lora_layout="peft"``, otherwise
+        the tensors as they are."""
+        if self.kind != "lora":
+            return self.tensors, {}
+        from erase import lora_format
+
+        if lora_layout == lora_format.PEFT or not lora_format.kohya_applies(self):
+            return self.tensors, {lora_format.LAYOUT_KEY: json.dumps(lora_format.PEFT)}
+        return lora_format.kohya_state(self)
 
     def target_names(self, component: str) -> list[str]:
         """Names (inside ``component``) of the base tensors this patch changes, e.g. ``down_blocks....to_k.weight``."""
@@ -538,6 +554,8 @@ def make_delta_patch(
         raise PatchError(f"patch: unknown delta dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     deltas = _changed(base, tuned)
     tensors = {f"{c}.{n}": d.to(DTYPES[dtype]).contiguous() for c, ds in deltas.items() for n, d in ds.items()}
+    from erase.lora_format import layout_notes  # an SDXL UNet's layout, for the kohya names of a later LoRA export
+
     return Patch(
         kind="delta",
         tensors=tensors,
@@ -545,6 +563,7 @@ def make_delta_patch(
         method=method,
         config=dict(config or {}),
         concepts=list(concepts or []),
+        notes=layout_notes(base),
     )
 
 
@@ -616,6 +635,8 @@ def make_sparse_patch(
                 tensors[key + VALUES], tensors[key + SCALE] = quantize_int8(delta[mask])
             else:
                 tensors[key + VALUES] = delta[mask].to(DTYPES[dtype]).contiguous()
+    from erase.lora_format import layout_notes
+
     return Patch(
         kind="sparse",
         tensors=tensors,
@@ -624,7 +645,7 @@ def make_sparse_patch(
         method=method,
         config=dict(config or {}),
         concepts=list(concepts or []),
-        notes={"dtype": dtype},
+        notes={"dtype": dtype, **layout_notes(base)},
     )
 
 
@@ -661,6 +682,8 @@ def make_lora_patch(
             tensors[f"{component}.{module}{LORA_A}"] = down.detach().to("cpu", torch.float32).contiguous()
             tensors[f"{component}.{module}{LORA_B}"] = up.detach().to("cpu", torch.float32).contiguous()
     names = {c: [f"{m}.weight" for m in modules] for c, modules in factors.items()}
+    from erase.lora_format import layout_notes
+
     return Patch(
         kind="lora",
         tensors=tensors,
@@ -669,7 +692,7 @@ def make_lora_patch(
         method=method,
         config=dict(config or {}),
         concepts=list(concepts or []),
-        notes=dict(notes or {}),
+        notes={**layout_notes(base), **dict(notes or {})},
     )
 
 
@@ -724,6 +747,7 @@ def save_patch(
     overwrite: bool = True,
     label: str | None = None,
     trust_unverified: bool = False,
+    lora_layout: str | None = None,
 ) -> Path:
     """Write ``patch`` to ``path`` atomically (a uniquely named temporary file in the same folder, then a rename),
     with the sha256 of every tensor and the ``erase.sha256`` digest in the header and the file mode the user's umask
@@ -739,10 +763,12 @@ def save_patch(
         label (`str`, *optional*): the command-line flag naming ``path`` in messages (e.g. ``"--out"``).
         trust_unverified (`bool`, *optional*, defaults to `False`): write a patch that was read without verification
             (see `require_trusted`); by default that is refused, so that no unverified patch comes out "verified".
+        lora_layout (`str`, *optional*): for a ``lora`` patch, ``"peft"`` stores PEFT keys (diffusers and PEFT only)
+            instead of the default kohya keys every client reads (`erase.lora_format`).
     """
     require_trusted(patch, trust_unverified)
-    header = patch.header()
-    tensors = {k: t.contiguous() for k, t in patch.tensors.items()}
+    header = patch.header(lora_layout)
+    tensors = {k: t.contiguous() for k, t in patch.stored(lora_layout)[0].items()}
     return write_file(
         path, lambda tmp: save_file(tensors, str(tmp), metadata=header), overwrite=overwrite, label=label
     )
@@ -803,13 +829,22 @@ def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
             checked either way. `Patch.hash_check` says what was checked.
     """
     header = read_header(path)
-    path = header.raw.path
+    path, file_meta = header.raw.path, header.raw.metadata
+    kohya = header.fields["kind"] == "lora" and header.layout == "kohya"
     tensors = _read_tensors(path)
     hash_check = header.status
     if header.hashes and verify:  # a format-1 file's data is checked too, where it stores hashes
         verify_tensor_hashes(path, tensors, header.hashes)  # before any value check: corruption is named as such
     elif header.status == HASH_VERIFIED and not verify:
         hash_check = HASH_SKIPPED
+    stored = tensors
+    if kohya:  # kohya keys back to PEFT keys through the header's name map
+        from erase import lora_format
+
+        try:
+            tensors, _ = lora_format.from_kohya(str(path), stored, file_meta)
+        except lora_format.LoraFormatError as error:
+            raise PatchError(str(error)) from None
     patch = Patch(
         **header.fields,
         tensors=tensors,
@@ -818,6 +853,11 @@ def load_patch(path: str | os.PathLike, verify: bool = True) -> Patch:
         hash_check=hash_check,
         unverified_reason=header.reason,
     )
+    if kohya:
+        try:
+            lora_format.check_alphas(patch, stored, json.loads(file_meta[lora_format.NAMES_KEY]))
+        except lora_format.LoraFormatError as error:
+            raise PatchError(str(error)) from None
     if hash_check == HASH_UNVERIFIED:
         check_method_config(patch)
         _LOG.warning(unverified_warning(str(path), header.reason))

@@ -226,11 +226,14 @@ def _value_stats(entry: Mapping[str, Any], data: bytes) -> dict[str, Any] | None
     }
 
 
-def _file_peaks(kind: str, raw: RawFile, stats: Mapping[str, dict], lora_config: Mapping[str, Any]) -> dict:
-    """`erase.patch.peak_changes` computed from the file's bytes: per targeted weight, a bound of ``max |delta|``."""
+def _file_peaks(
+    kind: str, entries: Mapping[str, Any], stats: Mapping[str, dict], lora_config: Mapping[str, Any]
+) -> dict:
+    """`erase.patch.peak_changes` computed from the file's bytes (``entries`` and ``stats`` keyed as the in-memory
+    patch's tensors): per targeted weight, a bound of ``max |delta|``."""
     peaks = {}
-    for component in targets_of(raw.tensors):
-        for name in weight_names(kind, raw.tensors, component):
+    for component in targets_of(entries):
+        for name in weight_names(kind, entries, component):
             key = f"{component}.{name}"
             if kind == "delta":
                 peaks[key] = stats[key]["peak"]
@@ -424,6 +427,41 @@ def unpack_lora_metadata(where: str, packed: Any) -> dict[str, dict[str, Any]]:
     return lora_config
 
 
+# The kohya layout of a ``lora`` file (`erase.lora_format`, kept torch-free here): stored ``<stem>.lora_down.weight``
+# / ``.lora_up.weight`` / ``.alpha`` keys, ``erase.lora_names`` mapping each stem to ``component.module``, and the
+# applied LoraConfig per component in ``erase.lora_config``.
+_LAYOUT_KEY, _NAMES_KEY, _CONFIG_KEY = "erase.lora_layout", "erase.lora_names", "erase.lora_config"
+_KOHYA_PARTS = {".lora_down.weight": LORA_A, ".lora_up.weight": LORA_B}
+
+
+def lora_layout(meta: Mapping[str, str]) -> str:
+    """``"kohya"`` or ``"peft"``: how a ``lora`` file stores its keys (files without the key are PEFT-keyed)."""
+    try:
+        layout = json.loads(meta.get(_LAYOUT_KEY, '"peft"'))
+    except json.JSONDecodeError:
+        layout = None
+    return layout if layout in ("kohya", "peft") else "peft"
+
+
+def logical_names(kind: str, meta: Mapping[str, str], stored) -> dict[str, str]:
+    """Stored key -> the key the in-memory patch has (``component.module.lora_A.weight``, ...). Identity except for
+    a kohya-layout ``lora`` file, whose ``.alpha`` and padding tensors have no in-memory key and are left out."""
+    if kind != "lora" or lora_layout(meta) != "kohya":
+        return {k: k for k in stored}
+    try:
+        names = json.loads(meta.get(_NAMES_KEY, "{}"))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, dict):
+        raise PatchError(f"{meta.get('erase.method', 'patch')}: {_NAMES_KEY} is not an object; re-export the patch")
+    out = {}
+    for key in stored:
+        stem, _, part = key.partition(".")
+        if "." + part in _KOHYA_PARTS and isinstance(names.get(stem), str):
+            out[key] = names[stem] + _KOHYA_PARTS["." + part]
+    return out
+
+
 def targets_of(keys) -> list[str]:
     """The components that tensor keys (``unet.x.weight``, ...) belong to, in `TARGETS` order."""
     present = {key.split(".", 1)[0] for key in keys}
@@ -458,6 +496,7 @@ class PatchHeader:
     hashes: dict[str, str]
     status: str
     reason: str = ""
+    layout: str = ""  # a lora file's key layout, "kohya" or "peft" (`lora_layout`); "" for other kinds
 
     @property
     def where(self) -> str:
@@ -522,7 +561,10 @@ def read_header(path: Any) -> PatchHeader:
         "notes": _parse_json(where, meta, "erase.notes", {}),
         "versions": _parse_json(where, meta, "erase.versions", {}),
     }
-    if kind == "lora":
+    layout = lora_layout(meta) if kind == "lora" else ""
+    if kind == "lora" and layout == "kohya":  # the config erase applies with; the kohya .alpha tensors agree with it
+        fields["lora_config"] = _parse_json(where, meta, _CONFIG_KEY)
+    elif kind == "lora":
         fields["lora_config"] = unpack_lora_metadata(where, _parse_json(where, meta, LORA_METADATA_KEY))
     hashes = _parse_json(where, meta, HASHES_KEY) if HASHES_KEY in meta else {}
     for name, value in [*fields.items(), ("tensor_hashes", hashes)]:
@@ -530,7 +572,8 @@ def read_header(path: Any) -> PatchHeader:
         if error is not None:
             raise error
     if "erase.targets" in meta:
-        listed, found = _parse_json(where, meta, "erase.targets"), targets_of(raw.tensors)
+        listed = _parse_json(where, meta, "erase.targets")
+        found = targets_of(logical_names(kind, meta, raw.tensors).values())
         if not (isinstance(listed, list) and all(isinstance(t, str) for t in listed)) or set(listed) != set(found):
             raise PatchError(
                 f"{where}: erase.targets is {json_kind(listed)} but the tensors change {', '.join(found)}; the "
@@ -540,7 +583,7 @@ def read_header(path: Any) -> PatchHeader:
     error = lora_scaling_error(where, fields["lora_config"])
     if error is not None:
         raise error
-    return PatchHeader(raw=raw, fields=fields, hashes=hashes, status=status, reason=reason)
+    return PatchHeader(raw=raw, fields=fields, hashes=hashes, status=status, reason=reason, layout=layout)
 
 
 def _check_digest(raw: RawFile) -> tuple[str, str]:
@@ -594,10 +637,12 @@ def _check_file_values(header: PatchHeader, verify: bool) -> None:
     if verify:
         check_tensor_hashes(header.where, hashes, header.hashes)
     nonfinite = [k for k, v in stats.items() if not v["finite"]]
+    kind, meta = header.fields["kind"], header.raw.metadata
+    logical = logical_names(kind, meta, header.raw.tensors)
+    entries = {logical[k]: e for k, e in header.raw.tensors.items() if k in logical}
+    stats = {logical[k]: v for k, v in stats.items() if k in logical}
     try:
-        peaks = (
-            {} if nonfinite else _file_peaks(header.fields["kind"], header.raw, stats, header.fields["lora_config"])
-        )
+        peaks = {} if nonfinite else _file_peaks(kind, entries, stats, header.fields["lora_config"])
     except (KeyError, ValueError):  # malformed tensors (a missing LoRA half, ...): the torch loader names the problem
         from erase.patch import load_patch
 
@@ -630,14 +675,16 @@ def summarize(path: Any, verify: bool = True) -> dict[str, Any]:
         _check_file_values(header, verify)
         data_hash = HASH_VERIFIED if verify else HASH_SKIPPED
     raw, fields = header.raw, header.fields
-    targets = targets_of(raw.tensors)
+    logical = logical_names(fields["kind"], raw.metadata, raw.tensors)
+    entries = {logical[k]: e for k, e in raw.tensors.items() if k in logical}  # keyed as load_patch's tensors
+    targets = targets_of(entries)
     components = {}
     for component in targets:
-        stored = [e for k, e in raw.tensors.items() if k.startswith(component + ".")]
+        stored = [e for k, e in entries.items() if k.startswith(component + ".")]
         components[component] = {
             "tensors": len(stored),
             "elements": sum(math.prod(e["shape"]) for e in stored),
-            "weights": len(weight_names(fields["kind"], raw.tensors, component)),
+            "weights": len(weight_names(fields["kind"], entries, component)),
         }
     return {
         "file": str(raw.path),
@@ -647,6 +694,25 @@ def summarize(path: Any, verify: bool = True) -> dict[str, Any]:
         "nbytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in raw.tensors.values()),
         "data_hash": data_hash,
         "unverified_reason": header.reason,
-        "n_tensors": len(raw.tensors),
+        "n_tensors": len(entries),
         "components": components,
+        **({"lora_file": lora_file(raw.metadata)} if fields["kind"] == "lora" else {}),
     }
+
+
+# Which clients apply each LoRA layout exactly (measured: benchmarks/lora_clients.py and the ecosystem notes).
+LORA_CLIENTS = {
+    "kohya": "diffusers >= 0.30 (pipe.load_lora_weights), ComfyUI, AUTOMATIC1111, InvokeAI, kohya sd-scripts",
+    "peft": "diffusers and PEFT only (ComfyUI and AUTOMATIC1111 ignore PEFT keys, InvokeAI refuses them)",
+}
+
+
+def lora_file(meta: Mapping[str, str]) -> dict[str, str]:
+    """What ``erase inspect`` says of a LoRA file: its key layout and the clients that apply it."""
+    layout = lora_layout(meta)
+    if "generator" in meta.get("erase.targets", ""):
+        return {"layout": layout, "clients": "erase only (a GAN generator LoRA: apply it with erase apply_patch)"}
+    if layout == "peft" and meta.get("erase.format_version") == "1":
+        note = "; written by erase before format 2: re-export with 'erase export PATCH --to lora' for every client"
+        return {"layout": layout, "clients": LORA_CLIENTS[layout] + note}
+    return {"layout": layout, "clients": LORA_CLIENTS[layout]}

@@ -70,22 +70,23 @@ json.dump({**record, "versions": versions}, open(out + ".json", "w"))
 """
 
 
-def default_env_dir() -> Path:
+def default_env_dir(pins: tuple[str, ...] = OLD_STACK) -> Path:
     """A cache folder per (pins, Python, parent environment), so a changed pin or venv builds a fresh stack."""
-    key = hashlib.sha256(json.dumps([OLD_STACK, sys.version, sys.prefix]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([list(pins), sys.version, sys.prefix]).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "erase" / f"old-stack-{key}"
 
 
-def build_old_stack(env: Path) -> Path:
-    """Create (once) a venv with `OLD_STACK` installed and this environment's site-packages after its own on the
-    path; returns its python. The packages go in with ``--no-deps``, so pip never touches this environment."""
+def build_old_stack(env: Path, pins: tuple[str, ...] = OLD_STACK) -> Path:
+    """Create (once) a venv with ``pins`` (default `OLD_STACK`) installed and this environment's site-packages after
+    its own on the path; returns its python. The packages go in with ``--no-deps``, so pip never touches this
+    environment (benchmarks/lora_clients.py builds diffusers 0.30 and 0.33 stacks with PEFT this way)."""
     python = env / "bin" / "python"
     ready = env / ".erase-ready"
     if ready.is_file():
         return python
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(env)], check=True)
-    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", *OLD_STACK]
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", *pins]
     subprocess.run(pip, check=True)
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -96,7 +97,7 @@ def build_old_stack(env: Path) -> Path:
     parents = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     # a .pth line adds a folder at the end of sys.path: the old stack's own packages come first
     (Path(purelib) / "_erase_parent_env.pth").write_text("\n".join(parents) + "\n")
-    ready.write_text(json.dumps(OLD_STACK) + "\n")
+    ready.write_text(json.dumps(list(pins)) + "\n")
     return python
 
 

@@ -88,6 +88,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
         delta=save_patch(make_delta_patch(base, tuned, method="esd", concepts=["cat"]), root / "delta.safetensors"),
         sparse=save_patch(make_sparse_patch(base, tuned), root / "sparse.safetensors"),
         lora=save_patch(make_lora_patch(base, factors, lora_alpha=8.0), root / "lora.safetensors"),
+        lora_peft=save_patch(  # the PEFT layout: what erase wrote before format 2, and `erase export --to peft`
+            make_lora_patch(base, factors, lora_alpha=8.0), root / "lora_peft.safetensors", lora_layout="peft"
+        ),
         names=names,
     )
 
@@ -207,7 +210,10 @@ FLAG_CASES = [
     (["eval", "--concept", "red", "--seeds-per-prompt", "10000000"], "--seeds-per-prompt must be an integer from 1"),
     (["demo", "--seed", "-3"], "--seed must be an integer from 0"),
     (["world", "train", "--seed", "-5"], "--seed must be an integer from 0"),
-    (["export", "{delta}", "--to", "lora", "--rank", "-2"], "--rank must be an integer of at least 1, got -2"),
+    (
+        ["export", "{delta}", "--to", "lora", "--rank", "-2"],
+        "--rank must be an integer of at least 1 or 'auto', got -2",
+    ),
 ]
 
 
@@ -370,9 +376,17 @@ HEADER_CASES = [
     ("delta", {"erase.targets": '["vae"]'}, 'erase.targets is a list (["vae"]) but the tensors change unet'),
     ("delta", {HASHES_KEY: '{"unet.x": 1}'}, "erase.tensor_sha256 must be an object mapping tensor keys to sha256"),
     ("sparse", {"erase.shapes": "SHAPE_AS_STRING"}, "erase.shapes must be an object mapping tensor keys to lists"),
-    ("lora", {"lora_adapter_metadata": "[]"}, "lora_adapter_metadata must be a JSON object, got a list ([])"),
-    ("lora", {"lora_adapter_metadata": '{"r": 2}'}, "lora_adapter_metadata keys must be component-prefixed"),
-    ("lora", {"lora_adapter_metadata": '{"unet.r": "2", "unet.lora_alpha": 8}'}, "lora_adapter_metadata must be per"),
+    ("lora_peft", {"lora_adapter_metadata": "[]"}, "lora_adapter_metadata must be a JSON object, got a list ([])"),
+    ("lora_peft", {"lora_adapter_metadata": '{"r": 2}'}, "lora_adapter_metadata keys must be component-prefixed"),
+    (
+        "lora_peft",
+        {"lora_adapter_metadata": '{"unet.r": "2", "unet.lora_alpha": 8}'},
+        "lora_adapter_metadata must be per",
+    ),
+    ("lora", {"erase.lora_names": "[]"}, "erase.lora_names must map kohya names to component.module"),
+    ("lora", {"erase.lora_names": '{"lora_unet_x": "unet.x"}'}, "erase.lora_names does not match the file's modules"),
+    ("lora", {"erase.lora_config": '{"unet": {"r": "2"}}'}, "erase.lora_config must be per component a LoraConfig"),
+    ("lora", {"erase.lora_config": None}, "header lacks erase.lora_config"),
     ("delta", "NON_STRING", "header values must be strings (safetensors metadata), not erase.method"),
 ]
 
@@ -494,7 +508,6 @@ def test_a_read_only_file_system_is_named(world, tmp_path, capsys):
 def test_ctrl_c_is_one_line_exit_130_and_leaves_earlier_outputs_and_no_temporary_files(
     world, tmp_path, capsys, monkeypatch
 ):
-    import erase.lora_export
     import erase.patch as patch_module
     import pipelines.apply
 
@@ -510,12 +523,11 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_earlier_outputs_and_no_temporary
 
     monkeypatch.setattr(pipelines.apply, "_write_manifest", interrupt)  # after save_pretrained filled the temp folder
     monkeypatch.setattr(patch_module, "save_file", half_then_interrupt)
-    monkeypatch.setattr(erase.lora_export, "save_file", half_then_interrupt)
     with untouched(world.root, tmp_path):
         for argv in (
             ["apply", "--model", world.model, "--patch", world.lora, "--out", out, "--overwrite"],
             ["export", world.lora, "--to", "kohya", "--out", tmp_path / "k.safetensors"],
-            ["export", world.delta, "--to", "lora", "--rank", "2", "--out", tmp_path / "l.safetensors"],
+            ["export", world.delta, "--to", "lora", "--rank", "auto", "--out", tmp_path / "l.safetensors"],
         ):
             refused(capsys, argv, "erase: interrupted (Ctrl-C)", code=130)
 
@@ -577,7 +589,7 @@ def test_whether_the_output_exists_is_decided_at_the_end(world, tmp_path, capsys
     monkeypatch.setattr(pipelines.apply, "_write_manifest", finish_while_another_run_finishes)
     monkeypatch.setattr(erase.lora_export, "delta_to_lora", export_while_another_run_finishes)
     apply = ["apply", "--model", world.model, "--patch", world.delta, "--out", out]
-    export = ["export", world.delta, "--to", "lora", "--rank", "2", "--out", theirs]
+    export = ["export", world.delta, "--to", "lora", "--rank", "2", "--allow-lossy", "--out", theirs]
     refused(capsys, apply, f"--out {out} already exists (another run may have written it meanwhile)")
     refused(capsys, export, f"--out {theirs} already exists (another run may have written it meanwhile)")
     with untouched(world.root, tmp_path):  # --overwrite still never replaces a folder erase did not write
@@ -735,7 +747,7 @@ def test_misleading_inputs_get_messages_that_name_the_problem(world, pipe, tmp_p
         (["eval", "--concept", "red", "--prompts", binary, "--out", out], f"prompt CSV {binary} is not UTF-8 text"),
         (["apply", "--model", world.delta, "--patch", world.delta, "--out", out], "an erase patch, not a base model"),
         (["eval", "--model", world.delta, "--concept", "church", "--out", out], "an erase patch, not a base model"),
-        (["apply", "--model", kohya, "--patch", world.delta, "--out", out], "a LoRA file, not a base model"),
+        (["apply", "--model", kohya, "--patch", world.delta, "--out", out], "an erase patch, not a base model"),
         (
             [
                 "eval",

@@ -106,7 +106,9 @@ def test_inspect_prints_metadata_and_sizes(work, capsys):
     assert "diffusers " in out and "torch " in out and 'config:          {"lr": 1e-05}' in out
     assert "lora:" not in out
     assert main(["inspect", str(work.lora)]) == 0
-    assert "lora:            unet r=2 lora_alpha=8.0; text_encoder r=2 lora_alpha=8.0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lora:            unet r=2 lora_alpha=8.0; text_encoder r=2 lora_alpha=8.0" in out
+    assert "lora file:       kohya keys, for diffusers >= 0.30 (pipe.load_lora_weights), ComfyUI, AUTOMATIC1111" in out
 
 
 def test_inspect_json_is_machine_readable(work, capsys):
@@ -115,12 +117,13 @@ def test_inspect_json_is_machine_readable(work, capsys):
     patch = load_patch(work.lora)
     assert summary["file"] == str(work.lora) and summary["file_size"] == work.lora.stat().st_size
     assert summary["format_version"] == 2 and summary["kind"] == "lora" and summary["method"] == "uce"
+    assert summary["lora_file"]["layout"] == "kohya" and "InvokeAI" in summary["lora_file"]["clients"]
     assert summary["targets"] == ["unet", "text_encoder"] and summary["concepts"] == ["dog", "wolf"]
     assert summary["base_fingerprint"] == patch.base_fingerprint and "diffusers" in summary["versions"]
     assert summary["n_tensors"] == len(patch.tensors)
     n_modules = len(patch.target_names("unet"))
     unet = summary["components"]["unet"]
-    assert unet["tensors"] == 2 * n_modules and unet["weights"] == n_modules
+    assert unet["tensors"] == 2 * n_modules and unet["weights"] == n_modules  # in memory: PEFT A and B
     assert unet["elements"] == sum(t.numel() for k, t in patch.tensors.items() if k.startswith("unet."))
     assert summary["lora_config"]["unet"]["r"] == 2 and summary["lora_config"]["unet"]["lora_alpha"] == 8.0
 
@@ -170,13 +173,25 @@ def test_apply_refuses_a_fingerprint_mismatch_unless_forced(work, tmp_path, caps
 
 
 def printed_error(out: str) -> float:
-    return float(re.search(r"relative reconstruction error at rank \d+: (\S+)", out).group(1))
+    return float(re.search(r"relative reconstruction error at rank [^:]+: (\S+)", out).group(1))
 
 
-def test_export_delta_to_lora_reports_error_and_is_exact_at_full_rank(work, tmp_path, capsys):
+def test_export_delta_to_lora_refuses_a_lossy_rank_and_is_exact_at_full_rank(work, tmp_path, capsys):
     delta = load_patch(work.delta)
-    assert main(["export", str(work.delta), "--to", "lora", "--rank", "1", "--out", str(tmp_path / "r1")]) == 0
-    assert printed_error(capsys.readouterr().out) > 0.1  # a random full-rank delta is far from rank 1
+    r1 = tmp_path / "r1.safetensors"
+    # a random full-rank delta is far from rank 1: refused (nothing written) unless asked for
+    assert main(["export", str(work.delta), "--to", "lora", "--rank", "1", "--out", str(r1)]) == 2
+    assert "above --max-error 0.01" in one_line_error(capsys) and not r1.exists()
+    assert main(["export", str(work.delta), "--to", "lora", "--rank", "1", "--allow-lossy", "--out", str(r1)]) == 0
+    out = capsys.readouterr().out
+    error = printed_error(out)
+    assert error > 0.1 and f"(keeps {100 * (1 - error**2):.1f}% of the edit's energy, 1 - error^2)" in out
+    assert load_patch(r1).notes["relative_error"] == pytest.approx(error, rel=1e-3)
+    assert main(["inspect", str(r1)]) == 0
+    assert f"relative_error={load_patch(r1).notes['relative_error']}" in capsys.readouterr().out
+    loose = tmp_path / "loose.safetensors"
+    argv = ["export", str(work.delta), "--to", "lora", "--rank", "1", "--max-error", "0.99", "--out", str(loose)]
+    assert main(argv) == 0 and loose.exists()  # a raised tolerance is the other way to accept the loss
 
     full = tmp_path / "full.safetensors"
     assert main(["export", str(work.delta), "--to", "lora", "--rank", "1024", "--out", str(full)]) == 2
@@ -190,6 +205,34 @@ def test_export_delta_to_lora_reports_error_and_is_exact_at_full_rank(work, tmp_
             torch.testing.assert_close(lora.dense_delta(component, name), expected, atol=1e-5, rtol=0)
 
 
+def test_export_rank_auto_finds_the_numerical_rank_per_module(work, tmp_path, capsys):
+    """A delta of rank 3 on 32-wide modules and rank 5 on one: auto gives exactly those ranks, exact to float
+    precision, and a loose tolerance gives smaller ranks within it."""
+    pipe = load_folder(work.model)
+    g = torch.Generator().manual_seed(3)
+    base = {c: pipe.components[c].state_dict() for c in ("unet", "text_encoder")}
+    tuned = {"unet": {}, "text_encoder": {}}
+    for component, module, rank in [*[("unet", m, 3) for m in cross_attention(pipe)], ("text_encoder", TEXT_K, 5)]:
+        w = base[component][module + ".weight"]
+        low = torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w.shape[1], generator=g)
+        tuned[component][module + ".weight"] = w + 0.05 * low
+    delta = save_patch(make_delta_patch(base, tuned, method="uce"), tmp_path / "low.safetensors")
+    out = tmp_path / "auto.safetensors"
+    assert main(["export", str(delta), "--to", "lora", "--rank", "auto", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "at rank auto (3-5)" in printed and printed_error(printed) < 1e-6
+    lora = load_patch(out)
+    assert {lora.tensors[k].shape[0] for k in lora.tensors if k.startswith("unet.") and "lora_A" in k} == {3}
+    assert lora.tensors[f"text_encoder.{TEXT_K}.lora_A.weight"].shape[0] == 5
+    assert lora.notes["svd_rank"] == "auto" and lora.notes["svd_tolerance"] == 0.01
+    loose = tmp_path / "loose.safetensors"
+    argv = ["export", str(delta), "--to", "lora", "--rank", "auto", "--max-error", "0.6", "--out", str(loose)]
+    assert main(argv) == 0
+    error = printed_error(capsys.readouterr().out)
+    assert 0 < error <= 0.6
+    assert max(t.shape[0] for k, t in load_patch(loose).tensors.items() if "lora_A" in k) < 5
+
+
 def test_export_to_kohya_from_lora_and_from_delta(work, tmp_path, capsys):
     out = tmp_path / "kohya.safetensors"
     assert main(["export", str(work.lora), "--to", "kohya", "--out", str(out)]) == 0
@@ -197,15 +240,46 @@ def test_export_to_kohya_from_lora_and_from_delta(work, tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
         alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+        meta = f.metadata()
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
     assert "lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_up.weight" in keys
     assert alphas == {8.0}  # the real lora_alpha, so kohya's alpha / rank equals PEFT's scaling
+    assert meta["ss_network_alpha"] == "8" and meta["ss_network_dim"] == "2" and float(meta["ss_network_alpha"]) == 8
+    assert "lora_adapter_metadata" not in meta  # diffusers >= 0.34 would use it instead of the .alpha tensors
+    # --to lora writes the same layout (kohya is its alias); both load back as the same erase patch
+    same = tmp_path / "same.safetensors"
+    assert main(["export", str(work.lora), "--to", "lora", "--out", str(same)]) == 0
+    with safe_open(str(same), "pt") as f:
+        assert set(f.keys()) == keys
+    original = load_patch(work.lora)
+    for path in (out, same):
+        again = load_patch(path)
+        assert again.lora_config == original.lora_config and again.tensors.keys() == original.tensors.keys()
+        assert all(torch.equal(again.tensors[k], t) for k, t in original.tensors.items())
 
     from_delta = tmp_path / "kohya_delta.safetensors"
-    assert main(["export", str(work.delta), "--to", "kohya", "--rank", "2", "--out", str(from_delta)]) == 0
+    argv = ["export", str(work.delta), "--to", "kohya", "--rank", "2", "--allow-lossy", "--out", str(from_delta)]
+    assert main(argv) == 0
     assert printed_error(capsys.readouterr().out) > 0
     with safe_open(str(from_delta), "pt") as f:
         assert f.get_tensor(next(k for k in f.keys() if k.endswith(".lora_down.weight"))).shape[0] == 2
+
+
+def test_export_to_peft_folds_the_scale_into_lora_b(work, tmp_path, capsys):
+    out = tmp_path / "peft.safetensors"
+    assert main(["export", str(work.lora), "--to", "peft", "--out", str(out)]) == 0
+    assert "peft keys; for diffusers and PEFT only" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    packed = json.loads(meta["lora_adapter_metadata"])
+    assert packed["unet.r"] == packed["unet.lora_alpha"] == 2 and not packed["unet.alpha_pattern"]
+    peft, original = load_patch(out), load_patch(work.lora)
+    for component in original.targets:
+        for name, expected in original.dense_deltas(component).items():
+            torch.testing.assert_close(peft.dense_delta(component, name), expected, atol=1e-6, rtol=1e-6)
+    assert main(["inspect", str(out)]) == 0
+    assert "lora file:       peft keys, for diffusers and PEFT only" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,15 +309,24 @@ ERRORS = [
     (["export", "{delta}", "--to", "ckpt", "--out", "{root}/x"], "argument --to: invalid choice: 'ckpt'"),
     (
         ["export", "{delta}", "--to", "lora", "--rank", "0", "--out", "{root}/x"],
-        "--rank must be an integer of at least 1, got 0",
+        "--rank must be an integer of at least 1 or 'auto', got 0",
     ),
     (
         ["export", "{delta}", "--to", "lora", "--rank", "two", "--out", "{root}/x"],
-        "--rank must be an integer of at least 1, got 'two'",
+        "--rank must be an integer of at least 1 or 'auto', got 'two'",
     ),
+    (
+        ["export", "{delta}", "--to", "lora", "--rank", "1", "--out", "{root}/x"],
+        "delta.safetensors: the LoRA at rank 1 has relative error 0.956 (keeps 8.7% of the edit's energy), "
+        "above --max-error 0.01; pass --rank auto",
+    ),
+    (
+        ["export", "{delta}", "--to", "lora", "--rank", "2", "--max-error", "2", "--out", "{root}/x"],
+        "--max-error must be finite and between 0 and 1, got 2",
+    ),
+    (["export", "{lora}", "--to", "lora", "--max-error", "0.5", "--out", "{root}/x"], "drop them"),
     (["export", "{delta}", "--to", "lora", "--out", "{root}/x"], "a delta patch exports to LoRA by truncated SVD"),
     (["export", "{lora}", "--to", "kohya", "--rank", "2", "--out", "{root}/x"], "drop --rank"),
-    (["export", "{lora}", "--to", "lora", "--out", "{root}/x"], "already a lora patch"),
     (["export", "{delta}", "--to", "lora", "--rank", "2", "--out", "{lora}"], "already exists"),
     (["export", "{delta}", "--to", "kohya", "--rank", "2", "--out", "{delta}", "--overwrite"], "differ from PATCH"),
 ]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from erase.commands._args import _SKIP_HASH_HELP, CliError, _integer, _number, status
+from erase.commands._args import _SKIP_HASH_HELP, CliError, _number, status
 
 if TYPE_CHECKING:
     from erase.patch import Patch
@@ -36,11 +36,33 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     )
     apply.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
 
-    export = commands.add_parser("export", help="convert a patch to a diffusers/PEFT LoRA or a kohya/A1111 LoRA file")
+    export = commands.add_parser(
+        "export", help="convert a patch to a LoRA file every client loads (diffusers, ComfyUI, A1111, InvokeAI, kohya)"
+    )
     export.add_argument("patch", metavar="PATCH", help="an erase patch (.safetensors)")
-    export.add_argument("--to", required=True, choices=["lora", "kohya"], help="output format")
     export.add_argument(
-        "--rank", type=_integer("--rank", 1), metavar="R", help="LoRA rank for a delta or sparse patch (truncated SVD)"
+        "--to",
+        required=True,
+        choices=["lora", "kohya", "peft"],
+        help="lora (= kohya): kohya keys, read by diffusers, ComfyUI, A1111, InvokeAI and sd-scripts; peft: PEFT keys "
+        "for diffusers/PEFT only (scale folded into lora_B, lora_alpha = r, exact in diffusers < 0.34 too)",
+    )
+    export.add_argument(
+        "--rank",
+        type=_rank,
+        metavar="R",
+        help="LoRA rank for a delta or sparse patch (truncated SVD), or 'auto': per module the smallest rank within "
+        "--max-error",
+    )
+    export.add_argument(
+        "--max-error",
+        type=_number("--max-error", 0.0, 1.0),
+        default=None,
+        metavar="E",
+        help="largest relative error (||delta - LoRA|| / ||delta||) an SVD export may have (default 0.01)",
+    )
+    export.add_argument(
+        "--allow-lossy", action="store_true", help="write an SVD export even when its error is above --max-error"
     )
     export.add_argument("--out", required=True, metavar="FILE", help="output file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -48,6 +70,19 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     export.add_argument(
         "--trust-unverified", action="store_true", help="export a patch no hash verifies (you trust its source)"
     )
+
+
+def _rank(text: str) -> int | str:
+    """``--rank``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise CliError(f"--rank must be an integer of at least 1 or 'auto', got {text!r}") from None
+    if value < 1:
+        raise CliError(f"--rank must be an integer of at least 1 or 'auto', got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +111,14 @@ def patch_summary(patch: Patch, path: Path) -> dict[str, Any]:
         **summary,
         "n_tensors": len(patch.tensors),
         "components": components,
+        **({"lora_file": _lora_file(path)} if patch.kind == "lora" else {}),
     }
+
+
+def _lora_file(path: Path) -> dict[str, str]:
+    from erase.lora_format import file_layout
+
+    return file_layout(path)
 
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -109,6 +151,9 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         lora = summary["lora_config"]
         ranks = "; ".join(f"{c} r={lora[c]['r']} lora_alpha={lora[c]['lora_alpha']}" for c in summary["targets"])
         lines.append(f"lora:            {ranks}")
+    if "lora_file" in summary:
+        layout = summary["lora_file"]
+        lines.append(f"lora file:       {layout['layout']} keys, for {layout['clients']}")
     if summary["config"]:
         lines.append(f"config:          {json.dumps(summary['config'], sort_keys=True)}")
     scalars = {k: v for k, v in summary["notes"].items() if isinstance(v, (str, int, float))}
@@ -172,26 +217,38 @@ def _export(args: argparse.Namespace) -> int:
     if _same_path(out, source):
         raise CliError("--out must differ from PATCH; choose a new file")
     status("erase export: loading torch and the patch ...")
-    from erase.lora_export import delta_to_lora, lora_to_kohya
+    from erase.lora_export import DEFAULT_MAX_ERROR, check_export_error, delta_to_lora, lora_to_peft
+    from erase.lora_format import CLIENTS, KOHYA, PEFT, kohya_applies
     from erase.patch import load_patch, require_trusted, save_patch
 
     check_output_file(args.out, args.overwrite, label="--out")  # the text: Path("") would be "."
     patch = load_patch(args.patch, verify=not args.skip_hash_check)
     require_trusted(patch, args.trust_unverified, flag="--trust-unverified")  # no fresh hashes for unverified data
+    max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
     if patch.kind == "lora":
         if args.rank is not None:
             raise CliError("--rank applies to delta and sparse patches; this patch is already a LoRA, drop --rank")
-        if args.to == "lora":
-            raise CliError(f"{source} is already a lora patch (diffusers loads it as is); use --to kohya")
+        if args.max_error is not None or args.allow_lossy:
+            raise CliError("--max-error and --allow-lossy apply to SVD exports of delta patches; drop them")
     else:
         if args.rank is None:
-            raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank")
-        patch, error = delta_to_lora(patch, args.rank)
-        print(f"relative reconstruction error at rank {args.rank}: {error:.3e}")
+            raise CliError(f"a {patch.kind} patch exports to LoRA by truncated SVD; pass --rank R or --rank auto")
+        lora, error = delta_to_lora(patch, args.rank, tolerance=max_error)
+        print(check_export_error(lora, error, max_error, args.allow_lossy, where=patch.where))
+        patch = lora
+    layout = PEFT if args.to == "peft" else None
+    if args.to == "peft":
+        patch = lora_to_peft(patch)
+    elif not kohya_applies(patch):
+        raise CliError(f"{patch.where}: a LoRA on {', '.join(patch.targets)} has no kohya form; use --to peft")
     # whether --out exists is decided again when the file is complete: of two runs, the second fails
-    if args.to == "lora":
-        save_patch(patch, out, overwrite=args.overwrite, label="--out", trust_unverified=args.trust_unverified)
-    else:
-        lora_to_kohya(patch, out, overwrite=args.overwrite, label="--out")
-    print(f"wrote {out} ({args.to})")
+    save_patch(
+        patch,
+        out,
+        overwrite=args.overwrite,
+        label="--out",
+        trust_unverified=args.trust_unverified,
+        lora_layout=layout,
+    )
+    print(f"wrote {out} ({layout or KOHYA} keys; for {CLIENTS[layout or KOHYA]})")
     return 0
