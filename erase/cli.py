@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import argparse
 
-# Only the standard library's sys at import time: a Ctrl-C reaches `entry_point`'s handler as early as possible, and
+# Only sys and contextlib at import time: a Ctrl-C reaches `entry_point`'s handler as early as possible, and
 # `erase --help` loads nothing it does not print. The names below were defined here before the commands moved to
 # `erase.commands`; they stay importable from here (``from erase.cli import CliError``), loaded on first use.
 _MOVED = {
