@@ -21,9 +21,9 @@ format version 2) uses the key convention of kohya's sd-scripts (``networks/lora
 
 There is deliberately no diffusers ``lora_adapter_metadata`` key in this layout: diffusers >= 0.34 would apply that
 config instead of the per-module ``.alpha`` tensors. A PEFT-key file (``"peft"`` layout, what erase wrote as format
-version 1, and ``erase export --to peft``) still loads; `peft_state` builds one with every module's scale folded into
-``lora_B`` and ``lora_alpha = r`` so that diffusers before 0.34, which ignores the header, applies it at the right
-strength. GAN (``generator``) LoRAs keep the PEFT layout: no client reads them.
+version 1, and ``erase export --to peft``) still loads; `peft_folded` builds one with every module's scale folded
+into ``lora_B``, one rank and ``lora_alpha = r`` so that diffusers before 0.34, which ignores the header, applies it
+at the right strength. GAN (``generator``) LoRAs keep the PEFT layout: no client reads them.
 """
 
 from __future__ import annotations
@@ -366,28 +366,32 @@ def _json(where: str, file_meta: Mapping[str, str], key: str) -> Any:
 
 
 def peft_folded(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """PEFT tensors and LoraConfig with every module's scale folded into ``lora_B`` and ``lora_alpha = r``.
+    """PEFT tensors and LoraConfig with every module's scale folded into ``lora_B``, every rank padded with zeros to
+    the largest one, and ``lora_alpha = r``.
 
-    diffusers before 0.34 ignores the ``lora_adapter_metadata`` header and assumes ``lora_alpha = r``; with the
-    scale in ``lora_B`` that assumption is true for every module, so every diffusers version applies the file at
-    erase's strength (to fp32 rounding of ``scale * B``).
+    diffusers before 0.34 ignores the ``lora_adapter_metadata`` header: it assumes ``lora_alpha = r`` and takes one
+    alpha for modules of differing rank (measured: 0.8x on the rank-320 modules of a rank-400 export). With the scale
+    in ``lora_B`` and one rank (zero rows of ``lora_A`` and zero columns of ``lora_B`` add nothing to ``B @ A``),
+    every diffusers version applies the file at erase's strength (to fp32 rounding of ``scale * B``).
     """
     from erase.patch import LORA_A, LORA_B, lora_config_kwargs
 
+    rank = max(patch.tensors[f"{c}.{m}{LORA_A}"].shape[0] for c, m in _modules(patch))
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, dict[str, Any]] = {}
     for component in patch.targets:
-        ranks = {}
-        for name in patch.target_names(component):
-            module = name[: -len(".weight")]
+        modules = [m for c, m in _modules(patch) if c == component]
+        for module in modules:
             key = f"{component}.{module}"
             down, up = patch.tensors[key + LORA_A], patch.tensors[key + LORA_B]
             scale = patch.lora_scaling(component, module)
-            tensors[key + LORA_A] = down.contiguous()
             folded = up if scale == 1 else (up.to(torch.float64) * scale).to(up.dtype)
-            tensors[key + LORA_B] = folded.contiguous()
-            ranks[module] = int(down.shape[0])
-        config[component] = lora_config_kwargs(ranks, {m: float(r) for m, r in ranks.items()})
+            missing = rank - down.shape[0]
+            if missing:
+                down = torch.cat([down, down.new_zeros(missing, *down.shape[1:])])
+                folded = torch.cat([folded, folded.new_zeros(folded.shape[0], missing, *folded.shape[2:])], dim=1)
+            tensors[key + LORA_A], tensors[key + LORA_B] = down.contiguous(), folded.contiguous()
+        config[component] = lora_config_kwargs(dict.fromkeys(modules, rank), dict.fromkeys(modules, float(rank)))
     return tensors, config
 
 

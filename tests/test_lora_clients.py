@@ -291,3 +291,19 @@ def test_rank_auto_exports_a_uce_delta_exactly_within_its_own_rank(tmp_path, cap
     # a rank below the edit's is refused by default, with the kept share named
     assert main(["export", str(delta), "--to", "lora", "--rank", "1", "--out", str(tmp_path / "r1.safetensors")]) == 2
     assert "of the edit's energy), above --max-error 0.01" in capsys.readouterr().err
+
+
+def test_peft_export_has_one_rank_and_alpha_equal_to_it_for_old_diffusers(tmp_path):
+    """diffusers < 0.34 ignores the header: a PEFT file is right there only if every module has scale 1 and one
+    rank; the export pads ranks with zeros and folds scales, and the weight change stays erase's."""
+    from erase.lora_export import lora_to_peft
+
+    patch, _ = lora_for(tiny_pipeline("sd1"))  # ranks 2, 3 and 4, alphas 3, 8 and 1.5
+    peft = load_patch(save_patch(lora_to_peft(patch), tmp_path / "peft.safetensors", lora_layout="peft"))
+    ranks = {t.shape[0] for k, t in peft.tensors.items() if k.endswith("lora_A.weight")}
+    assert ranks == {4} and all(
+        c["r"] == c["lora_alpha"] == 4 and not c["rank_pattern"] for c in peft.lora_config.values()
+    )
+    for component in patch.targets:
+        for name, expected in patch.dense_deltas(component).items():
+            torch.testing.assert_close(peft.dense_delta(component, name), expected, atol=1e-6, rtol=1e-6)
