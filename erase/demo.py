@@ -62,9 +62,8 @@ BARS: dict[str, dict[str, float | None]] = {
 # seed, the attack's own default). Its cost is mostly fixed (the 300 steps learning the token, the 32 base images it
 # learns from), so fewer cases would save little time and make the share coarser.
 ATTACK_CASES = 24
-ATTACK: dict = {
-    "cases": ATTACK_CASES
-}  # the `AttackConfig` fields the demo sets (``run_demo(attack=...)`` adds to them)
+# The `AttackConfig` fields the demo sets (``run_demo(attack=...)`` adds to them).
+ATTACK: dict = {"cases": ATTACK_CASES}
 # Rough seconds per stage on 2 CPU cores, one thread, for the progress messages (measured, see the README).
 EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 145, "eval": 60, "attack": 40}
 
@@ -153,8 +152,8 @@ def _run_demo(
     }
     clock = _Clock()
     for method in methods:
-        run = {"method": method, "concept": concept, "out": out, "steps": steps, "progress": progress, "say": say}
-        run["clock"] = clock
+        run = {"method": method, "concept": concept, "out": out, "steps": steps, "progress": progress}
+        run |= {"say": say, "clock": clock}
         summary, config = _erase_and_evaluate(
             **run,
             settings={**METHOD_SETTINGS.get(method, {}), **settings.get(method, {})},
