@@ -689,15 +689,21 @@ def summarize(path: Any, verify: bool = True) -> dict[str, Any]:
     return {
         "file": str(raw.path),
         "file_size": raw.size,
-        **{k: v for k, v in fields.items() if k != "shapes"},  # sparse dense shapes: not shown (as load_patch's)
+        **_without(fields, "shapes"),  # sparse dense shapes: not shown (as load_patch's)
         "targets": targets,
-        "nbytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in raw.tensors.values()),
+        "nbytes": sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values()),
         "data_hash": data_hash,
         "unverified_reason": header.reason,
         "n_tensors": len(entries),
         "components": components,
         **({"lora_file": lora_file(raw.metadata)} if fields["kind"] == "lora" else {}),
     }
+
+
+def _without(fields: Mapping[str, Any], name: str) -> dict[str, Any]:
+    out = dict(fields)
+    out.pop(name, None)
+    return out
 
 
 # Which clients apply each LoRA layout exactly (measured: benchmarks/lora_clients.py and the ecosystem notes).
