@@ -443,17 +443,40 @@ def lora_layout(meta: Mapping[str, str]) -> str:
     return layout if layout in ("kohya", "peft") else "peft"
 
 
-def logical_names(kind: str, meta: Mapping[str, str], stored) -> dict[str, str]:
+def _kohya_names(where: str, meta: Mapping[str, str]) -> dict[str, str]:
+    try:
+        names = json.loads(meta.get(_NAMES_KEY, "null"))
+    except json.JSONDecodeError:
+        names = None
+    if not (isinstance(names, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in names.items())):
+        raise PatchError(f"{where}: {_NAMES_KEY} must map kohya names to component.module; re-export the patch")
+    return names
+
+
+def _check_kohya_names(where: str, meta: Mapping[str, str], stored) -> None:
+    """The name map covers exactly the file's modules (zero padding modules aside)."""
+    names = _kohya_names(where, meta)
+    try:
+        padding = json.loads(meta.get("erase.lora_padding", "[]"))
+    except json.JSONDecodeError:
+        padding = None
+    if not (isinstance(padding, list) and all(isinstance(p, str) for p in padding)):
+        raise PatchError(f"{where}: erase.lora_padding must be a list of kohya names; re-export the patch")
+    stems = {k.split(".", 1)[0] for k in stored}
+    odd = sorted(stems - set(names) - set(padding)) + sorted(set(names) - stems)
+    if odd:
+        raise PatchError(
+            f"{where}: {_NAMES_KEY} does not match the file's modules ({', '.join(odd[:5])}); the file was edited, "
+            "re-export it"
+        )
+
+
+def logical_names(kind: str, meta: Mapping[str, str], stored, where: str = "patch") -> dict[str, str]:
     """Stored key -> the key the in-memory patch has (``component.module.lora_A.weight``, ...). Identity except for
     a kohya-layout ``lora`` file, whose ``.alpha`` and padding tensors have no in-memory key and are left out."""
     if kind != "lora" or lora_layout(meta) != "kohya":
         return {k: k for k in stored}
-    try:
-        names = json.loads(meta.get(_NAMES_KEY, "{}"))
-    except json.JSONDecodeError:
-        names = None
-    if not isinstance(names, dict):
-        raise PatchError(f"{meta.get('erase.method', 'patch')}: {_NAMES_KEY} is not an object; re-export the patch")
+    names = _kohya_names(where, meta)
     out = {}
     for key in stored:
         stem, _, part = key.partition(".")
@@ -564,6 +587,9 @@ def read_header(path: Any) -> PatchHeader:
     layout = lora_layout(meta) if kind == "lora" else ""
     if kind == "lora" and layout == "kohya":  # the config erase applies with; the kohya .alpha tensors agree with it
         fields["lora_config"] = _parse_json(where, meta, _CONFIG_KEY)
+        if not SCHEMA["lora_config"][1](fields["lora_config"]):
+            raise PatchError(f"{where}: {_CONFIG_KEY} must be {SCHEMA['lora_config'][2]}; re-export the patch")
+        _check_kohya_names(where, meta, raw.tensors)
     elif kind == "lora":
         fields["lora_config"] = unpack_lora_metadata(where, _parse_json(where, meta, LORA_METADATA_KEY))
     hashes = _parse_json(where, meta, HASHES_KEY) if HASHES_KEY in meta else {}
@@ -573,7 +599,7 @@ def read_header(path: Any) -> PatchHeader:
             raise error
     if "erase.targets" in meta:
         listed = _parse_json(where, meta, "erase.targets")
-        found = targets_of(logical_names(kind, meta, raw.tensors).values())
+        found = targets_of(logical_names(kind, meta, raw.tensors, where).values())
         if not (isinstance(listed, list) and all(isinstance(t, str) for t in listed)) or set(listed) != set(found):
             raise PatchError(
                 f"{where}: erase.targets is {json_kind(listed)} but the tensors change {', '.join(found)}; the "

@@ -234,6 +234,17 @@ class MethodContract:
     def train(self, model, config, out=None, **kwargs):
         return train_patch(self.method, config, out, pipe=model, progress=False, **kwargs)
 
+    def assert_resolved(self, stored: dict, given) -> None:
+        """``stored`` (a patch's config) is ``given`` with the per-model defaults filled in: every setting the
+        caller gave kept, every field a row of the method's ``DEFAULTS`` table names resolved to a value."""
+        mine = config_to_dict(given)
+        assert stored.keys() == mine.keys()
+        assert {k: v for k, v in stored.items() if mine[k] is not None} == {
+            k: v for k, v in mine.items() if v is not None
+        }
+        tabled = {name for row in getattr(get_method(self.method), "DEFAULTS", {}).values() for name in row}
+        assert all(stored[name] is not None for name in tabled), "a per-model default was left unresolved"
+
     # ------------------------------------------------------------------------------------------ shared runs
     @pytest.fixture(scope="class")
     @classmethod
@@ -277,7 +288,7 @@ class MethodContract:
         model, patch, config = self.model(models, arch), run.patch, run.config
         assert not changed(run.base, snapshot(self.components(model))), "training changed the base model"
         assert patch.method == self.method and patch.concepts == list(config.concepts) and patch.kind == config.kind
-        assert patch.config == config_to_dict(config)  # the resolved config is stored
+        self.assert_resolved(patch.config, config)  # the resolved config is stored; the caller's stays as given
         if self.has_loop():
             assert patch.notes["steps"] == config.steps and patch.notes["steps_this_run"] == config.steps
         assert patch.targets and all(patch.target_names(c) for c in patch.targets)
@@ -397,7 +408,8 @@ class MethodContract:
         patch = load_patch(first)
         expected = config_from_dict(self.config_class(), settings)
         in_process = train_patch(self.method, expected, progress=False)
-        assert patch.config == in_process.config == config_to_dict(expected)
+        assert patch.config == in_process.config
+        self.assert_resolved(patch.config, expected)
         assert all(torch.equal(t, in_process.tensors[k]) for k, t in patch.tensors.items())
         capsys.readouterr()
         assert main(["inspect", str(first), "--json"]) == 0

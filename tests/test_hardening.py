@@ -944,8 +944,8 @@ def test_a_huge_weight_with_its_hash_key_deleted_is_refused_by_every_command(wor
 
 def test_a_flipped_bit_in_a_header_field_is_caught(world, tmp_path, capsys):
     data = bytearray(world.lora.read_bytes())
-    at = data.index(b'unet.lora_alpha\\": 8.0')  # inside the header's JSON string, quotes are escaped
-    data[at + len(b'unet.lora_alpha\\": ')] ^= 0x01  # 8.0 -> 9.0: valid JSON, valid value, same length
+    at = data.index(b'lora_alpha\\": 8.0')  # inside the header's JSON string, quotes are escaped
+    data[at + len(b'lora_alpha\\": ')] ^= 0x01  # 8.0 -> 9.0: valid JSON, valid value, same length
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(bytes(data))
     assert load_patch(world.lora).lora_config["unet"]["lora_alpha"] == 8.0
@@ -957,9 +957,10 @@ def test_a_flipped_bit_in_a_header_field_is_caught(world, tmp_path, capsys):
     from erase.patchfile import DIGEST_KEY, header_digest, raw_table, read_raw
 
     with safe_open(str(world.lora), "pt") as handle:
-        packed = handle.metadata()["lora_adapter_metadata"]
-    packed = packed.replace('"unet.lora_alpha": 8.0', '"unet.lora_alpha": 1e30')
-    huge = rewrite(world.lora, tmp_path / "huge.safetensors", lora_adapter_metadata=packed)
+        config = handle.metadata()["erase.lora_config"]  # the kohya layout's LoraConfig (erase.lora_format)
+    assert '"lora_alpha": 8.0' in config
+    config = config.replace('"lora_alpha": 8.0', '"lora_alpha": 1e30')
+    huge = rewrite(world.lora, tmp_path / "huge.safetensors", **{"erase.lora_config": config})
     raw = read_raw(huge)
     huge = rewrite(huge, huge, **{DIGEST_KEY: header_digest(raw.metadata, raw_table(raw))})
     with untouched(world.root, tmp_path):
@@ -983,7 +984,19 @@ def test_an_unverified_patch_warns_everywhere_and_exports_only_when_trusted(worl
                 f"erase: error: {bare}: refusing to write it with fresh hashes: it is unverified (it stores no "
                 "hashes); pass --trust-unverified if you trust its source"
             )
-    assert main(["export", str(bare), "--to", "lora", "--rank", "2", "--out", str(out), "--trust-unverified"]) == 0
+    argv = [
+        "export",
+        str(bare),
+        "--to",
+        "lora",
+        "--rank",
+        "2",
+        "--allow-lossy",
+        "--out",
+        str(out),
+        "--trust-unverified",
+    ]
+    assert main(argv) == 0
     assert warning in capsys.readouterr().err
     assert load_patch(out).hash_check == "verified"  # the user vouched for it
     assert main(["apply", "--model", str(world.model), "--patch", str(bare), "--out", str(tmp_path / "applied")]) == 0
@@ -1395,7 +1408,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run_writing_the_sam
     ]
     for name in kept:
         (tmp_path / name).write_bytes(b"not ours to remove")
-    assert main(["export", str(world.delta), "--to", "lora", "--rank", "2", "--out", str(lora)]) == 0
+    assert main(["export", str(world.delta), "--to", "lora", "--rank", "2", "--allow-lossy", "--out", str(lora)]) == 0
     assert main(["world", "export", str(export)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([*kept, "l.safetensors", "shapes-sd", next(n for n in left if n.startswith(".other"))])
