@@ -64,8 +64,9 @@ BARS: dict[str, dict[str, float | None]] = {
 ATTACK_CASES = 24
 # The `AttackConfig` fields the demo sets (``run_demo(attack=...)`` adds to them).
 ATTACK: dict = {"cases": ATTACK_CASES}
-# Rough seconds per stage on 2 CPU cores, one thread, for the progress messages (measured, see the README).
-EXPECTED_SECONDS = {"uce": 15, "esd": 150, "salun": 70, "doco": 145, "eval": 60, "attack": 40}
+# Rough seconds per stage for the progress messages: the CPU seconds of each stage in a full demo with one thread
+# (about the wall time on 2 idle cores; a busy machine stretches them several times).
+EXPECTED_SECONDS = {"uce": 5, "esd": 70, "salun": 120, "doco": 190, "eval": 55, "attack": 35}
 
 
 def run_demo(
@@ -401,7 +402,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
             return _cell(text, c[name]["pass"], f"bar {_bar_text(name, c[name]['bar'])}")
 
         retention = {
-            k: f"{_pct(s['retention'][k]['patched'])} ({_num(c[k]['value'], '.2f')}x)"
+            k: f"{_pct(s['retention'][k]['patched'])} ({_num(c[k]['value'], '.3f')}x)"
             for k in ("in_domain", "cross_domain")
         }
         depth = s["depth"]

@@ -47,11 +47,13 @@ def test_old_diffusers_apply_the_default_file_exactly(stack, tmp_path):
     except subprocess.CalledProcessError as err:
         pytest.skip(f"could not build the old stack ({err}); needs PyPI access once")
     table = measured(tmp_path, "diffusers", python, None, "tiny")
-    for case in ("uce", "doco", "svd-mixed", "te+conv"):
-        for kind in ("kohya", "peft"):
-            r = table[f"{case}/{kind}"]
-            assert r["applied"] == r["modules"] and r["stray"] == 0, (case, kind, r)
-            assert r["max_abs_diff"] <= 1e-6 and abs(r["strength"] - 1) <= 1e-6, (case, kind, r)
+    for case, kind in [(c, k) for c in ("uce", "doco", "svd-mixed", "te+conv") for k in ("kohya", "peft")]:
+        if (case, kind) == ("te+conv", "peft"):  # PEFT text-encoder keys from transformers 5 fail in 4.x stacks
+            assert table[f"{case}/{kind}"].startswith("error"), table[f"{case}/{kind}"]
+            continue
+        r = table[f"{case}/{kind}"]
+        assert r["applied"] == r["modules"] and r["stray"] == 0, (case, kind, r)
+        assert r["max_abs_diff"] <= 1e-6 and abs(r["strength"] - 1) <= 1e-6, (case, kind, r)
     # the PEFT file with alpha != r in the header only: the old stack applies it at alpha/r-wrong strength
     assert abs(table["doco/peft-v1"]["strength"] - 0.5) <= 1e-6
 
