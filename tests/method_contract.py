@@ -236,12 +236,12 @@ class MethodContract:
 
     def assert_resolved(self, stored: dict, given) -> None:
         """``stored`` (a patch's config) is ``given`` with the per-model defaults filled in: every setting the
-        caller gave kept, every field a row of the method's ``DEFAULTS`` table names resolved to a value."""
+        caller gave kept (None and an empty per-concept list mean "resolve it"), every field a row of the method's
+        ``DEFAULTS`` table names resolved to a value."""
         mine = config_to_dict(given)
         assert stored.keys() == mine.keys()
-        assert {k: v for k, v in stored.items() if mine[k] is not None} == {
-            k: v for k, v in mine.items() if v is not None
-        }
+        given_values = {k: v for k, v in mine.items() if v is not None and v != []}
+        assert {k: stored[k] for k in given_values} == given_values, "a setting the caller gave was changed"
         tabled = {name for row in getattr(get_method(self.method), "DEFAULTS", {}).values() for name in row}
         assert all(stored[name] is not None for name in tabled), "a per-model default was left unresolved"
 
