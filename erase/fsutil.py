@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -307,6 +308,36 @@ def is_erase_patch(path: str | os.PathLike) -> bool:
         return False
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return isinstance(meta, dict) and "erase.format_version" in meta
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file (and link) under ``folder``, as sorted ``/``-separated relative paths."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in files + links:
+            out.append(Path(root, name).relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def check_written_by(folder: Path, marker: str, writer: str, what: str = "a folder") -> None:
+    """Raise `OutputError` unless ``folder`` holds ``marker`` (the JSON file ``writer`` leaves, whose ``"files"``
+    lists what it wrote) and no file it does not list: ``overwrite=True`` never deletes a user's folder or files."""
+    try:
+        listed = json.loads((folder / marker).read_text(encoding="utf-8"))["files"]
+        listed = {str(name) for name in listed}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(
+            f"{folder}: not {what} written by {writer} (no valid {marker}); refusing to replace it: choose a new or "
+            "empty folder, or delete it yourself"
+        ) from None
+    foreign = [name for name in files_under(folder) if name not in listed and name != marker]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{folder}: holds files {writer} did not write ({shown}); refusing to replace it: move them, or choose "
+            "a new folder"
+        )
 
 
 def only_erase_patches(label: str | None = None, flag: str = "--overwrite") -> Callable[[Path], None]:

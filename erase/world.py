@@ -142,34 +142,11 @@ def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
 EXPORT_MARKER = "erase_export.json"  # written into every `export_world` folder: what wrote it and its file list
 
 
-def _files_under(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
-
-
-def _check_written_by(folder: Path, marker: str, command: str) -> None:
-    """Raise `OutputError` unless ``folder`` holds ``marker`` (written by ``command``) and no file it does not list."""
-    from erase.fsutil import OutputError
-
-    try:
-        listed = json.loads((folder / marker).read_text(encoding="utf-8"))["files"]
-        listed = {str(name) for name in listed}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise OutputError(
-            f"{folder}: not a folder written by {command} (no valid {marker}); refusing to replace it: choose a new "
-            "or empty folder, or delete it yourself"
-        ) from None
-    foreign = [name for name in _files_under(folder) if name not in listed and name != marker]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputError(
-            f"{folder}: holds files {command} did not write ({shown}); refusing to replace it: move them, or choose "
-            "a new folder"
-        )
-
-
 def check_exported_folder(folder: Path) -> None:
     """Raise `OutputError` unless ``folder`` is one `export_world` wrote and holds only what it wrote."""
-    _check_written_by(folder, EXPORT_MARKER, "erase world export")
+    from erase.fsutil import check_written_by
+
+    check_written_by(folder, EXPORT_MARKER, "erase world export")
 
 
 def export_world(directory: str | Path, overwrite: bool = False) -> Path:
@@ -183,7 +160,7 @@ def export_world(directory: str | Path, overwrite: bool = False) -> Path:
     that holds nothing else is replaced as a whole; any other folder is refused.
     """
     import pipelines
-    from erase.fsutil import check_output_folder, write_folder
+    from erase.fsutil import check_output_folder, files_under, write_folder
     from pipelines.portable import make_portable
     from pipelines.shapes.registry import write_marker
 
@@ -197,7 +174,7 @@ def export_world(directory: str | Path, overwrite: bool = False) -> Path:
         pipe.save_pretrained(folder)
         make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
         write_marker(folder)  # what the weights are: their defaults follow it, not the folder's name
-        files = _files_under(folder)
+        files = files_under(folder)
         (folder / EXPORT_MARKER).write_text(
             json.dumps({"written_by": "erase world export", "files": files}, indent=2) + "\n", encoding="utf-8"
         )
@@ -213,7 +190,9 @@ GENERATE_MARKER = "erase_generate.json"  # written into every `erase generate` f
 def check_generated_folder(folder: Path) -> None:
     """Raise `OutputError` unless ``folder`` is one `generate_to_folder` wrote and holds only what it wrote, so that
     ``overwrite=True`` replaces an earlier run's images and never a user's folder or files."""
-    _check_written_by(folder, GENERATE_MARKER, "erase generate")
+    from erase.fsutil import check_written_by
+
+    check_written_by(folder, GENERATE_MARKER, "erase generate")
 
 
 def generate_to_folder(

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erase.fsutil import OutputError, check_output_folder, write_folder
+from erase.fsutil import check_output_folder, check_written_by, files_under, write_folder
 from erase.patch import LORA_A, LORA_B, Patch, PatchError, fingerprint, load_patch, short_hash
 from pipelines.portable import make_portable
 
@@ -501,16 +501,6 @@ def _merged_copy(module: nn.Module) -> nn.Module:
 MANIFEST = "erase_patches.json"  # written into every folder `save_patched_pipeline` makes: provenance and file list
 
 
-def _files_under(folder: Path) -> list[str]:
-    """Every file (and link) under ``folder``, as sorted ``/``-separated relative paths."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-        for name in files + links:
-            out.append(Path(root, name).relative_to(folder).as_posix())
-    return sorted(out)
-
-
 def _write_manifest(pipe: object, folder: Path) -> None:
     """Record what was baked in (each applied patch, its scale and provenance) and every file written, so that a
     later ``overwrite=True`` can tell this folder from one it must not delete."""
@@ -537,7 +527,7 @@ def _write_manifest(pipe: object, folder: Path) -> None:
         "erase": erase_version,
         "pipeline": type(pipe).__name__,
         "patches": patches,
-        "files": _files_under(folder),
+        "files": files_under(folder),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
@@ -545,20 +535,7 @@ def _write_manifest(pipe: object, folder: Path) -> None:
 def check_replaceable(folder: Path) -> None:
     """Raise `OutputError` unless ``folder`` is a pipeline folder `save_patched_pipeline` wrote and holds nothing
     else: ``overwrite=True`` never deletes a user's folder or files."""
-    try:
-        listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
-        listed = {str(name) for name in listed}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise OutputError(
-            f"{folder}: not a pipeline folder written by erase (no valid {MANIFEST}); refusing to replace it: "
-            "choose another folder, or delete it yourself"
-        ) from None
-    foreign = [name for name in _files_under(folder) if name not in listed and name != MANIFEST]
-    if foreign:
-        raise OutputError(
-            f"{folder}: holds files erase did not write ({_list(foreign)}); refusing to replace it: move them, or "
-            "choose another folder"
-        )
+    check_written_by(folder, MANIFEST, "erase", what="a pipeline folder")
 
 
 def save_patched_pipeline(
