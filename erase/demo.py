@@ -66,7 +66,7 @@ ATTACK_CASES = 24
 ATTACK: dict = {"cases": ATTACK_CASES}
 # Rough seconds per stage for the progress messages: the CPU seconds of each stage in a full demo with one thread
 # (about the wall time on 2 idle cores; a busy machine stretches them several times).
-EXPECTED_SECONDS = {"uce": 5, "esd": 70, "salun": 120, "doco": 190, "eval": 55, "attack": 35}
+EXPECTED_SECONDS = {"uce": 5, "esd": 55, "salun": 90, "doco": 180, "eval": 45, "attack": 35}
 
 
 def run_demo(
