@@ -22,24 +22,30 @@ class MethodSpec:
         module (`str`): the module holding ``CONFIG`` and ``train``.
         summary (`str`): one line for ``erase train --list``.
         family (`str`): ``"diffusion"`` (trains on a diffusers pipeline) or ``"gan"`` (on a generator module).
+        config_module (`str`): the module holding ``CONFIG`` (and ``DEFAULTS``) when it is kept apart from the
+            trainer so that it imports without torch (``erase train --method NAME --help``); empty: ``module``.
     """
 
     name: str
     module: str
     summary: str
     family: str = "diffusion"
+    config_module: str = ""
 
 
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, module: str, summary: str, family: str = "diffusion") -> MethodSpec:
-    """Register a method under ``name`` (its module is imported lazily by `get_method`)."""
+def register_method(
+    name: str, module: str, summary: str, family: str = "diffusion", config_module: str = ""
+) -> MethodSpec:
+    """Register a method under ``name`` (its module is imported lazily by `get_method`, its config module by
+    `get_config`)."""
     if family not in ("diffusion", "gan"):
         raise ValueError(f"method {name!r}: family must be 'diffusion' or 'gan', got {family!r}")
     if name in _METHODS and _METHODS[name].module != module:
         raise ValueError(f"method {name!r} is already registered by {_METHODS[name].module}")
-    spec = MethodSpec(name, module, summary, family)
+    spec = MethodSpec(name, module, summary, family, config_module)
     _METHODS[name] = spec
     return spec
 
@@ -60,27 +66,43 @@ def get_method(name: str) -> ModuleType:
     return importlib.import_module(method_spec(name).module)
 
 
+def get_config(name: str) -> type:
+    """The method's ``CONFIG`` dataclass, from its config module when it has one (no torch import), else from the
+    method's module."""
+    spec = method_spec(name)
+    if not spec.config_module:
+        return get_method(name).CONFIG
+    return importlib.import_module(spec.config_module).CONFIG
+
+
 register_method(
     "esd",
     "erase.methods.esd",
     "ESD (Gandikota et al. 2023): fine-tune so the concept's prediction becomes negatively guided",
+    config_module="erase.methods.esd_config",
 )
 register_method(
-    "uce", "erase.methods.uce", "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide"
+    "uce",
+    "erase.methods.uce",
+    "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide",
+    config_module="erase.methods.uce_config",
 )
 register_method(
     "salun",
     "erase.methods.salun",
     "SalUn (Fan et al. 2024): remap the concept onto an anchor, moving only the most salient weights (sparse patch)",
+    config_module="erase.methods.salun_config",
 )
 register_method(
     "doco",
     "erase.methods.doco",
     "DoCo (Wu et al. 2025): adversarially align the concept's outputs with an anchor's, with preserving gradients",
+    config_module="erase.methods.doco_config",
 )
 register_method(
     "text2unlearn",
     "erase.methods.text2unlearn",
     "Text-to-Unlearn (2025): fine-tune a GAN generator away from a concept with a guide CLIP, from text alone",
     family="gan",
+    config_module="erase.methods.text2unlearn_config",
 )

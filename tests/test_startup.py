@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from erase.registry import list_methods
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "transformers", "open_clip", "accelerate", "peft", "safetensors", "numpy", "PIL")
 LIGHT_COMMANDS = [
@@ -30,6 +32,8 @@ LIGHT_COMMANDS = [
     ["export", "--help"],
     ["world", "train", "--help"],
     ["demo", "--help"],
+    # every registered method's settings: its config module is kept apart from the trainer (no torch)
+    *(["train", "--method", m.name, "--help"] for m in list_methods()),
 ]
 
 

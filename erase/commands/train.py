@@ -40,11 +40,9 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         if not {"-h", "--help", "--list"} & set(argv):
             status(f"erase train: loading {method} (torch, diffusers) ...", quiet="--quiet" in argv)
         from erase.config_args import add_config_arguments
-        from erase.registry import get_method
+        from erase.registry import get_config
 
-        add_config_arguments(
-            train, get_method(method).CONFIG, flags={"concepts": "--concept"}, metavars={"concepts": "C"}
-        )
+        add_config_arguments(train, get_config(method), flags={"concepts": "--concept"}, metavars={"concepts": "C"})
 
 
 def _train_method(argv: Sequence[str]) -> str | None:

@@ -56,8 +56,7 @@ their forget sets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +64,10 @@ from tqdm.auto import tqdm
 
 from erase.config_args import seed_for_torch
 from erase.grad import mask_share, saliency_mask
+from erase.methods.salun_config import DEFAULTS, SalUnConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch
 from erase.targets import resolve
 from erase.training.adversarial import AdversarialTraining, check_token
-from erase.training.config import AdversarialTrainConfig
 from erase.training.data import SEED_OFFSETS, LatentSet, retain_prompts, spread, with_anchors
 from erase.training.loop import adam
 from erase.training.student import Student
@@ -76,70 +75,7 @@ from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_t
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
-
-@dataclass
-class SalUnConfig(AdversarialTrainConfig):
-    """SalUn's settings (defaults from the official ``OPTML-Group/Unlearn-Saliency`` SD code unless stated)."""
-
-    KINDS = ("sparse", "delta")
-    STEPS_PER_CONCEPT = 400
-
-    kind: Literal["sparse", "delta"] = field(
-        default="sparse", metadata={"help": "patch kind: the masked entries only (sparse) or a dense delta"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "forget (and as many retain) images per step"})
-    steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps (default: 400 per concept, each step trains one)"}
-    )
-    preset: Literal["unet-full", "unet", "no-xattn", "xattn", "xattn-kv"] = field(
-        default="xattn-kv",
-        metadata={"help": "weights the saliency mask ranks and the step may move (paper: unet-full)"},
-    )
-    mask_ratio: float = field(default=0.5, metadata={"help": "share of the preset's weights kept by the mask"})
-    mask_guidance: float = field(default=7.5, metadata={"help": "guidance w of the saliency loss's prediction"})
-    alpha: float = field(default=4.0, metadata={"help": "weight of the retain loss (paper: 0.5)"})
-    anchor: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "remap word per concept (one for all, or one per --concept; 'a|b' mixes several); "
-            "default: the prompt set's"
-        },
-    )
-    anchor_target: Literal["trained", "frozen"] = field(
-        default="frozen", metadata={"help": "the remap prediction: from the trained model (paper) or the original"}
-    )
-    retain_target: Literal["noise", "frozen"] = field(
-        default="frozen", metadata={"help": "retain loss target: the noise (paper) or the original's prediction"}
-    )
-    forget_images: int = field(default=64, metadata={"help": "generated forget images per concept (D_f)"})
-    retain_images: int = field(default=128, metadata={"help": "generated retain images (D_r)"})
-    retain_far_share: float = field(
-        default=0.25, metadata={"help": "share of retain images from prompts outside the concept's family"}
-    )
-    sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps generating D_f/D_r (50; shapes 25)"})
-    sample_guidance: float | None = field(
-        default=None, metadata={"help": "guidance generating D_f/D_r (7.5; shapes 5)"}
-    )
-
-    WORD_FIELDS = ("anchor",)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.retain_far_share <= 1.0:
-            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
-        self.check_finite_nonnegative("mask_guidance", "alpha", "sample_guidance")
-        self.check_at_least(1, "forget_images", "retain_images")
-        self.check_at_least(2, "sample_steps")
-
-
 CONFIG = SalUnConfig
-# per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
-DEFAULTS = {
-    "shapes": {"lr": 2e-3, "sample_steps": 25, "sample_guidance": 5.0},
-    "sd": {"lr": 1e-5, "sample_steps": 50, "sample_guidance": 7.5},
-}
 
 
 def _anchors(ctx) -> list[str]:

@@ -39,53 +39,15 @@ own default for styles).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
+from erase.methods.uce_config import DEFAULTS, UCEConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch, make_delta_patch, make_lora_patch
 from erase.targets import resolve
-from erase.training.config import MethodConfig
 from pipelines.denoise import encode_prompts
 from prompts.training import NEUTRAL_WORDS, ConceptPrompts, default_guide, shared_retain
 
-
-@dataclass
-class UCEConfig(MethodConfig):
-    """UCE's settings (defaults from the official ``uce_sd_erase.py`` unless stated)."""
-
-    KINDS = ("delta", "lora")
-
-    kind: Literal["delta", "lora"] = field(
-        default="delta", metadata={"help": "patch kind: dense delta, or the exact LoRA (rank = rank of the edit)"}
-    )
-    guide: list[str] = field(
-        default_factory=list,
-        metadata={"help": "guide per concept (one for all, or one per --concept); default: the prompt set's"},
-    )
-    positions: Literal["expanded", "eos", "last"] = field(
-        default="expanded",
-        metadata={"help": "edited positions: the word to the context's end, the word to end-of-text, its last token"},
-    )
-    erase_scale: float = field(default=1.0, metadata={"help": "weight s_e of each erased context"})
-    preserve_scale: float = field(default=1.0, metadata={"help": "weight s_p of each preserved context"})
-    lamb: float = field(default=0.5, metadata={"help": "regulariser lam towards the original weights"})
-    preserve: list[str] = field(
-        default_factory=list, metadata={"help": "extra prompts to preserve (added to the prompt set's retain prompts)"}
-    )
-
-    WORD_FIELDS = ("guide",)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check_finite_nonnegative("erase_scale", "preserve_scale", "lamb")
-        if self.lamb == 0 and self.preserve_scale == 0:
-            raise ValueError("lamb and preserve_scale cannot both be 0: the solve would be singular")
-
-
 CONFIG = UCEConfig
-DEFAULTS: dict = {}  # per-model defaults (`erase.training.run`): the closed form has none that depend on the model
 
 
 # ------------------------------------------------------------------------------------------------ contexts
