@@ -17,7 +17,7 @@ def flag(name: str) -> str:
 
 # Valid ranges, checked once here for the command line and the Python API alike. Upper bounds keep a typo from
 # asking for more than any machine holds (every image of a run stays in memory until it is scored).
-_INT_RANGES = {
+INT_RANGES = {
     "steps": (1, 1000),  # diffusers schedulers refuse more steps than their 1000 training timesteps
     "grid_size": (1, 1024),
     "batch_size": (1, 4096),
@@ -30,7 +30,7 @@ _INT_RANGES = {
 }
 _OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width", "batch_size"}
 DEFAULT_MODEL = "shapes"  # --model when neither --model nor --gan is given
-_FLOAT_RANGES = {
+FLOAT_RANGES = {
     "patch_scale": (-math.inf, math.inf),  # finite; whether it overflows the weights is checked when applying
     "guidance": (0.0, 100.0),  # beyond ~100 images saturate to black or white
     "nudity_threshold": (0.0, 1.0),
@@ -89,13 +89,13 @@ class EvalConfig:
             )
         if self.gan is None and self.model is None:
             self.model = DEFAULT_MODEL
-        for name, (low, high) in _INT_RANGES.items():
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{flag(name)} must be an integer from {low} to {high}, got {value!r}")
-        for name, (low, high) in _FLOAT_RANGES.items():
+        for name, (low, high) in FLOAT_RANGES.items():
             value = getattr(self, name)
             expected = "a finite number" if math.isinf(low) else f"finite and between {low:g} and {high:g}"
             number = isinstance(value, (int, float)) and not isinstance(value, bool)

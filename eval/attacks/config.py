@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Literal
 
 from eval.attacks import ATTACKS
+from eval.config import FLOAT_RANGES, INT_RANGES
 
+# the ranges `erase eval` has for the same settings, from its one table
 _RANGES = {
-    "steps": (1, 1000),  # diffusers schedulers refuse more steps than their 1000 training timesteps
-    "batch_size": (1, 4096),
-    "seeds_per_prompt": (1, 1000),
-    "height": (8, 8192),
-    "width": (8, 8192),
-    "guidance": (0, 100),  # beyond ~100 images saturate to black or white
+    name: {**INT_RANGES, **FLOAT_RANGES}[name]
+    for name in ("steps", "batch_size", "seeds_per_prompt", "height", "width", "guidance")
 }
 
 
