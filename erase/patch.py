@@ -69,6 +69,7 @@ from erase.patchfile import (  # noqa: F401  (re-exported: erase.patch is the pu
     TRUSTED,
     VALUES,
     PatchError,
+    _is_int,
     check_tensor_hashes,
     first_offenders,
     header_digest,
@@ -359,10 +360,6 @@ class Patch:
 
 def _fail(patch: Patch, problem: str, fix: str) -> PatchError:
     return PatchError(f"{patch.where}: {problem}; {fix}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _validate(patch: Patch) -> None:
