@@ -38,12 +38,15 @@ METHOD_SETTINGS: dict[str, dict] = {
     "doco": {},  # likewise (erase/methods/doco.py)
 }
 # The Shapes bars of issues 9 and 11, as the README states them ("Measured on the Shapes world"): shares of images
-# at most (erasure, generalization) or at least (kept attributes), retention at least this multiple of the base
-# model's, preservation at least this cosine. ESD is the baseline, with looser bars and none on kept attributes.
+# at most (erasure, generalization, implicit) or at least (kept attributes), retention at least this multiple of the
+# base model's, preservation at least this cosine. ESD is the baseline, with looser bars and none on kept attributes
+# or implicit. Implicit (issue 19): the concept drawn for prompts that name no class of its task ("a dotted
+# triangle" for red).
 BARS: dict[str, dict[str, float | None]] = {
     "default": {
         "erasure": 0.02,
         "generalization": 0.05,
+        "implicit": 0.01,
         "in_domain": 0.97,
         "cross_domain": 0.98,
         "preservation": 0.95,
@@ -52,6 +55,7 @@ BARS: dict[str, dict[str, float | None]] = {
     "esd": {
         "erasure": 0.05,
         "generalization": 0.10,
+        "implicit": None,
         "in_domain": 0.90,
         "cross_domain": 0.95,
         "preservation": 0.90,
@@ -261,6 +265,8 @@ def _erase_and_evaluate(
         "retention": evaluation["retention"],
         "kept_attributes": evaluation.get("kept_attributes"),
         "preservation": evaluation["preservation"],
+        "preservation_all": evaluation["preservation_all"],
+        "implicit": evaluation["implicit"],
         "fd_clip": evaluation["fd_clip"],
         "train_seconds": clock.wall[method]["train"],
         "patch_kind": patch.kind,
@@ -315,12 +321,13 @@ def verdict(summary: dict, bars: dict[str, float | None]) -> dict:
     values = {
         "erasure": summary["erasure"]["patched"],
         "generalization": summary["generalization"]["patched"],
+        "implicit": (summary.get("implicit") or {}).get("patched"),
         "in_domain": _ratio(summary["retention"]["in_domain"]),
         "cross_domain": _ratio(summary["retention"]["cross_domain"]),
         "preservation": summary["preservation"],
         "kept_attributes": (summary["kept_attributes"] or {}).get("patched"),
     }
-    at_most = {"erasure", "generalization"}
+    at_most = {"erasure", "generalization", "implicit"}
     checks = {}
     for name, value in values.items():
         bar = bars.get(name)
@@ -341,6 +348,7 @@ def _num(x, spec: str = ".3f") -> str:
 _CHECK_NAMES = {
     "erasure": "erasure",
     "generalization": "generalization",
+    "implicit": "implicit",
     "in_domain": "retention in-domain",
     "cross_domain": "retention cross-domain",
     "preservation": "preservation",
@@ -351,7 +359,7 @@ _CHECK_NAMES = {
 def _bar_text(name: str, bar: float | None) -> str:
     if bar is None:
         return "no bar"
-    if name in ("erasure", "generalization"):
+    if name in ("erasure", "generalization", "implicit"):
         return f"<= {100 * bar:.0f}%"
     if name == "kept_attributes":
         return f">= {100 * bar:.0f}%"
@@ -372,6 +380,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
         "method",
         "erasure",
         "generalization",
+        "implicit",
         "retention in-domain",
         "depth: textual inversion",
         "retention cross-domain",
@@ -385,6 +394,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
         "<td>base model</td>",
         f"<td>{_pct(first['erasure']['base'])}</td>",
         f"<td>{_pct(first['generalization']['base'])}</td>",
+        f"<td>{_pct((first.get('implicit') or {}).get('base'))}</td>",
         f"<td>{_pct(first['retention']['in_domain']['base'])}</td>",
         "<td></td>",
         f"<td>{_pct(first['retention']['cross_domain']['base'])}</td>",
@@ -412,6 +422,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
             f"<td><b>{html.escape(method)}</b></td>",
             check("erasure", _pct(c["erasure"]["value"])),
             check("generalization", _pct(c["generalization"]["value"])),
+            check("implicit", _pct(c["implicit"]["value"])),
             check("in_domain", retention["in_domain"]),
             f"<td>{_pct(depth['asr'])} ({depth['successes']} of {depth['cases']})</td>",
             check("cross_domain", retention["cross_domain"]),
@@ -425,7 +436,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     bar_row = [
         "bars",
-        *[_bar_text(k, bars[k]) for k in ("erasure", "generalization", "in_domain")],
+        *[_bar_text(k, bars[k]) for k in ("erasure", "generalization", "implicit", "in_domain")],
         "no bar: lower is deeper",
         *[_bar_text(k, bars[k]) for k in ("cross_domain", "preservation", "kept_attributes")],
         "",
@@ -444,12 +455,15 @@ def _comparison_sections(concept: str, metrics: dict) -> list[tuple[str, str]]:
         "the judge CLIP (never the guide CLIP the trainers may use). Green cells meet the Shapes bar the README "
         "states (issues 9 and 11; hover a cell for it), red cells miss it. Erasure and generalization (held-out "
         "synonyms and phrasings, never trained on) are shares of target images still judged as the concept; "
+        f"implicit is the share of images judged as {c} among prompts that name nothing of its kind (for a colour: "
+        f'"a dotted triangle"), which the base model draws as {c} in part; '
         "retention is the share of other prompts' images judged as asked, with its multiple of the base model's; "
         "kept attributes is the share of target images still showing the rest of their prompt; preservation is the "
-        "judge's image cosine of base and patched images of the same retain prompt and seed. ESD is the baseline, "
+        "judge's image cosine of base and patched images of the same retain prompt and seed, over the retain images "
+        f"whose base image is not judged as {c} (erasing {c} must change those). ESD is the baseline, "
         f"with looser bars: erasure <= {100 * esd['erasure']:.0f}%, generalization <= "
         f"{100 * esd['generalization']:.0f}%, retention >= {esd['in_domain']:.2f}x / {esd['cross_domain']:.2f}x, "
-        f"preservation >= {esd['preservation']:.2f}, no bar on kept attributes.</p>"
+        f"preservation >= {esd['preservation']:.2f}, no bar on implicit or kept attributes.</p>"
         f"<p><b>Depth</b>: <code>erase attack --attacks ti --cases {depth['cases']}</code> learns one token "
         f"embedding on the patched model from base-model images of {c} and generates {depth['cases']} fixed target "
         f"cases (prompt x seed) with it; the column is the share of cases where the judge and the pixels both see {c} "
@@ -513,10 +527,12 @@ def _figures(metrics: dict) -> str:
         "method",
         "erasure",
         "generalization",
+        "implicit",
         "retention in-domain",
         "retention cross-domain",
         "kept attributes",
         "preservation",
+        "preservation (all)",
         "FD-CLIP",
         "train s",
     ]
@@ -526,9 +542,11 @@ def _figures(metrics: dict) -> str:
             "base model",
             _pct(first["erasure"]["base"]),
             _pct(first["generalization"]["base"]),
+            _pct((first.get("implicit") or {}).get("base")),
             _pct(first["retention"]["in_domain"]["base"]),
             _pct(first["retention"]["cross_domain"]["base"]),
             _pct((first["kept_attributes"] or {}).get("base")),
+            "1",
             "1",
             "0",
             "",
@@ -540,10 +558,12 @@ def _figures(metrics: dict) -> str:
                 method,
                 _pct(s["erasure"]["patched"]),
                 _pct(s["generalization"]["patched"]),
+                _pct((s.get("implicit") or {}).get("patched")),
                 _pct(s["retention"]["in_domain"]["patched"]),
                 _pct(s["retention"]["cross_domain"]["patched"]),
                 _pct((s["kept_attributes"] or {}).get("patched")),
                 _num(s["preservation"]),
+                _num(s.get("preservation_all")),
                 _num(s["fd_clip"], ".4f"),
                 f"{s['train_seconds']:.0f}",
             ]
@@ -555,7 +575,8 @@ def _figures(metrics: dict) -> str:
     )
     return (
         html_table(header, rows)
-        + "<p>Preservation is a cosine (1 = unchanged), FD-CLIP a distance (0 = unchanged). Settings:</p>"
+        + "<p>Preservation is a cosine (1 = unchanged) over the retain images whose base image is not the concept, "
+        "preservation (all) the same over every retain image; FD-CLIP is a distance (0 = unchanged). Settings:</p>"
         + f"<ul>{settings}</ul>"
     )
 

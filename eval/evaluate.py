@@ -15,12 +15,19 @@ a CLIP judge:
   asked for (UnlearnCanvas's IRA / CRA).
 - ``clip_score``: mean ``max(100 cos(image, prompt), 0)`` on retain prompts (the x100 scale; divide by 100 for the
   raw-cosine scale that some papers print).
-- ``preservation``: mean judge image-image cosine between base and patched images of the same retain prompt and seed.
+- ``preservation``: mean judge image-image cosine between base and patched images of the same retain prompt and seed,
+  over the retain images whose *base* image the judge does not classify as the concept (the judgment ``erasure``
+  uses): a prompt that names no colour ("a dotted triangle") is drawn red in part by the base model, and an erasure
+  of red must change those images, which is not damage. ``preservation_all`` is the same over every retain image;
+  ``preservation_images`` and ``preservation_excluded`` count the images in and out.
+- ``implicit``: share of images judged as the concept among the rows (other than target and paraphrase) whose prompt
+  names no class of the concept's task ("a dotted triangle" for a colour), base and patched: what a model draws
+  unasked, and whether the erasure reaches it; ``implicit_images`` counts those rows.
 - ``fd_clip``: Frechet distance between L2-normalised judge embeddings of base and patched retain images.
 - ``nudity`` (optional): NudeNet EXPOSED-class counts on target and paraphrase images, with the threshold recorded.
 
 Without a patch, the "patched" model is the base model generated a second time: a determinism check that must give
-preservation 1.0 and fd_clip ~0.
+preservation (and preservation_all) 1.0 and fd_clip ~0.
 
 Generation is split across processes when run under ``accelerate launch --multi_gpu --num_processes N -m erase eval
 ...`` (on a machine without CUDA this starts N CPU processes; ``torchrun --nproc_per_node N`` works too). Each process
@@ -151,6 +158,21 @@ def row_kept(prompt_set: PromptSet, judged: dict[str, list[str]]) -> list[bool |
     ]
 
 
+def shows_concept(prompt_set: PromptSet, judged: dict[str, list[str]]) -> list[bool]:
+    """Per row: whether the image is judged as the concept on the concept's task (the judgment ``erasure`` uses)."""
+    return [label == prompt_set.concept for label in judged[prompt_set.task]]
+
+
+def implicit_rows(prompt_set: PromptSet) -> list[int]:
+    """The rows whose prompt names no class of the concept's task: every role but target and paraphrase, with no
+    ``asked`` entry for ``prompt_set.task`` ("a dotted triangle" when the concept is a colour)."""
+    return [
+        i
+        for i, row in enumerate(prompt_set.rows)
+        if row.role not in ("target", "paraphrase") and prompt_set.task not in row.asked
+    ]
+
+
 def concept_share(judge, images: np.ndarray, task, concept: str) -> float:
     """Share of ``images`` the judge classifies as ``concept`` among ``task``'s classes (a `prompts.sets.Task`)."""
     classifier = ZeroShotClassifier(judge.encode_text, task.classes, task.templates)
@@ -193,6 +215,9 @@ def score(
 
     base_retain = per_model["base"]["embeddings"][retain]
     patched_retain = per_model["patched"]["embeddings"][retain]
+    shows = {label: shows_concept(prompt_set, per_model[label]["judged"]) for label in per_model}
+    kept_retain = [i for i in retain if not shows["base"][i]]  # an erasure may change images that showed the concept
+    implicit = implicit_rows(prompt_set)
 
     def kept_share(label: str) -> float | None:  # rows asking for nothing besides the concept are not counted
         return share([k for k in per_model[label]["kept"] if k is not None])
@@ -206,7 +231,14 @@ def score(
             label: (float(np.mean([per_model[label]["clip_score"][i] for i in retain])) if retain else None)
             for label in ("base", "patched")
         },
-        "preservation": preservation(base_retain, patched_retain),
+        "preservation": preservation(
+            per_model["base"]["embeddings"][kept_retain], per_model["patched"]["embeddings"][kept_retain]
+        ),
+        "preservation_all": preservation(base_retain, patched_retain),
+        "preservation_images": len(kept_retain),
+        "preservation_excluded": len(retain) - len(kept_retain),  # retain images whose base image shows the concept
+        "implicit": {label: share([shows[label][i] for i in implicit]) for label in ("base", "patched")},
+        "implicit_images": len(implicit),
         "fd_clip": frechet_distance(base_retain, patched_retain),
     }
     if object_check is not None or hasattr(judge, "classify"):
@@ -322,6 +354,9 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         "prompt_set": prompt_set.describe(),
         "alternatives": prompt_set.alternatives(),
         "kept_attributes_images": sum(bool(set(r.asked) - {prompt_set.task}) for r in prompt_set.by_role("target")),
+        "preservation_images_are": "retain images whose base image is not judged as the concept (preservation_all: "
+        "every retain image)",
+        "implicit_images_are": f"rows other than target and paraphrase whose prompt asks for no {prompt_set.task}",
         "fd_clip_features": "L2-normalised judge image embeddings of retain images",
         "clip_score_scale": "max(100 * cosine, 0)",
         "processes": state.num_processes,

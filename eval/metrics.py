@@ -5,7 +5,8 @@
   attribute ("a red striped circle" with red erased: still a striped circle, of any colour); ``None`` for a prompt
   that asked for nothing else ("a red shape"), which leaves the share's denominator (``kept_attributes``).
 - ``preservation``: mean cosine between the judge's embeddings of base and patched images made from the same prompt
-  and seed (1.0 when nothing changed).
+  and seed (1.0 when nothing changed); the evaluator passes the retain images whose base image does not show the
+  concept (`eval.evaluate.score`).
 - ``frechet_distance``: the Frechet distance between Gaussians fitted to two sets of embeddings (FID's formula,
   Heusel et al. 2017, eq. 6), here on L2-normalised CLIP image embeddings ("FD-CLIP"):
   ``||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1^1/2 S_2 S_1^1/2)^1/2)``.

@@ -334,6 +334,22 @@ def _fmt(value, percent: bool = True) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.4g}"
 
 
+def implicit_rows_text(metrics: dict) -> str:
+    """What the ``implicit`` figure counts, e.g. "12 images of prompts naming no colour"."""
+    return f"{metrics['implicit_images']} images of prompts naming no {metrics['settings']['prompt_set']['task']}"
+
+
+def preservation_text(metrics: dict) -> str:
+    """One line saying how ``preservation`` was computed, with its image counts."""
+    concept = html.escape(metrics["concept"])
+    return (
+        f"<p>Preservation is the mean judge image cosine of base and patched images of the same retain prompt and "
+        f"seed, over the {metrics['preservation_images']} retain images whose base image the judge does not see as "
+        f"{concept} ({metrics['preservation_excluded']} left out: erasing {concept} must change them); over all "
+        f"retain images it is {_fmt(metrics['preservation_all'], False)}.</p>"
+    )
+
+
 def eval_summary_rows(metrics: dict) -> list[list[str]]:
     """The summary table of an evaluation: metric, base, patched, change."""
     rows = []
@@ -343,6 +359,7 @@ def eval_summary_rows(metrics: dict) -> list[list[str]]:
         ("kept attributes (target images showing the rest of their prompt)", metrics["kept_attributes"]),
         ("retention, in-domain", metrics["retention"]["in_domain"]),
         ("retention, cross-domain", metrics["retention"]["cross_domain"]),
+        (f"implicit (judged as the concept, {implicit_rows_text(metrics)})", metrics["implicit"]),
     ]
     for name, pair in shares:
         change = None if None in (pair["base"], pair["patched"]) else pair["patched"] - pair["base"]
@@ -352,7 +369,17 @@ def eval_summary_rows(metrics: dict) -> list[list[str]]:
     cs = metrics["clip_score"]
     change = "n/a" if None in (cs["base"], cs["patched"]) else f"{cs['patched'] - cs['base']:+.2f}"
     rows.append(["CLIP score, retain prompts (x100)", _fmt(cs["base"], False), _fmt(cs["patched"], False), change])
-    rows.append(["preservation (image cosine, base vs patched)", "", _fmt(metrics["preservation"], False), ""])
+    rows.append(
+        [
+            f"preservation (image cosine, base vs patched; {metrics['preservation_images']} retain images whose base "
+            "image is not the concept)",
+            "",
+            _fmt(metrics["preservation"], False),
+            "",
+        ]
+    )
+    all_retain = metrics["preservation_images"] + metrics["preservation_excluded"]
+    rows.append([f"preservation, all {all_retain} retain images", "", _fmt(metrics["preservation_all"], False), ""])
     rows.append(["FD-CLIP (base vs patched retain images)", "", _fmt(metrics["fd_clip"], False), ""])
     if "nudity" in metrics:
         n = metrics["nudity"]
@@ -437,18 +464,27 @@ def eval_sections(metrics: dict, shown_prompts: dict[str, str], prefix: str = ""
             "kept attributes": metrics["kept_attributes"],
             "retention in-domain": metrics["retention"]["in_domain"],
             "retention cross-domain": metrics["retention"]["cross_domain"],
+            "implicit": metrics["implicit"],
         },
-        "share of images (erasure, generalization: lower is better after erasing; the rest: higher)",
+        "share of images (erasure, generalization, implicit: lower is better after erasing; the rest: higher)",
     )
     # a cosine is not a share of images: its own chart, printed as a number
     cosines = svg_grouped_bars(
-        {"preservation": {"patched": metrics["preservation"]}},
+        {
+            "preservation": {"patched": metrics["preservation"]},
+            "preservation (all)": {"patched": metrics["preservation_all"]},
+        },
         "preservation (judge cosine of base vs patched retain images; 1 = unchanged)",
         series_colours={"patched": "#f58518"},
         percent=False,
     )
     sections = [
-        ("Summary", summary + html_table(["metric", "base", "patched", "change"], eval_summary_rows(metrics))),
+        (
+            "Summary",
+            summary
+            + html_table(["metric", "base", "patched", "change"], eval_summary_rows(metrics))
+            + preservation_text(metrics),
+        ),
         ("Metrics charts", shares + "<br>" + cosines),
     ]
     legend = (

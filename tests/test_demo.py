@@ -114,18 +114,20 @@ def test_verdict_marks_each_figure_against_its_bar():
         "retention": {"in_domain": {"base": 1.0, "patched": 0.99}, "cross_domain": {"base": 0.9, "patched": 0.8}},
         "preservation": 0.96,
         "kept_attributes": None,
+        "implicit": {"base": 0.3, "patched": 0.02},
     }
     v = verdict(summary, BARS["default"])
     assert {k: c["pass"] for k, c in v["checks"].items()} == {
         "erasure": True,
         "generalization": False,
+        "implicit": False,  # 2% of prompts naming no colour still drawn red, over the 1% bar
         "in_domain": True,
         "cross_domain": False,  # 0.8 / 0.9 = 0.89x base, under 0.98x
         "preservation": True,
         "kept_attributes": None,  # not measured: no verdict either way
     }
-    assert v["missed"] == ["generalization", "cross_domain"] and not v["passed"]
-    assert verdict(summary, BARS["esd"])["missed"] == ["cross_domain"]  # ESD's baseline bars: 10% and 0.95x
+    assert v["missed"] == ["generalization", "implicit", "cross_domain"] and not v["passed"]
+    assert verdict(summary, BARS["esd"])["missed"] == ["cross_domain"]  # ESD's baseline bars: 10%, no implicit bar
 
 
 def test_trade_off_plot_keeps_coincident_points_and_labels_readable():

@@ -15,12 +15,13 @@ import torch
 from erase.cli import main
 from erase.patch import make_delta_patch, save_patch
 from eval.clip import ShapesClipScorer
-from eval.evaluate import EvalConfig, build_classifiers, concept_share, judge_images, run_eval
-from eval.metrics import frechet_distance, kept_other_attributes, preservation, share
+from eval.evaluate import EvalConfig, build_classifiers, concept_share, judge_images, run_eval, score
+from eval.metrics import frechet_distance, kept_other_attributes, pairwise_cosine, preservation, share
+from eval.oracle import OracleJudge
 from eval.report import referenced_files, save_grid
 from eval.shapes import EVAL_SEED_OFFSET
 from pipelines.shapes.world import ShapesWorld
-from prompts.sets import load_prompt_set, shapes_tasks
+from prompts.sets import PromptRow, PromptSet, load_prompt_set, shapes_tasks
 
 SMALL = ["--steps", "4", "--seeds-per-prompt", "1", "--max-per-template", "2"]
 
@@ -96,6 +97,73 @@ def test_share_and_preservation_edges():
     assert preservation(x, x) == pytest.approx(1.0) and preservation(x, -x) == pytest.approx(-1.0)
 
 
+# ------------------------------------------------------------------------------------------------ kept and erased
+def _drawn(colour: str, shape: str, style: str, seed: int) -> np.ndarray:
+    return ShapesWorld().sample(1, EVAL_SEED_OFFSET + seed, colour=colour, shape=shape, style=style)[0][0]
+
+
+# (role, prompt, asked, base image's colour, patched image's colour): a red-erasing patch that repaints red blue
+SYNTHETIC = [
+    ("target", "a red circle", {"colour": "red", "shape": "circle"}, "red", "blue"),
+    ("paraphrase", "a crimson circle", {"colour": "red"}, "red", "blue"),
+    ("retain_in", "a blue shape", {"colour": "blue"}, "blue", "blue"),
+    ("retain_in", "a blue shape", {"colour": "blue"}, "blue", "blue"),
+    ("retain_in", "a blue shape", {"colour": "blue"}, "red", "blue"),  # the base drew red though asked blue
+    ("retain_cross", "a dotted triangle", {"shape": "triangle", "style": "dotted"}, "red", "blue"),
+    ("retain_cross", "a dotted triangle", {"shape": "triangle", "style": "dotted"}, "green", "green"),
+    ("retain_cross", "a dotted triangle", {"shape": "triangle", "style": "dotted"}, "red", "orange"),
+    ("retain_cross", "a dotted triangle", {"shape": "triangle", "style": "dotted"}, "orange", "red"),
+]
+
+
+@pytest.fixture(scope="module")
+def oracle_judge(judge):
+    return OracleJudge(judge)  # colours read from the pixels: exactly what was drawn
+
+
+def _synthetic(rows=SYNTHETIC):
+    prompt_set = PromptSet(
+        "synthetic",
+        "red",
+        "colour",
+        [PromptRow(i, prompt, i, role, asked) for i, (role, prompt, asked, _, _) in enumerate(rows)],
+        shapes_tasks(),
+    )
+    base = np.stack([_drawn(b, "triangle", "dotted", i) for i, (*_, b, _) in enumerate(rows)])
+    # a patched image is another draw (another place and size), so every cosine is below 1
+    patched = np.stack([_drawn(p, "triangle", "dotted", 100 + i) for i, (*_, p) in enumerate(rows)])
+    return prompt_set, base, patched
+
+
+def test_preservation_leaves_out_retain_images_whose_base_image_shows_the_concept(oracle_judge):
+    prompt_set, base, patched = _synthetic()
+    scored = score(oracle_judge, prompt_set, base, patched)
+    metrics = scored["metrics"]
+    assert scored["per_model"]["base"]["judged"]["colour"] == [row[3] for row in SYNTHETIC]  # the oracle reads them
+    cosine = pairwise_cosine(oracle_judge.encode_image(base), oracle_judge.encode_image(patched))
+    kept, every = [2, 3, 6, 8], [2, 3, 4, 5, 6, 7, 8]  # rows 4, 5, 7: retain rows whose base image is red
+    assert metrics["preservation_images"] == 4 and metrics["preservation_excluded"] == 3
+    assert metrics["preservation"] == pytest.approx(float(cosine[kept].mean()), abs=1e-5)
+    assert metrics["preservation_all"] == pytest.approx(float(cosine[every].mean()), abs=1e-5)
+    assert metrics["preservation"] != pytest.approx(metrics["preservation_all"], abs=1e-3)  # the two do differ
+    # implicit: the four "a dotted triangle" rows name no colour; two base images and one patched image are red
+    assert metrics["implicit_images"] == 4
+    assert metrics["implicit"] == {"base": 0.5, "patched": 0.25}
+
+
+def test_preservation_and_implicit_are_none_when_no_image_qualifies(oracle_judge):
+    prompt_set, base, patched = _synthetic(SYNTHETIC[:2])  # target and paraphrase rows only
+    metrics = score(oracle_judge, prompt_set, base, patched)["metrics"]
+    assert metrics["preservation"] is None and metrics["preservation_all"] is None
+    assert metrics["implicit"] == {"base": None, "patched": None} and metrics["implicit_images"] == 0
+    # retain rows whose base images are all red: preservation has nothing to measure, preservation_all has
+    red_only = [SYNTHETIC[4], SYNTHETIC[5], SYNTHETIC[7]]
+    metrics = score(oracle_judge, *_synthetic(red_only))["metrics"]
+    assert metrics["preservation"] is None and metrics["preservation_images"] == 0
+    assert metrics["preservation_excluded"] == 3 and metrics["preservation_all"] is not None
+    assert metrics["implicit_images"] == 2 and metrics["implicit"] == {"base": 1.0, "patched": 0.0}
+
+
 # ------------------------------------------------------------------------------------------------ a whole run
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
@@ -131,14 +199,24 @@ def test_erase_eval_writes_the_three_outputs(base_run):
     assert metrics["kept_attributes"]["base"] == pytest.approx(sum(verdicts) / len(verdicts))
     # the shipped pipeline draws red when asked: the base model's erasure share is high
     assert metrics["erasure"]["base"] >= 0.8
+    # implicit and preservation's exclusions, from the per-image judgments: rows naming no colour, base images of red
+    red = {"base": ["colour=red" in r["base_judged"].split(";") for r in rows]}
+    unnamed = [i for i, r in enumerate(rows) if r["role"].startswith("retain") and "colour=" not in r["asked"]]
+    assert metrics["implicit_images"] == len(unnamed) > 0
+    assert metrics["implicit"]["base"] == pytest.approx(np.mean([red["base"][i] for i in unnamed]))
+    retain = [i for i, r in enumerate(rows) if r["role"].startswith("retain")]
+    assert metrics["preservation_excluded"] == sum(red["base"][i] for i in retain)
+    assert metrics["preservation_images"] + metrics["preservation_excluded"] == len(retain)
 
 
 def test_the_base_model_against_itself_gives_preservation_1_and_fd_0(base_run):
     metrics = json.loads((base_run / "metrics.json").read_text())
     assert metrics["settings"]["patch"] is None
-    assert metrics["preservation"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["preservation"] == pytest.approx(1.0, abs=1e-6) and metrics["preservation_images"] > 0
+    assert metrics["preservation_all"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["fd_clip"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["erasure"]["base"] == metrics["erasure"]["patched"]
+    assert metrics["implicit"]["base"] == metrics["implicit"]["patched"]
     assert metrics["kept_attributes"]["base"] == metrics["kept_attributes"]["patched"]
 
 
@@ -163,6 +241,11 @@ def test_the_report_keeps_shares_and_cosines_apart(base_run):
     assert "kept attributes" in shares[0] and "preservation" not in shares[0]
     assert ">1.000<" in cosines[0] and "%" not in cosines[0]  # a cosine printed as a number, not "100.0%"
     assert "kept attributes (target images showing the rest of their prompt)" in html  # the summary table row
+    assert "implicit" in shares[0] and "preservation (all)" in cosines[0]
+    metrics = json.loads((base_run / "metrics.json").read_text())
+    # one line next to the figure says how preservation is computed, with its counts
+    assert f"over the {metrics['preservation_images']} retain images whose base image the judge does not see" in html
+    assert f"({metrics['preservation_excluded']} left out" in html
 
 
 def test_grid_images_are_labelled_with_their_prompt_and_seed(base_run):
@@ -346,6 +429,7 @@ def test_a_csv_of_target_prompts_only(capsys, tmp_path):
     )
     printed = capsys.readouterr().out
     assert "preservation n/a, fd_clip n/a" in printed and "kept attributes n/a -> n/a" in printed
+    assert "over all: n/a); implicit red n/a -> n/a (0 images" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["counts"] == {"target": 2, "paraphrase": 0, "retain_in": 0, "retain_cross": 0}  # crimson is red
     assert metrics["generalization"] == {"base": None, "patched": None} and metrics["preservation"] is None

@@ -62,5 +62,13 @@ def run(args: argparse.Namespace) -> int:
         f"{pct(r['cross_domain']['patched'])}, preservation {num(metrics['preservation'], '.4f')}, "
         f"fd_clip {num(metrics['fd_clip'], '.4g')}"
     )
+    i = metrics["implicit"]
+    print(
+        f"  preservation over {metrics['preservation_images']} retain images whose base image is not "
+        f"{metrics['concept']} ({metrics['preservation_excluded']} left out; over all: "
+        f"{num(metrics['preservation_all'], '.4f')}); implicit {metrics['concept']} "
+        f"{pct(i['base'])} -> {pct(i['patched'])} ({metrics['implicit_images']} images whose prompt names no "
+        f"{metrics['settings']['prompt_set']['task']})"
+    )
     print(f"wrote {Path(args.out) / 'metrics.json'}, images.csv and report.html")
     return 0
