@@ -49,7 +49,7 @@ Which rows (``positions``, `DEFAULTS` by model profile):
   carried by every later position and the UNet attends to all 77 (UCE with last-token rows left 12% of red).
   Measured for SPEED (``erase eval --seeds-per-prompt 1``, defaults otherwise): ``last`` left red at 34.5%
   (generalization 44.7%, preservation 0.909); ``expanded`` erased red to 0.0% (generalization 0.0%, retention
-  unchanged, preservation 0.987, kept attributes 96.4%) and circle to 2.9% (generalization 0.0%, retention
+  unchanged, preservation 0.983, kept attributes 96.4%) and circle to 2.9% (generalization 0.0%, retention
   unchanged, preservation 0.990).
 
 ``tau`` is absolute, so it depends on the text encoder's scale: SD's CLIP-L final states have norm about 28 over 768
