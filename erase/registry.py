@@ -88,6 +88,12 @@ register_method(
     config_module="erase.methods.uce_config",
 )
 register_method(
+    "speed",
+    "erase.methods.speed",
+    "SPEED (Li et al. 2026): closed-form edit of cross-attention values inside the retained prompts' null space",
+    config_module="erase.methods.speed_config",
+)
+register_method(
     "salun",
     "erase.methods.salun",
     "SalUn (Fan et al. 2024): remap the concept onto an anchor, moving only the most salient weights (sparse patch)",

@@ -137,7 +137,12 @@ def solve_layer(weight: torch.Tensor, erase, guide, preserve, erase_scale, prese
 
 def low_rank(k: torch.Tensor, tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``K - I = U diag(S) V^T`` at its numerical rank (singular values above ``tol`` times the largest)."""
-    u, s, vh = torch.linalg.svd(k - torch.eye(k.shape[0], dtype=k.dtype))
+    return truncated_svd(k - torch.eye(k.shape[0], dtype=k.dtype), tol)
+
+
+def truncated_svd(m: torch.Tensor, tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``m = U diag(S) V^T`` at its numerical rank (singular values above ``tol`` times the largest)."""
+    u, s, vh = torch.linalg.svd(m)
     r = max(int((s > tol * s[0]).sum()), 1) if s.numel() and s[0] > 0 else 0
     return u[:, :r], s[:r], vh[:r]
 
