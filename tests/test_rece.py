@@ -19,6 +19,7 @@ from erase.targets import resolve
 from erase.training.run import train_patch
 from pipelines.apply import apply_patch, remove_patch
 from pipelines.denoise import encode_prompts
+from pipelines.shapes.registry import mark_pipeline
 from prompts.training import concept_prompts
 
 
@@ -126,6 +127,9 @@ def test_lora_patch_is_exact_and_equals_the_delta_patch():
 def test_validation_keeps_the_best_epoch_with_the_guide_clip():
     pipe = tiny_pipeline("sd1")
     config = _config(epochs=2, judge="guide", val_images=4, sample_steps=2)
+    with pytest.raises(ValueError, match="Shapes world's CLIP and cannot judge"):
+        train_patch("rece", config, pipe=pipe, progress=False)
+    mark_pipeline(pipe)  # the tiny pipeline stands in for the world's: the guide CLIP may score it
     patch = train_patch("rece", config, pipe=pipe, progress=False)
     shares = patch.notes["rece_validation_shares"]
     assert len(shares) == 2 and all(0 <= s <= 1 for s in shares)
