@@ -16,7 +16,8 @@ form and erases it too, epoch after epoch.
    the embedding whose *edited* keys/values best match the *original* ones of the concept (``gamma`` =
    ``regular_scale``).
 3. A UCE ``replace`` edit of the current weights with every row of ``c_adv`` as an erased context, mapped onto the
-   keys/values of the prompt ``" "`` at the same position, preserving ``" "`` itself:
+   keys/values of the prompt ``" "`` at the same position, preserving every position of the empty prompt (official
+   ``retain_texts = [""] + --preserve_concepts``; ``""`` and ``" "`` tokenise alike):
 
        W <- (lam W + s_e sum_i v*_i x_i^T + s_p sum_p W c_p c_p^T) M^-1,     v*_i = W enc(" ")_i,
        M  = lam I + s_e sum_i x_i x_i^T + s_p sum_p c_p c_p^T.
@@ -24,19 +25,21 @@ form and erases it too, epoch after epoch.
    The targets are the current (already edited) weights' outputs, so drift compounds over epochs, as in the paper.
 4. After each epoch a validation set (the concept's training prompts, ``val_images`` images with training seeds,
    never evaluation seeds) is generated and scored by a CLIP: the share of images its zero-shot classifier puts in the
-   concept's class. The kept epoch is the one with the lowest share (ties: the later epoch, the more robust one; the
-   paper keeps an epoch only when its NudeNet/Q16 detections fall, which on a world where UCE already scores 0 would
-   never keep a RECE epoch). Without a CLIP (``--judge none``, the default on real models) the last epoch is kept,
-   and the patch notes say so. The scoring CLIP is never the evaluation judge: on the Shapes world it is the world's
-   guide CLIP (trainers' CLIP), elsewhere an open_clip folder (``--judge local-dir:PATH``).
+   concept's class. The kept epoch is the one with the lowest share (ties: the earlier one, with less drift), and a
+   share of 0 ends the run, as the official ``train_object.py`` does (it also saves an epoch only while the other
+   classes' accuracy stays within 0.1 of UCE's, which needs a second validation set: not done here). Without a CLIP
+   (``--judge none``, the default on real models) the last epoch is kept, and the patch notes say so. The scoring CLIP
+   is never the evaluation judge: on the Shapes world it is the world's guide CLIP (trainers' CLIP), elsewhere an
+   open_clip folder (``--judge local-dir:PATH``).
 
 Every edit is a right factor shared by all layers (``W_new = W K``, `erase.methods.uce.shared_edit`), so after any
 number of epochs ``W'_l = W0_l K`` and both sums collapse to one Gram matrix ``S = sum_l W0_l^T W0_l`` (``d x d``,
 computed once): ``G = K^T S K + gamma I``, ``B = K^T S``. An epoch costs a few ``d x d`` solves. ``K - I`` has rank at
 most UCE's plus ``L`` (77) per epoch and concept (and at most ``d``), which the exact ``lora`` export uses.
 
-Defaults: ``rece_lamb 0.1``, ``rece_preserve_scale 0.1``, ``rece_erase_scale 1`` and the preserved prompt ``" "`` from
-the official code's edit; ``regular_scale`` 1e-3 (art, objects) and 0.1 (nudity), epochs 1 (art, objects) and 3
+Defaults: ``rece_lamb 0.1``, ``rece_preserve_scale 0.1``, ``rece_erase_scale 1`` and the preserved empty prompt from
+the official code's edit (``train_object.py``, ``erase_methods/uce.py``; gamma's default 1e-3 and the closed-form
+``regzero`` solve there too); ``regular_scale`` 1e-3 (art, objects) and 0.1 (nudity), epochs 1 (art, objects) and 3
 (nudity) from the paper, resolved from the prompt set on real models (``DEFAULTS["sd"]`` leaves them unset). Shapes
 world (model profile ``shapes``): ``regular_scale`` 1e-3 (the paper's for objects), ``rece_preserve retain`` and
 ``epochs`` 2, chosen by measurement.
@@ -44,7 +47,7 @@ world (model profile ``shapes``): ``regular_scale`` 1e-3 (the paper's for object
 Measured on the Shapes world, concept red (``benchmarks/rece_epochs.py``; judge CLIP, 58 images of the training
 prompts, 40 of other-colour prompts):
 
-- The paper's preserve set (``" "`` only) erodes other colours and brings red back: other colours judged right in
+- The paper's preserve set (the empty prompt only) erodes other colours and brings red back: other colours right in
   100% after UCE, then 90%, 75%, 67.5%, 55% after epochs 1-4; red 0%, then 3.4%, 10.3%, 12.1%, 13.8%. The Shapes
   text encoder is 64 wide, so the 77 adversarial rows of an epoch span its whole context space and only the
   least-squares balance keeps other prompts apart. With the retain prompts preserved too (``--rece-preserve
@@ -52,11 +55,12 @@ prompts, 40 of other-colour prompts):
 - The adversarial residual of each epoch's fresh ``c_adv`` (how close the best embedding gets to red's original
   K/V; each epoch's edit lifts it to about 1e3), retain preserve set: 24.6 after UCE, then 52.3, 58.1, 73.4, 75.2,
   77.7 before epochs 2-6: most of the gain is in the second epoch, hence 2 epochs.
-- ``erase train --method rece --concept red``: 14.7 s (about 9 s of it the two validation sets of 32 images; the
-  edits themselves take milliseconds); validation shares 0% and 0%, epoch 2 kept. ``erase eval`` (1 seed per
-  prompt): erasure 0.0%, generalization 0.0%, in-domain 100%, cross-domain 75% (base 75%), preservation 0.993,
-  kept attributes 92.9%. ``erase attack --attacks ti --cases 6``: red back in 3 of 6 cases (UCE's patch: 4 of 6;
-  4 epochs without selection: 3 of 6).
+- ``erase train --method rece --concept red``: 6.1 s (about 3 s of it the 32 validation images; the edits take
+  milliseconds); the first epoch's validation share is 0, so the run stops there and keeps it. ``erase eval`` (1 seed
+  per prompt): erasure 0.0%, generalization 0.0%, in-domain 100%, cross-domain 75% (base 75%), preservation 0.993,
+  kept attributes 96.4%. ``erase attack --attacks ti --cases 6``: red back in 4 of 6 cases, as for UCE's patch (4 of
+  6); the second epoch's patch (kept by an earlier ties-to-the-later rule) and 4 epochs without selection: 3 of 6.
+  On this world the closed-form adversarial rows barely cover what textual inversion finds.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def train(ctx) -> Patch:
     with torch.no_grad():
         concept_rows = [encode_prompts(pipe, [c.word]).hidden[0].to(torch.float64) for c in concepts]
         guide_rows = encode_prompts(pipe, [" "]).hidden[0].to(torch.float64)
-    preserve_prompts = [" "]
+    preserve_prompts = [""]  # the official code's retain_texts (" " tokenises the same)
     if config.rece_preserve == "retain":
         preserve_prompts += list(dict.fromkeys(shared_retain(concepts) + list(config.preserve)))
     preserve_rows = preserve_contexts(pipe, preserve_prompts)
@@ -207,15 +211,17 @@ def train(ctx) -> Patch:
         k = rece_epoch(k, gram, concept_rows, guide_rows, preserve_rows, config)
         if validator is not None:
             scores.append(validator.score(k))
-            if scores[-1] <= min(scores):  # ties go to the later epoch
+            if scores[-1] < min(scores[:-1], default=float("inf")):  # ties keep the earlier epoch (less drift)
                 kept, kept_epoch = k, epoch
+            if scores[-1] == 0:  # nothing left to improve: the official script stops here
+                break
         else:
             kept = k
     notes.update(
         {
             "rece_epochs": config.epochs,
             "rece_kept_epoch": kept_epoch,
-            "rece_selection": f"lowest validation concept share ({config.judge})"
+            "rece_selection": f"lowest validation concept share, first 0 stops ({config.judge})"
             if validator
             else "last epoch (no judge)",
             "rece_validation_shares": [round(s, 4) for s in scores],

@@ -32,8 +32,8 @@ class RECEConfig(UCEConfig):
     rece_preserve: Literal["paper", "retain"] | None = field(
         default=None,
         metadata={
-            "help": "preserved in each epoch: the prompt ' ' (paper; default on real models), or ' ' and the prompt "
-            "set's retain prompts (default on shapes)"
+            "help": "preserved in each epoch: the empty prompt (paper; default on real models), or it and the prompt "
+            "set's retain prompts (the official --preserve_concepts; default on shapes)"
         },
     )
     judge: str | None = field(
