@@ -94,6 +94,12 @@ register_method(
     config_module="erase.methods.speed_config",
 )
 register_method(
+    "rece",
+    "erase.methods.rece",
+    "RECE (Gong et al. 2024): UCE, then erase the closed-form adversarial embeddings that still reach the concept",
+    config_module="erase.methods.rece_config",
+)
+register_method(
     "salun",
     "erase.methods.salun",
     "SalUn (Fan et al. 2024): remap the concept onto an anchor, moving only the most salient weights (sparse patch)",

@@ -148,11 +148,9 @@ def truncated_svd(m: torch.Tensor, tol: float = 1e-10) -> tuple[torch.Tensor, to
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train(ctx) -> Patch:
-    config: UCEConfig = ctx.config
-    pipe, concepts = ctx.pipe, ctx.concepts
-    guides = ctx.per_concept(config.guide, lambda i: default_guide(concepts, i))
-    config.guide = guides  # saved in the patch as resolved
+def uce_edit(pipe, concepts: list[ConceptPrompts], guides: list[str], config: UCEConfig) -> tuple[torch.Tensor, dict]:
+    """UCE's shared ``K`` for ``concepts`` (``W_new = W K`` in every cross-attention K/V layer) with ``config``'s
+    settings and the resolved ``guides``, and the counts of erased and preserved context vectors."""
     preserve_prompts = list(dict.fromkeys(shared_retain(concepts) + list(config.preserve)))
     erase_rows, guide_rows = [], []
     for concept, guide in zip(concepts, guides):
@@ -162,20 +160,23 @@ def train(ctx) -> Patch:
     erase, guide = torch.cat(erase_rows), torch.cat(guide_rows)
     preserve = preserve_contexts(pipe, preserve_prompts)
     k = shared_edit(erase, guide, preserve, config.erase_scale, config.preserve_scale, config.lamb)
+    return k, {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(preserve.shape[0])}
 
-    unet = pipe.unet
+
+def edit_patch(unet, k: torch.Tensor, config, method: str, notes: dict) -> Patch:
+    """The patch of ``W_new = W K`` on every ``attn2.to_k``/``to_v`` of ``unet``: a dense ``delta``, or the exact
+    ``lora`` of ``K - I`` at its numerical rank (``config.kind``; the reconstruction error goes into the notes)."""
     target = resolve("xattn-kv", "unet", unet)
     modules = dict(unet.named_modules())
     base = {"unet": unet.state_dict()}
-    notes = {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(preserve.shape[0])}
-    ctx.stats.update(notes)
+    notes = dict(notes)
     if config.kind == "delta":
         tuned = {}
         k_layer = k.to(torch.float32)  # K is solved in float64; applying it is a float32 product (fp32 weights)
         for name in target.modules:
             w = modules[name].weight
             tuned[f"{name}.weight"] = (w.detach().to(torch.float32) @ k_layer).to(w.dtype)
-        patch = make_delta_patch(base, {"unet": tuned}, dtype=config.dtype, method="uce", concepts=config.concepts)
+        patch = make_delta_patch(base, {"unet": tuned}, dtype=config.dtype, method=method, concepts=config.concepts)
         patch.notes.update(notes)
         return patch
     u, s, vh = low_rank(k)
@@ -190,5 +191,14 @@ def train(ctx) -> Patch:
         factors[name] = (a.to(torch.float32), b.to(torch.float32))
     notes.update({"lora_rank": int(s.numel()), "lora_relative_error": max(errors)})
     return make_lora_patch(
-        base, {"unet": factors}, lora_alpha=float(s.numel()), method="uce", concepts=config.concepts, notes=notes
+        base, {"unet": factors}, lora_alpha=float(s.numel()), method=method, concepts=config.concepts, notes=notes
     )
+
+
+def train(ctx) -> Patch:
+    config: UCEConfig = ctx.config
+    guides = ctx.per_concept(config.guide, lambda i: default_guide(ctx.concepts, i))
+    config.guide = guides  # saved in the patch as resolved
+    k, notes = uce_edit(ctx.pipe, ctx.concepts, guides, config)
+    ctx.stats.update(notes)
+    return edit_patch(ctx.pipe.unet, k, config, "uce", notes)
