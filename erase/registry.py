@@ -35,6 +35,9 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 
+# the method ``erase train`` uses without ``--method``: the one a user should run (README, "Methods")
+RECOMMENDED = "guard"
+
 
 def register_method(
     name: str, module: str, summary: str, family: str = "diffusion", config_module: str = ""
@@ -75,6 +78,12 @@ def get_config(name: str) -> type:
     return importlib.import_module(spec.config_module).CONFIG
 
 
+register_method(
+    "guard",
+    "erase.methods.guard",
+    "recommended: UCE's closed form, then a short adversarial stage that denies the concept to any embedding",
+    config_module="erase.methods.guard_config",
+)
 register_method(
     "esd",
     "erase.methods.esd",

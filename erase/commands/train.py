@@ -11,7 +11,7 @@ from erase.commands._args import CliError, status
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
     """``erase train``: generic flags here, the method's own from its config dataclass (``--method`` picks it)."""
-    from erase.registry import list_methods
+    from erase.registry import RECOMMENDED, list_methods
 
     specs = list_methods()
     listing = "; ".join(f"{m.name}: {m.summary}" for m in specs)
@@ -19,9 +19,15 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         "train",
         help="erase concepts with a method and write a patch (erase train --list shows the methods)",
         description=f"Erase concepts and write a patch. Methods: {listing}. "
+        f"Without --method, the recommended one ({RECOMMENDED}). "
         "'erase train --method NAME --help' shows a method's settings.",
     )
-    train.add_argument("--method", choices=[m.name for m in specs], help="the erasure method")
+    train.add_argument(
+        "--method",
+        choices=[m.name for m in specs],
+        default=RECOMMENDED,
+        help=f"the erasure method (default: the recommended one, {RECOMMENDED})",
+    )
     train.add_argument("--list", action="store_true", help="list the methods, one line each, and exit")
     train.add_argument("--out", metavar="PATCH", help="the patch file to write (.safetensors)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -46,7 +52,10 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def _train_method(argv: Sequence[str]) -> str | None:
-    """The ``--method`` of an ``erase train`` command line, so that its config's flags can be added."""
+    """The ``--method`` of an ``erase train`` command line (the recommended method when it names none), so that its
+    config's flags can be added."""
+    from erase.registry import RECOMMENDED
+
     if not argv or argv[0] != "train":
         return None
     for i, arg in enumerate(argv):
@@ -54,18 +63,17 @@ def _train_method(argv: Sequence[str]) -> str | None:
             return argv[i + 1]
         if arg.startswith("--method="):
             return arg.split("=", 1)[1]
-    return None
+    return RECOMMENDED
 
 
 def run(args: argparse.Namespace) -> int:
-    from erase.registry import list_methods
+    from erase.registry import RECOMMENDED, list_methods
 
     if args.list:
         for spec in list_methods():
-            print(f"{spec.name:<14}{spec.summary}")
+            mark = " (recommended: the default without --method)" if spec.name == RECOMMENDED else ""
+            print(f"{spec.name:<14}{spec.summary}{mark}")
         return 0
-    if not args.method:
-        raise CliError("--method is required: one of " + ", ".join(m.name for m in list_methods()))
     if not args.out:
         raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")
     from erase.config_args import config_from_args

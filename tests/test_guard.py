@@ -1,0 +1,65 @@
+"""guard, the recommended method: its two stages against their equations, the default of ``erase train``, and the
+method contract."""
+
+import pytest
+import torch
+from method_contract import MethodContract
+from tiny_pipelines import tiny_pipeline
+
+from erase.cli import main
+from erase.commands.train import _train_method
+from erase.methods.guard import GuardConfig, closed_form
+from erase.methods.uce import erase_contexts, preserve_contexts, shared_edit
+from erase.registry import RECOMMENDED, list_methods
+from erase.training.run import train_patch
+from prompts.training import concept_prompts, shared_retain
+
+SMALL = {"steps": 2, "batch_size": 1, "lr": 1e-3, "sample_steps": 2, "trajectories": 2, "forget_images": 2}
+
+
+def test_the_recommended_method_is_registered_and_the_default():
+    assert RECOMMENDED in {m.name for m in list_methods()}
+    assert _train_method(["train", "--concept", "red"]) == RECOMMENDED
+    assert _train_method(["train", "--method", "uce", "--concept", "red"]) == "uce"
+
+
+def test_list_marks_the_recommended_method(capsys):
+    assert main(["train", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    marked = [line for line in lines if "recommended" in line]
+    assert len(marked) == 1 and marked[0].startswith(RECOMMENDED)
+
+
+def test_closed_form_is_uce_on_the_word_to_the_end_of_the_context():
+    pipe = tiny_pipeline("sd1")
+    concepts = [concept_prompts("red")]
+    k = closed_form(pipe, concepts, ["blue"], 0.5)
+    e, g = erase_contexts(pipe, concepts[0], "blue", "expanded")
+    p = preserve_contexts(pipe, shared_retain(concepts))
+    torch.testing.assert_close(k, shared_edit(e, g, p, 1.0, 1.0, 0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_closed_form_after_training_is_the_trained_weights_times_k(arch, tmp_path):
+    """``closed_form="after"`` (the default) writes ``W_trained K`` for every cross-attention key/value projection, and
+    the trained stage's other weights as trained: the same run with ``closed_form="off"`` gives ``W_trained``."""
+    pipe = tiny_pipeline(arch)
+    patches = {}
+    for mode in ("off", "after"):
+        config = GuardConfig(model=f"tiny-{arch}", concepts=["red"], prompts="shapes", closed_form=mode, **SMALL)
+        patches[mode] = train_patch("guard", config, tmp_path / f"{mode}.safetensors", pipe=pipe, progress=False)
+    k = closed_form(pipe, [concept_prompts("red")], ["blue"], 0.5).to(torch.float32)
+    state = pipe.unet.state_dict()
+    names = patches["off"].target_names("unet")
+    assert names and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in names)
+    for name in names:
+        trained = state[name] + patches["off"].tensors[f"unet.{name}"]  # delta patch keys: component.name
+        after = state[name] + patches["after"].tensors[f"unet.{name}"]
+        torch.testing.assert_close(after, trained @ k, rtol=1e-5, atol=1e-6)
+
+
+class TestGuardContract(MethodContract):
+    method = "guard"
+    concepts = ("red", "circle")  # one concept per step, in turn
+    few_steps = {**SMALL, "steps": 3, "adversarial_every": 2, "adversarial_steps": 1}
+    resume_variants = {"adversarial": {}, "plain": {"adversarial_every": 0}}
