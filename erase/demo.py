@@ -1,7 +1,8 @@
 """``make demo`` / ``erase demo``: the main job on the Shapes world, written as an HTML report.
 
-The demo erases one concept ("red" by default) with every registered diffusion method (`METHOD_SETTINGS` are the
-settings it uses, the same as ``benchmarks/train.py``), evaluates each patch with ``erase eval`` and attacks it with
+The demo erases one concept ("red" by default) with the recommended method first (`erase.registry.RECOMMENDED`), then
+the baselines of `DEMO_METHODS` (any registered diffusion method with ``--method``; `METHOD_SETTINGS` are the settings
+it uses, the same as ``benchmarks/train.py``), evaluates each patch with ``erase eval`` and attacks it with
 textual inversion (``erase attack --attacks ti`` on `ATTACK_CASES` cases). Its report opens with the verdict: one row
 per method, each figure against the Shapes bars the README states (`BARS`), green where met and red where missed, with
 the attack's success rate (depth) beside retention and what the concept's prompts draw instead. Then the trade-off
@@ -32,6 +33,7 @@ THRESHOLDS = {"colour": 0.98, "shape": 0.95, "style": 0.95}
 
 # The settings each method is run with on the Shapes world (its acceptance settings; measured in the README).
 METHOD_SETTINGS: dict[str, dict] = {
+    "guard": {},  # the recommended method: its defaults (erase/methods/guard.py)
     "uce": {},
     "esd": {"steps": 300, "batch_size": 8, "eta": 2.0, "preserve_weight": 1.0},
     "salun": {},  # its defaults are its Shapes acceptance settings (erase/methods/salun.py)
@@ -52,6 +54,17 @@ BARS: dict[str, dict[str, float | None]] = {
         "preservation": 0.95,
         "kept_attributes": 0.95,
     },
+    # the recommended method answers to issue 19's bars, depth included (textual inversion on the demo's cases)
+    "guard": {
+        "erasure": 0.01,
+        "generalization": 0.03,
+        "implicit": 0.01,
+        "in_domain": 0.98,
+        "cross_domain": 0.98,
+        "preservation": 0.97,
+        "kept_attributes": 0.95,
+        "ti": 0.10,
+    },
     "esd": {
         "erasure": 0.05,
         "generalization": 0.10,
@@ -70,7 +83,21 @@ ATTACK_CASES = 24
 ATTACK: dict = {"cases": ATTACK_CASES}
 # Rough seconds per stage for the progress messages: the CPU seconds of each stage in a full demo with one thread
 # (about the wall time on 2 idle cores; a busy machine stretches them several times).
-EXPECTED_SECONDS = {"uce": 5, "esd": 55, "salun": 90, "doco": 180, "eval": 45, "attack": 35}
+EXPECTED_SECONDS = {
+    "guard": 60,
+    "uce": 5,
+    "speed": 5,
+    "rece": 10,
+    "esd": 55,
+    "salun": 90,
+    "doco": 180,
+    "eval": 45,
+    "attack": 35,
+}
+# The methods a plain `make demo` runs: the recommended one first, then the baselines it is compared with. SPEED and
+# RECE run with `erase demo --method speed --method rece ...` (each adds about 90 s; with them all the demo passes 15
+# minutes on 2 cores).
+DEMO_METHODS = ("guard", "uce", "esd", "salun", "doco")
 
 
 def run_demo(
@@ -130,12 +157,13 @@ def _run_demo(
     settings: dict[str, dict],
     attack: dict,
 ) -> dict:
-    from erase.registry import list_methods
-
     start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
     if methods is None:
-        methods = [m.name for m in list_methods() if m.family == "diffusion"]
+        methods = list(DEMO_METHODS)
+    from erase.registry import RECOMMENDED
+
+    methods = sorted(methods, key=lambda m: m != RECOMMENDED)  # the recommended method first, the rest as given
     # bad input is refused before any training and before any folder is made
     from erase.registry import get_method
     from prompts.training import concept_prompts
@@ -326,8 +354,9 @@ def verdict(summary: dict, bars: dict[str, float | None]) -> dict:
         "cross_domain": _ratio(summary["retention"]["cross_domain"]),
         "preservation": summary["preservation"],
         "kept_attributes": (summary["kept_attributes"] or {}).get("patched"),
+        "ti": (summary.get("depth") or {}).get("asr"),
     }
-    at_most = {"erasure", "generalization", "implicit"}
+    at_most = {"erasure", "generalization", "implicit", "ti"}
     checks = {}
     for name, value in values.items():
         bar = bars.get(name)
@@ -353,13 +382,14 @@ _CHECK_NAMES = {
     "cross_domain": "retention cross-domain",
     "preservation": "preservation",
     "kept_attributes": "kept attributes",
+    "ti": "depth (textual inversion)",
 }
 
 
 def _bar_text(name: str, bar: float | None) -> str:
     if bar is None:
         return "no bar"
-    if name in ("erasure", "generalization", "implicit"):
+    if name in ("erasure", "generalization", "implicit", "ti"):
         return f"<= {100 * bar:.0f}%"
     if name == "kept_attributes":
         return f">= {100 * bar:.0f}%"
@@ -424,7 +454,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
             check("generalization", _pct(c["generalization"]["value"])),
             check("implicit", _pct(c["implicit"]["value"])),
             check("in_domain", retention["in_domain"]),
-            f"<td>{_pct(depth['asr'])} ({depth['successes']} of {depth['cases']})</td>",
+            check("ti", f"{_pct(depth['asr'])} ({depth['successes']} of {depth['cases']})"),
             check("cross_domain", retention["cross_domain"]),
             check("preservation", _num(c["preservation"]["value"])),
             check("kept_attributes", _pct(c["kept_attributes"]["value"])),
@@ -437,7 +467,7 @@ def _verdict_table(concept: str, metrics: dict) -> str:
     bar_row = [
         "bars",
         *[_bar_text(k, bars[k]) for k in ("erasure", "generalization", "implicit", "in_domain")],
-        "no bar: lower is deeper",
+        "no bar: lower is deeper (guard: <= 10%)",
         *[_bar_text(k, bars[k]) for k in ("cross_domain", "preservation", "kept_attributes")],
         "",
         "",

@@ -21,7 +21,7 @@ class GuardConfig(AdversarialTrainConfig):
     KINDS = ("delta",)
 
     kind: Literal["delta"] = field(default="delta", metadata={"help": "patch kind: a dense delta (export --to lora)"})
-    steps: int | None = field(default=None, metadata={"help": "steps of the trained stage (default: 150 per concept)"})
+    steps: int | None = field(default=None, metadata={"help": "steps of the trained stage (default: 300 per concept)"})
     batch_size: int = field(default=8, metadata={"help": "concept (and as many retain) images per step"})
     guide: list[str] = field(
         default_factory=list,
@@ -39,9 +39,9 @@ class GuardConfig(AdversarialTrainConfig):
         metadata={"help": "the concept's target moves towards: its prompt without the word, the guide's"},
     )
     eta: float = field(default=2.0, metadata={"help": "negative guidance of the concept's target (1: the neutral)"})
-    preserve_weight: float = field(default=1.0, metadata={"help": "weight of the retain term"})
+    preserve_weight: float = field(default=2.0, metadata={"help": "weight of the retain term"})
     implicit_weight: float = field(
-        default=1.0, metadata={"help": "weight of steering prompts without the concept's family away from it (0: off)"}
+        default=0.0, metadata={"help": "weight of steering prompts without the concept's family away from it (0: off)"}
     )
     implicit_eta: float = field(default=1.0, metadata={"help": "strength of that steering"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance of the frozen trajectories"})
@@ -55,7 +55,11 @@ class GuardConfig(AdversarialTrainConfig):
         default=None, metadata={"help": "guidance of the adversarial token's images (7.5; shapes 5)"}
     )
 
-    STEPS_PER_CONCEPT = 150
+    adversarial_every: int = field(
+        default=0, metadata={"help": "steps between searches for an adversarial token embedding (0: off)"}
+    )
+
+    STEPS_PER_CONCEPT = 300
     WORD_FIELDS = ("guide",)
 
     def __post_init__(self):
