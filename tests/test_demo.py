@@ -125,9 +125,15 @@ def test_verdict_marks_each_figure_against_its_bar():
         "cross_domain": False,  # 0.8 / 0.9 = 0.89x base, under 0.98x
         "preservation": True,
         "kept_attributes": None,  # not measured: no verdict either way
+        "ti": None,  # no attack in this summary, and the baselines have no depth bar
     }
     assert v["missed"] == ["generalization", "implicit", "cross_domain"] and not v["passed"]
     assert verdict(summary, BARS["esd"])["missed"] == ["cross_domain"]  # ESD's baseline bars: 10%, no implicit bar
+    # the recommended method answers to issue 19's bars, textual inversion included
+    deep = {**summary, "depth": {"asr": 0.12}, "generalization": {"base": 1.0, "patched": 0.02}}
+    checks = verdict(deep, BARS["guard"])["checks"]
+    assert checks["ti"] == {"value": 0.12, "bar": 0.10, "pass": False}
+    assert checks["generalization"]["pass"] is True and checks["erasure"]["pass"] is True  # 1% is within <= 1%
 
 
 def test_trade_off_plot_keeps_coincident_points_and_labels_readable():

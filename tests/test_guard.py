@@ -8,7 +8,7 @@ from tiny_pipelines import tiny_pipeline
 
 from erase.cli import main
 from erase.commands.train import _train_method
-from erase.methods.guard import GuardConfig, closed_form
+from erase.methods.guard import GuardConfig, _retain_pool, closed_form, repaired
 from erase.methods.uce import erase_contexts, preserve_contexts, shared_edit
 from erase.registry import RECOMMENDED, list_methods
 from erase.training.run import train_patch
@@ -56,6 +56,38 @@ def test_closed_form_after_training_is_the_trained_weights_times_k(arch, tmp_pat
         trained = state[name] + patches["off"].tensors[f"unet.{name}"]  # delta patch keys: component.name
         after = state[name] + patches["after"].tensors[f"unet.{name}"]
         torch.testing.assert_close(after, trained @ k, rtol=1e-5, atol=1e-6)
+
+
+def _random(n, d, seed):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_repair_zero_is_the_closed_form_and_its_solution_is_least_squares():
+    d = 10
+    erase, guide, preserve = _random(4, d, 0), _random(4, d, 1), _random(30, d, 2)
+    w_t, w_0 = _random(6, d, 3), _random(6, d, 4)
+    k = shared_edit(erase, guide, preserve, 1.0, 1.0, 0.5)
+    torch.testing.assert_close(repaired(w_t, w_0, erase, guide, preserve, 0.5, 0.0), w_t @ k, rtol=1e-9, atol=1e-9)
+    for r in (0.5, 1.0):  # the objective's gradient vanishes at the solution
+        w = repaired(w_t, w_0, erase, guide, preserve, 0.5, r).clone().requires_grad_(True)
+        target = (1 - r) * w_t + r * w_0
+        loss = (
+            ((w @ erase.T - w_t @ guide.T) ** 2).sum()
+            + ((w @ preserve.T - target @ preserve.T) ** 2).sum()
+            + 0.5 * ((w - w_t) ** 2).sum()
+        )
+        loss.backward()
+        assert w.grad.abs().max() < 1e-8
+
+
+def test_retain_pool_mixes_far_prompts_and_the_closest_neighbours():
+    pipe = tiny_pipeline("sd1")
+    concepts = [concept_prompts("red")]
+    pool = _retain_pool(pipe, concepts, 64, 0.5)
+    far = [p for p in pool if not any(w in p for w in ("orange", "yellow", "green", "blue", "purple", "tangerine"))]
+    assert len(pool) == 64 and len(far) == 32
+    assert not any("red" in p.split() for p in pool)
+    assert _retain_pool(pipe, concepts, 64, 0.5) == pool  # deterministic
 
 
 class TestGuardContract(MethodContract):

@@ -41,6 +41,7 @@ from erase.config_args import seed_for_torch
 from erase.methods.esd_config import DEFAULTS, ESDConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch
 from erase.targets import resolve
+from erase.training.data import spread
 from erase.training.student import Student
 from pipelines.denoise import (
     Conditioning,
@@ -131,7 +132,9 @@ class _Sampler:
         n = self.config.trajectories
         if n == 0:
             return None
-        chosen = [prompts[j % len(prompts)] for j in range(n)]  # every prompt, in turn
+        # every prompt in turn; with more prompts than trajectories, a spread over all of them (not the first n: the
+        # retain prompts list one family's classes first, so the first 64 were all near neighbours)
+        chosen = [prompts[j % len(prompts)] for j in range(n)] if len(prompts) <= n else spread(prompts, n, desc)
         gens = [torch.Generator().manual_seed(seed_for_torch(s)) for s in training_seeds(seed, n)]
         cond = self.encode(chosen)
         latents, timesteps = sample_trajectories(

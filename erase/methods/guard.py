@@ -58,22 +58,40 @@ from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.data import SEED_OFFSETS, LatentSet, split_retain, spread
 from erase.training.loop import adam
 from erase.training.student import Student
-from pipelines.denoise import PromptEncoder, sampling_pipeline, unet_output
+from pipelines.denoise import PromptEncoder, encode_prompts, sampling_pipeline, unet_output
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
 CONFIG = GuardConfig
 
 
-def closed_form(pipe, concepts, guides: list[str], lamb: float) -> torch.Tensor:
-    """UCE's shared ``K`` (float64, ``[d, d]``) for every cross-attention K/V layer: ``W_new = W K``."""
+def contexts(pipe, concepts, guides: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UCE's rows: the concepts' contexts (the word to the end), their guides', and the retain prompts' (float64)."""
     erase_rows, guide_rows = [], []
     for concept, guide in zip(concepts, guides):
         e, g = erase_contexts(pipe, concept, guide, "expanded")
         erase_rows.append(e)
         guide_rows.append(g)
-    preserve = preserve_contexts(pipe, shared_retain(concepts))
-    return shared_edit(torch.cat(erase_rows), torch.cat(guide_rows), preserve, 1.0, 1.0, lamb)
+    return torch.cat(erase_rows), torch.cat(guide_rows), preserve_contexts(pipe, shared_retain(concepts))
+
+
+def closed_form(pipe, concepts, guides: list[str], lamb: float) -> torch.Tensor:
+    """UCE's shared ``K`` (float64, ``[d, d]``) for every cross-attention K/V layer: ``W_new = W K``."""
+    return shared_edit(*contexts(pipe, concepts, guides), 1.0, 1.0, lamb)
+
+
+def repaired(trained, original, erase, guide, preserve, lamb: float, repair: float) -> torch.Tensor:
+    """The closed form on trained weights with the retain rows' targets pulled back towards the original's:
+
+        W = argmin_W' |W' C_e - W_t C*_e|^2 + |W' C_p - ((1 - r) W_t + r W_0) C_p|^2 + lam |W' - W_t|^2
+
+    (``r = repair``; ``r = 0`` is ``W_t K``)."""
+    w_t, w_0 = trained.to(torch.float64), original.to(torch.float64)
+    d = w_t.shape[1]
+    m = lamb * torch.eye(d, dtype=torch.float64) + erase.T @ erase + preserve.T @ preserve
+    target = (1 - repair) * w_t + repair * w_0
+    rhs = lamb * w_t + (w_t @ guide.T) @ erase + (target @ preserve.T) @ preserve
+    return torch.linalg.solve(m, rhs.T).T.to(trained.dtype)
 
 
 def _target(unet, preset: str) -> Target:
@@ -93,6 +111,25 @@ def _images(ctx, config: GuardConfig, encode: PromptEncoder) -> list[LatentSet]:
     return out
 
 
+def _retain_pool(pipe, concepts, n: int, far_share: float) -> list[str]:
+    """``n`` retain prompts, one per trajectory: ``far_share`` of them spread over the prompts that name none of the
+    concepts' families; of the rest, half spread over every near-neighbour prompt and half over the third of them
+    whose text states lie closest to the concepts' (cosine of the mean context; for red: the orange prompts), the
+    neighbours an edit of the concept disturbs most."""
+    near, far = split_retain(concepts)
+    n_far = 0 if not far else n if not near else round(n * far_share)
+    pool = spread(far, n_far, "guard-retain|far") if n_far else []
+    if n > n_far:
+        with torch.no_grad():
+            mean = torch.stack([encode_prompts(pipe, c.targets).hidden.mean(1).mean(0) for c in concepts])
+            states = encode_prompts(pipe, near).hidden.mean(1)
+            closeness = F.cosine_similarity(states[:, None], mean[None], dim=-1).amax(1)
+        closest = [near[i] for i in closeness.argsort(descending=True)[: max(1, len(near) // 3)].tolist()]
+        k = (n - n_far) // 2
+        pool += spread(closest, k, "guard-retain|closest") + spread(near, n - n_far - k, "guard-retain|near")
+    return pool
+
+
 def train(ctx) -> Patch:
     config: GuardConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
@@ -103,7 +140,8 @@ def train(ctx) -> Patch:
     guides = ctx.per_concept(config.guide)
     encode = PromptEncoder(pipe)
     student = Student(teacher, _target(teacher, config.preset), "delta")
-    k = closed_form(pipe, concepts, guides, config.lamb).to(torch.float32) if config.closed_form != "off" else None
+    rows = contexts(pipe, concepts, guides) if config.closed_form != "off" else None
+    k = shared_edit(*rows, 1.0, 1.0, config.lamb).to(torch.float32) if rows else None
     kv = resolve("xattn-kv", "unet", teacher).parameters
 
     def edit(module) -> None:  # W <- W K on every cross-attention key/value projection
@@ -114,9 +152,11 @@ def train(ctx) -> Patch:
 
     if config.closed_form == "before":
         edit(student.module)
-    retain = shared_retain(concepts)
-    if not retain:
+    if not shared_retain(concepts):
         raise ValueError("guard needs retain prompts, and the prompt set has none for these concepts; add retain rows")
+    # one trajectory per retain prompt, spread over all of them: near neighbours and, for retain_far_share of them,
+    # prompts that name none of the family (whose attribute the model picks itself, and which change most easily)
+    retain = _retain_pool(pipe, concepts, config.trajectories, config.retain_far_share)
     far = set(split_retain(concepts)[1])
     params = student.trainable()
     optimizer = adam(params, lr=config.lr)
@@ -175,6 +215,11 @@ def train(ctx) -> Patch:
         return {**logs, "erase": loss_c.item(), "retain": loss_r.item()}
 
     ctx.stats.update(loop.run(step_fn))
-    if config.closed_form == "after":
+    if config.closed_form == "after" and config.repair > 0:
+        with torch.no_grad():
+            for name in kv:
+                p = student.module.get_parameter(name)
+                p.copy_(repaired(p, teacher.get_parameter(name), *rows, config.lamb, config.repair))
+    elif config.closed_form == "after":
         edit(student.module)
     return ctx.to_patch(student)

@@ -27,6 +27,10 @@ class GuardConfig(AdversarialTrainConfig):
         default_factory=list,
         metadata={"help": "closed-form guide per concept (one for all, or one per --concept); default: the set's"},
     )
+    repair: float = field(
+        default=0.0,
+        metadata={"help": "after training: pull the retain prompts' keys/values back to the original's (0-1)"},
+    )
     lamb: float = field(default=0.5, metadata={"help": "closed form: regulariser towards the original weights"})
     closed_form: Literal["after", "before", "off"] = field(
         default="after", metadata={"help": "the closed-form edit: on the trained weights, as their start, or none"}
@@ -49,6 +53,9 @@ class GuardConfig(AdversarialTrainConfig):
         default=None, metadata={"help": "frozen-model trajectories cached per concept and for the retain prompts"}
     )
     sample_batch: int | None = field(default=None, metadata={"help": "trajectories sampled per batch"})
+    retain_far_share: float = field(
+        default=0.5, metadata={"help": "share of the retain trajectories from prompts naming none of the family"}
+    )
     forget_images: int = field(default=64, metadata={"help": "concept images the adversarial token learns from"})
     sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the sampling (50; shapes 25)"})
     sample_guidance: float | None = field(
@@ -70,6 +77,10 @@ class GuardConfig(AdversarialTrainConfig):
         if self.closed_form != "off" and self.lamb == 0:
             raise ValueError("lamb must be above 0 for the closed form (0 makes its solve singular)")
         self.check_finite_nonnegative("guidance")
+        if not 0.0 <= self.repair <= 1.0:
+            raise ValueError(f"repair must be in [0, 1], got {self.repair}")
+        if not 0.0 <= self.retain_far_share <= 1.0:
+            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
         self.check_at_least(1, "forget_images", "trajectories", "sample_batch")
         self.check_at_least(2, "sample_steps")
 
