@@ -128,8 +128,9 @@ class _Sampler:
     def __init__(self, config: ESDConfig, sampler, encode: PromptEncoder, progress: bool):
         self.config, self.sampler, self.encode, self.progress = config, sampler, encode, progress
 
-    def pool(self, prompts: list[str], seed: int, desc: str):
-        n = self.config.trajectories
+    def pool(self, prompts: list[str], seed: int, desc: str, n: int | None = None):
+        """``n`` trajectories (default: the config's ``trajectories``) of ``prompts``, with every state kept."""
+        n = self.config.trajectories if n is None else n
         if n == 0:
             return None
         # every prompt in turn; with more prompts than trajectories, a spread over all of them (not the first n: the

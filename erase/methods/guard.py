@@ -156,7 +156,9 @@ def train(ctx) -> Patch:
         raise ValueError("guard needs retain prompts, and the prompt set has none for these concepts; add retain rows")
     # one trajectory per retain prompt, spread over all of them: near neighbours and, for retain_far_share of them,
     # prompts that name none of the family (whose attribute the model picks itself, and which change most easily)
-    retain = _retain_pool(pipe, concepts, config.trajectories, config.retain_far_share)
+    if config.retain_trajectories is None:
+        config.retain_trajectories = 2 * config.trajectories  # saved in the patch as resolved
+    retain = _retain_pool(pipe, concepts, config.retain_trajectories, config.retain_far_share)
     far = set(split_retain(concepts)[1])
     params = student.trainable()
     optimizer = adam(params, lr=config.lr)
@@ -172,7 +174,7 @@ def train(ctx) -> Patch:
     sampler = sampling_pipeline(pipe, teacher, config.sample_steps)
     draw = _Sampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
     pools = [draw.pool(c.targets, config.seed + 1 + i, f"trajectories of {c.concept}") for i, c in enumerate(concepts)]
-    retain_pool = draw.pool(retain, config.seed, "trajectories of retain prompts")
+    retain_pool = draw.pool(retain, config.seed, "trajectories of retain prompts", n=len(retain))
     b = config.batch_size
 
     def step_fn(step: int, gen: torch.Generator) -> dict[str, float]:

@@ -53,8 +53,11 @@ class GuardConfig(AdversarialTrainConfig):
         default=None, metadata={"help": "frozen-model trajectories cached per concept and for the retain prompts"}
     )
     sample_batch: int | None = field(default=None, metadata={"help": "trajectories sampled per batch"})
+    retain_trajectories: int | None = field(
+        default=None, metadata={"help": "frozen-model trajectories of retain prompts (default: twice trajectories)"}
+    )
     retain_far_share: float = field(
-        default=0.5, metadata={"help": "share of the retain trajectories from prompts naming none of the family"}
+        default=0.25, metadata={"help": "share of the retain trajectories from prompts naming none of the family"}
     )
     forget_images: int = field(default=64, metadata={"help": "concept images the adversarial token learns from"})
     sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the sampling (50; shapes 25)"})
@@ -81,7 +84,7 @@ class GuardConfig(AdversarialTrainConfig):
             raise ValueError(f"repair must be in [0, 1], got {self.repair}")
         if not 0.0 <= self.retain_far_share <= 1.0:
             raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
-        self.check_at_least(1, "forget_images", "trajectories", "sample_batch")
+        self.check_at_least(1, "forget_images", "trajectories", "retain_trajectories", "sample_batch")
         self.check_at_least(2, "sample_steps")
 
 
