@@ -13,11 +13,12 @@ trajectories (classifier-free guidance ``guidance``, cached once: `erase.methods
       + preserve_weight || eps_theta(x_r, r) - eps*(x_r, r) ||^2
 
 ``c`` a concept prompt, ``n`` the same prompt with the word dropped ("a red striped circle" -> "a striped circle"),
-``r`` the retain prompts (other classes of the concept's family and prompts of the other families) at states of their
-own trajectories. The negatively guided target is what makes the stage deep: the keys and values learn to push away
-from the concept for the text states that carry it, not only to swap one state for another, so textual inversion,
-prefix attacks and relearning find no short way back (measured: textual inversion 0-8% of 24 cases on red where a
-closed form alone leaves 74% of 58).
+``r`` retain prompts at states of their own trajectories. The retain trajectories (``retain_trajectories``, twice the
+concept's) are spread over the retain prompts (`_retain_pool`): ``retain_far_share`` of them from prompts that name
+none of the concept's family, of the rest half from the third of the near neighbours whose text states lie closest to
+the concept's, half over all of them. The negatively guided target is what makes the stage deep: the keys and values
+learn to push away from the concept for the text states that carry it, not only to swap one state for another, so
+textual inversion, prefix attacks and relearning find no short way back.
 
 **2. Closed form** (UCE, Gandikota et al. 2024, `erase.methods.uce`): every trained ``W`` becomes ``W K`` with
 
@@ -29,19 +30,20 @@ the word's states onto the guide's, which the trained weights draw as the guide,
 what the trained weights make of it. It closes what the trained stage leaves to chance on concepts the sampling
 covers less well (synonyms, shapes).
 
-Measured alternatives (options, off by default; README): the closed form *before* training (``closed_form
-before``): the word's states then already reach the guide, the trained stage learns little, and textual inversion
-brings the concept back (58% of 24 cases on red); an adversarial token searched by textual inversion inside the
-loop (``adversarial_every``, `erase.training.adversarial`): as deep, but costs in-domain retention (0.93x) and
-preservation (0.952); the guide's prediction as the target (``reference guide``, ``eta 1``): shallow (33%); steering
-prompts that name none of the concept's family away from it (``implicit_weight``: their target is the original's
-prediction minus ``implicit_eta`` times the concept's own guidance direction at their ``x_t``): not needed, the
-trained stage alone draws the concept for none of them.
+Measured alternatives (options, off by default; README, "The recommended method"): the closed form *before* training
+(``closed_form before``): the word's states already reach the guide, the trained stage learns little, and textual
+inversion brings red back (58% of 24 cases); an adversarial token searched by textual inversion inside the loop
+(``adversarial_every``, `erase.training.adversarial`): as deep, but costs in-domain retention (0.93x) and
+preservation (0.952); the guide's prediction as the target (``reference guide``, ``eta 1``): shallow (33%); pulling
+the retain prompts' keys and values back to the original's in the closed form (``repair``, `repaired`): retention
+back (in-domain 0.983x, preservation 0.978) and depth gone (textual inversion 62.5%); steering prompts that name none
+of the concept's family away from it (``implicit_weight``: their target is the original's prediction minus
+``implicit_eta`` times the concept's own guidance direction at their ``x_t``).
 
-Defaults: ``eta`` 2 and ``guidance`` 3 as ESD's official code; ``preserve_weight`` 2 (1 lost orange to yellow in 3 of
-60 in-domain images); 300 steps of 8 concept and 8 retain states per concept, ``lam`` 0.5 as UCE. Per model
-(`DEFAULTS`, from the loaded model's profile): lr 1e-3, 25 sampling steps and 64 cached trajectories on the Shapes
-world; 5e-5, 50 and 16 on Stable Diffusion models, as ESD.
+Defaults: ``eta`` 2 and ``guidance`` 3 as ESD's official code; ``preserve_weight`` 2 (1 lost orange to yellow); 300
+steps of 8 concept and 8 retain states per concept; ``retain_far_share`` 0.25; ``lam`` 0.5 as UCE. Per model
+(`DEFAULTS`, from the loaded model's profile): lr 1e-3, 25 sampling steps and 64 cached trajectories per concept on
+the Shapes world; 5e-5, 50 and 16 on Stable Diffusion models, as ESD.
 """
 
 from __future__ import annotations
