@@ -4,7 +4,7 @@ architecture."""
 import pytest
 import torch
 from method_contract import MethodContract
-from tiny_pipelines import ARCHITECTURES, generate, tiny_pipeline
+from tiny_pipelines import ARCHITECTURES, assert_lora_equals_delta, generate, tiny_pipeline
 
 from erase.methods.uce import UCEConfig, low_rank, shared_edit, solve_layer
 from erase.patch import load_patch
@@ -72,13 +72,7 @@ def test_lora_patch_equals_the_delta_patch(tmp_path):
     for kind in ("delta", "lora"):
         config = UCEConfig(model="tiny", concepts=["red", "circle"], kind=kind)
         patches[kind] = train_patch("uce", config, pipe=pipe, progress=False)
-    outputs = {}
-    for kind, patch in patches.items():
-        handle = apply_patch(pipe.unet, patch)
-        outputs[kind] = {k: v.clone() for k, v in pipe.unet.state_dict().items() if ".attn2.to_" in k}
-        remove_patch(handle)
-    for name, value in outputs["delta"].items():
-        torch.testing.assert_close(outputs["lora"][name], value, rtol=1e-5, atol=1e-6)
+    assert_lora_equals_delta(pipe, patches)
 
 
 def test_guides_one_per_concept_and_defaults_avoid_erased_classes():

@@ -221,3 +221,17 @@ def vanilla_lora_images(jobs: list[dict], cwd) -> None:
         [sys.executable, "-c", VANILLA, json.dumps(jobs)], cwd=cwd, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def assert_lora_equals_delta(pipe, patches: dict) -> None:
+    """The ``lora`` and ``delta`` patches of a closed-form edit give the same cross-attention weights once applied
+    (each applied to ``pipe.unet`` and removed in turn)."""
+    from pipelines.apply import apply_patch, remove_patch
+
+    outputs = {}
+    for kind, patch in patches.items():
+        handle = apply_patch(pipe.unet, patch)
+        outputs[kind] = {k: v.clone() for k, v in pipe.unet.state_dict().items() if ".attn2.to_" in k}
+        remove_patch(handle)
+    for name, value in outputs["delta"].items():
+        torch.testing.assert_close(outputs["lora"][name], value, rtol=1e-5, atol=1e-6)
