@@ -13,8 +13,23 @@ from pathlib import Path
 import torch
 
 from pipelines.shapes.clip import WEIGHTS_DIR, default_clip_config, save_clip, train_clip
+from pipelines.worlds import check_world
 
 SD_FILE, GAN_FILE = "sd_shapes.safetensors", "gan_shapes.safetensors"
+SD_FILES = {"shapes": SD_FILE, "canvas": "sd_canvas.safetensors"}
+CLASSIFIER_FILE = "classifier.safetensors"  # the Canvas world's style and object classifier
+WORLD_MODELS = {"shapes": ("guide", "judge", "sd", "gan"), "canvas": ("guide", "judge", "classifier", "sd")}
+
+
+def weights_dir(world: str) -> Path:
+    """The folder of a world's shipped weight files."""
+    if check_world(world) == "canvas":
+        from pipelines.canvas import WEIGHTS_DIR as canvas_weights
+
+        return canvas_weights
+    return WEIGHTS_DIR
+
+
 EVAL_GUIDANCE = 5.0  # classifier-free guidance used for the shipped pipeline's accuracy table
 
 
@@ -29,6 +44,7 @@ def train_world(
     eval_n: int = 600,
     out: str | Path | None = None,
     progress: bool = True,
+    world: str = "shapes",
 ) -> dict:
     """Train the Shapes world's models and write them into ``out`` (default: the shipped weights folder).
 
@@ -39,7 +55,7 @@ def train_world(
     """
     from erase.fsutil import check_output_folder
 
-    out = Path(out) if out is not None else WEIGHTS_DIR
+    out = Path(out) if out is not None else weights_dir(check_world(world))
     # fail before training, not after; the world's files in it are replaced one by one (atomically)
     check_output_folder(out, overwrite=True, label="--out", create_parents=True)
     try:
@@ -51,11 +67,16 @@ def train_world(
     given = {"batch_size": batch_size, "pool_size": pool_size, "threads": threads, "seed": seed}
     given = {k: v for k, v in given.items() if v is not None}
     results = {}
-    for kind in only or ["guide", "judge", "sd", "gan"]:
+    for kind in only or list(WORLD_MODELS[world]):
+        if kind not in WORLD_MODELS[world]:
+            raise ValueError(f"the {world} world has no model {kind!r}: use {', '.join(WORLD_MODELS[world])}")
         if kind in ("guide", "judge"):
-            results[kind] = _train_clip(kind, out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
+            overrides = {**given, **({"steps": steps} if steps else {})}
+            results[kind] = _train_clip(kind, out, overrides, eval_n, progress, world)
+        elif kind == "classifier":
+            results[kind] = _train_classifier(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
         elif kind == "sd":
-            results[kind] = _train_sd(out, given, steps, vae_steps, eval_n, progress)
+            results[kind] = _train_sd(out, given, steps, vae_steps, eval_n, progress, world)
         elif kind == "gan":
             results[kind] = _train_gan(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
         else:
@@ -64,13 +85,24 @@ def train_world(
     return results
 
 
-def _train_clip(kind: str, out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
-    config = default_clip_config(kind, **overrides)
+def _train_clip(kind: str, out: Path, overrides: dict, eval_n: int, progress: bool, world: str = "shapes") -> dict:
+    config = default_clip_config(kind, world, **overrides)
     model, facts = train_clip(config, progress=progress)
     seen = facts.pop("seen_token_ids")
     path = out / f"clip_{kind}.safetensors"
-    measure = (lambda: _accuracy(path, eval_n)) if eval_n else None
-    return _save_measured(path, config, facts, lambda meta: save_clip(model, path, kind, seen, meta), measure)
+    measure = (lambda: _accuracy(path, eval_n, world)) if eval_n else None
+    return _save_measured(path, config, facts, lambda meta: save_clip(model, path, kind, seen, meta, world), measure)
+
+
+def _train_classifier(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
+    from eval.canvas import classifier_accuracy
+    from pipelines.canvas.classifier import ClassifierTrainConfig, save_classifier, train_classifier
+
+    config = ClassifierTrainConfig(**overrides)
+    model, facts = train_classifier(config, progress=progress)
+    path = out / CLASSIFIER_FILE
+    measure = (lambda: classifier_accuracy(path, n=eval_n)) if eval_n else None
+    return _save_measured(path, config, facts, lambda meta: save_classifier(model, path, meta), measure)
 
 
 def _save_measured(path: Path, config, facts: dict, save, measure) -> dict:
@@ -91,8 +123,16 @@ def _judge_for(out: Path):
     return ShapesClipScorer(str(local) if local.is_file() else "judge")
 
 
-def _train_sd(out: Path, given: dict, steps: int | None, vae_steps: int | None, eval_n: int, progress: bool) -> dict:
-    from pipelines.shapes.diffusion import DiffusionTrainConfig, load_pipeline_file, save_pipeline, train_pipeline
+def _train_sd(
+    out: Path,
+    given: dict,
+    steps: int | None,
+    vae_steps: int | None,
+    eval_n: int,
+    progress: bool,
+    world: str = "shapes",
+) -> dict:
+    from pipelines.shapes.diffusion import default_diffusion_config, load_pipeline_file, save_pipeline, train_pipeline
 
     renamed = {"batch_size": "unet_batch_size"}
     overrides = {renamed.get(k, k): v for k, v in given.items()}
@@ -100,14 +140,30 @@ def _train_sd(out: Path, given: dict, steps: int | None, vae_steps: int | None, 
         overrides["unet_steps"] = steps
     if vae_steps:
         overrides["vae_steps"] = vae_steps
-    config = DiffusionTrainConfig(**overrides)
+    config = default_diffusion_config(world, **overrides)
     pipe, facts = train_pipeline(config, progress=progress)
     seen = facts.pop("seen_token_ids")
-    path = out / SD_FILE
-    measure = (
-        (lambda: _pipeline_accuracy(load_pipeline_file(path), _judge_for(out), eval_n, progress)) if eval_n else None
-    )
-    return _save_measured(path, config, facts, lambda meta: save_pipeline(pipe, path, seen, meta), measure)
+    path = out / SD_FILES[world]
+    if world == "canvas":
+        measure = (lambda: _canvas_pipeline_fidelity(load_pipeline_file(path, world), out, eval_n)) if eval_n else None
+    else:
+        measure = (
+            (lambda: _pipeline_accuracy(load_pipeline_file(path), _judge_for(out), eval_n, progress))
+            if eval_n
+            else None
+        )
+    save = lambda meta: save_pipeline(pipe, path, seen, meta, world)  # noqa: E731
+    return _save_measured(path, config, facts, save, measure)
+
+
+def _canvas_pipeline_fidelity(pipe, out: Path, eval_n: int) -> dict:
+    """The classifier's agreement with the prompt on the Canvas pipeline's images (the classifier in ``out`` or the
+    shipped one)."""
+    from eval.canvas import pipeline_fidelity
+    from pipelines.canvas.classifier import load_classifier
+
+    local = out / CLASSIFIER_FILE
+    return pipeline_fidelity(pipe, load_classifier(str(local) if local.is_file() else "classifier"), eval_n)
 
 
 def _pipeline_accuracy(pipe, judge, eval_n: int, progress: bool) -> dict:
@@ -149,12 +205,13 @@ def check_exported_folder(folder: Path) -> None:
     check_written_by(folder, EXPORT_MARKER, "erase world export")
 
 
-def export_world(directory: str | Path, overwrite: bool = False) -> Path:
-    """Write the shipped Shapes pipeline as a standard diffusers folder (``StableDiffusionPipeline.from_pretrained``
-    loads it without this package), in the form transformers 4.x + diffusers 0.30 load with the same weights too
-    (text-encoder keys with the ``text_model.`` prefix, ``vocab.json``/``merges.txt``; see `pipelines.portable`).
-    The folder carries the world's marker (`pipelines.shapes.registry.MARKER_FILE`), so ``--model DIR`` gets the
-    Shapes world's defaults, exactly as ``--model shapes`` does.
+def export_world(directory: str | Path, overwrite: bool = False, world: str = "shapes") -> Path:
+    """Write a world's shipped pipeline (the Shapes world's by default) as a standard diffusers folder
+    (``StableDiffusionPipeline.from_pretrained`` loads it without this package), in the form transformers 4.x +
+    diffusers 0.30 load with the same weights too (text-encoder keys with the ``text_model.`` prefix,
+    ``vocab.json``/``merges.txt``; see `pipelines.portable`). The folder carries the world's marker
+    (`pipelines.shapes.registry.MARKER_FILE`), so ``--model DIR`` gets the world's defaults, exactly as
+    ``--model shapes`` (``--model canvas``) does.
 
     ``directory`` must be new or empty; with ``overwrite``, a folder an earlier export wrote (`EXPORT_MARKER`) and
     that holds nothing else is replaced as a whole; any other folder is refused.
@@ -167,13 +224,13 @@ def export_world(directory: str | Path, overwrite: bool = False) -> Path:
     # a new or empty folder (or, with overwrite, an earlier export), checked before loading; missing parent folders
     # are made, as `erase generate` and `erase eval` do (the README's `erase world export out/shapes-sd`)
     directory = check_output_folder(directory, overwrite, may_replace=check_exported_folder, create_parents=True)
-    pipe = pipelines.load("shapes")
+    pipe = pipelines.load(check_world(world))
     directory.parent.mkdir(parents=True, exist_ok=True)
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)
         make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
-        write_marker(folder)  # what the weights are: their defaults follow it, not the folder's name
+        write_marker(folder, world)  # what the weights are: their defaults follow it, not the folder's name
         files = files_under(folder)
         (folder / EXPORT_MARKER).write_text(
             json.dumps({"written_by": "erase world export", "files": files}, indent=2) + "\n", encoding="utf-8"
@@ -278,8 +335,13 @@ def _size_kwargs(pipe) -> dict:
     )
 
 
-def _accuracy(path: Path, n: int) -> dict:
+def _accuracy(path: Path, n: int, world: str = "shapes") -> dict:
     from eval.clip import ShapesClipScorer
+
+    if world == "canvas":
+        from eval.canvas import judge_accuracy
+
+        return judge_accuracy(ShapesClipScorer(str(path)), n=n)
     from eval.shapes import world_accuracy
 
     return world_accuracy(ShapesClipScorer(str(path)), n=n)

@@ -30,9 +30,17 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
 
-from pipelines.shapes.clip import CLIP_FORMAT, CLIP_MEAN, CLIP_STD, WEIGHTS_DIR, load_clip, to_clip_input
+from pipelines.shapes.clip import (
+    CLIP_FORMAT,
+    CLIP_MEAN,
+    CLIP_STD,
+    SHIPPED_CLIPS,
+    load_clip,
+    shipped_clip_path,
+    to_clip_input,
+)
 from pipelines.shapes.io import read_metadata
-from pipelines.shapes.registry import CLIP_SPECS, WORLD
+from pipelines.shapes.registry import CANVAS_CLIP_SPECS, CANVAS_JUDGE_SPECS, CLIP_SPECS, WORLD
 
 SHAPES_SPECS = CLIP_SPECS  # the Shapes world's CLIPs by spec (pipelines.shapes.registry)
 SAFE_SUFFIXES = (".safetensors",)
@@ -149,13 +157,17 @@ class ShapesClipScorer(_ClipJudge):
         batch_size (`int`, *optional*, defaults to 256): images encoded per forward pass.
     """
 
-    world = WORLD  # it knows only the Shapes world's images: it judges no other model
+    world = WORLD  # it knows only its world's images (the Shapes world unless the file says otherwise)
 
     def __init__(self, which: str = "judge", batch_size: int = 256):
         self.name = f"shapes-{which}" if which in ("guide", "judge") else str(which)
         self.which = str(which)
-        self.path = WEIGHTS_DIR / f"clip_{which}.safetensors" if which in ("guide", "judge") else Path(which)
+        if self.which in SHIPPED_CLIPS:
+            self.path = shipped_clip_path(*SHIPPED_CLIPS[self.which])
+        else:
+            self.path = Path(which)
         self.model = load_clip(which)
+        self.world = _clip_world(self.path)
         self.batch_size = batch_size
         self.embed_dim = self.model.text_projection.shape[1]
 
@@ -452,6 +464,14 @@ class HFClipJudge(_ClipJudge):
         }
 
 
+def _clip_world(path: Path) -> str:
+    """The world a world-CLIP file was trained on (files from before the Canvas world name none: Shapes)."""
+    try:
+        return json.loads(read_metadata(path).get("erase.world", json.dumps(WORLD)))
+    except (SafetensorError, OSError, json.JSONDecodeError):
+        return WORLD
+
+
 # ----------------------------------------------------------------------------------------------------- loader
 def _is_shapes_clip_file(path: Path) -> bool:
     if path.suffix.lower() != ".safetensors":
@@ -508,6 +528,16 @@ def load_judge(
         from eval.oracle import OracleJudge
 
         return OracleJudge(ShapesClipScorer("judge", batch_size or 256))
+    if spec in CANVAS_JUDGE_SPECS:
+        if arch:
+            raise ValueError("the Canvas judge carries its own config: leave out arch / --judge-arch")
+        from eval.canvas import CanvasJudge
+
+        return CanvasJudge(ShapesClipScorer("canvas-judge", batch_size or 256))
+    if spec in CANVAS_CLIP_SPECS:
+        if arch:
+            raise ValueError(f"the shipped Canvas CLIP {spec!r} carries its own config: leave out arch / --judge-arch")
+        return ShapesClipScorer(CANVAS_CLIP_SPECS[spec], batch_size or 256)
     if not spec.startswith("local-dir:") and spec not in SHAPES_SPECS:
         spec = str(Path(spec).expanduser())
     if spec in SHAPES_SPECS:

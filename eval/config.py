@@ -125,6 +125,7 @@ class EvalConfig:
 # 512-1024 px needs small batches and its own (real) CLIP judge; a GAN's latents are generated 64 at a time.
 DEFAULTS = {
     "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes"},
+    "canvas": {"batch_size": 32, "height": 32, "width": 32, "judge": "canvas", "prompts": "canvas"},
     "sd": {"batch_size": 4},
     "shapes-gan": {"batch_size": 64, "judge": "judge"},
     "gan": {"batch_size": 64},

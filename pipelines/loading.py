@@ -63,7 +63,7 @@ def load_pipeline(
 
     shipped = shipped_pipeline(model)  # a world's name means its shipped file; a local folder of that name is "./x"
     if shipped is not None:
-        return mark_pipeline(_load_shipped(shipped, dtype))
+        return mark_pipeline(_load_shipped(shipped, dtype, str(model)), str(model))
     path = check_model(model)
     if path.is_dir():
         if config is not None:
@@ -86,7 +86,7 @@ def check_model(model: str | os.PathLike) -> Path:
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(
-                f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'"
+                f"the shipped {model} pipeline {path} is missing: run 'erase world train --world {model} --only sd'"
             )
         return path
     path = Path(model).expanduser()
@@ -221,10 +221,12 @@ def _load_single_file(path: Path, dtype: torch.dtype, trust_remote_code: bool, c
         return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
 
 
-def _load_shipped(path: Path, dtype: torch.dtype):
+def _load_shipped(path: Path, dtype: torch.dtype, world: str = "shapes"):
     from pipelines.shapes.diffusion import load_pipeline_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"the shipped Shapes pipeline {path} is missing: run 'erase world train --only sd'")
-    pipe = load_pipeline_file(path)  # float32, as trained
+        raise FileNotFoundError(
+            f"the shipped {world} pipeline {path} is missing: run 'erase world train --world {world} --only sd'"
+        )
+    pipe = load_pipeline_file(path, world)  # float32, as trained
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -33,10 +33,12 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from prompts.canvas import is_canvas_set, load_canvas_vocab
 from prompts.shapes import ATTRIBUTES, SET_NAME, fix_articles, is_world_set, load_shapes_vocab
 
 ROLES = ("target", "paraphrase", "retain_in", "retain_cross")
-SHIPPED_SETS = ("shapes", "artists", "imagenette", "nudity")
+SHIPPED_SETS = ("shapes", "canvas", "artists", "imagenette", "nudity")
+DOMAIN_SETS = ("artists", "imagenette", "nudity")  # the starter sets for real models (data/<name>.json)
 CLASS_COLUMNS = ("class", "concept", "label", "artist", "object")  # column naming what a CSV row asks for
 CSV_TEMPLATES = ("a photo of {}", "an image of {}", "a picture of {}")  # zero-shot templates for CSV-only classes
 
@@ -172,6 +174,12 @@ def _task_names(set_name: str) -> dict[str, dict[str, list[str]]]:
             a: {c: vocab.words(a, c) + (vocab.style_postfixes(c) if a == "style" else []) for c in vocab.classes(a)}
             for a in ATTRIBUTES
         }
+    if is_canvas_set(set_name):
+        canvas = load_canvas_vocab()
+        return {
+            a: {c: canvas.words(a, c) + (canvas.descriptions(c) if a == "style" else []) for c in canvas.classes(a)}
+            for a in ("style", "object")
+        }
     out = {}
     for name in filter(None, (set_name, _domain(set_name).get("cross_domain"))):
         out[_domain(name)["task"]] = _domain_names(_domain(name))
@@ -197,7 +205,12 @@ def find_concept(concept: str) -> tuple[str, str] | None:
     for (attribute, name), words in _shapes_names().items():
         if _resolve(concept, {name: words}):
             return SET_NAME, name
-    for set_name in SHIPPED_SETS[1:]:
+    canvas = load_canvas_vocab()
+    for attribute in ("style", "object"):
+        found = _resolve(concept, {c: canvas.words(attribute, c) for c in canvas.classes(attribute)})
+        if found:
+            return "canvas", found
+    for set_name in DOMAIN_SETS:
         d = _domain(set_name)
         found = _resolve(concept, _domain_names(d))
         if found and found in d.get("concepts", d["classes"]):
@@ -310,6 +323,100 @@ def shapes_prompt_set(
     for prompt, asked in _shapes_prompts(spec["cross_domain_templates"][attribute], {}, limit):
         rows.add(prompt, "retain_cross", asked)
     return PromptSet("shapes", name, attribute, rows.rows, shapes_tasks())
+
+
+# ------------------------------------------------------------------------------------------------ Canvas world
+def canvas_tasks(synonym_index: int | None = None) -> dict[str, Task]:
+    """The judge's two Canvas tasks (style, object): each class named by its canonical word, or (``synonym_index=k``)
+    by its k-th synonym only."""
+    vocab = load_canvas_vocab()
+
+    def word(a: str, c: str) -> str:
+        options = vocab.words(a, c)
+        return options[0] if synonym_index is None else options[1 + synonym_index % (len(options) - 1)]
+
+    return {
+        a: Task(a, {c: [word(a, c)] for c in vocab.classes(a)}, vocab.zero_shot_templates(a))
+        for a in ("style", "object")
+    }
+
+
+def _canvas_uses(template: str) -> list[str]:
+    slots = set(re.findall(r"\{(\w+)\}", template))
+    return [a for a in ("style", "object") if a in slots or (a == "style" and "description" in slots)]
+
+
+def _canvas_prompts(template: str, fixed: dict[str, tuple[str, str]], limit: int) -> list[tuple[str, dict]]:
+    """Fill ``template``: ``fixed`` attributes (attribute -> (class, word or description)) stay, the others range
+    over their classes (canonical words). Up to ``limit`` ``(prompt, asked)`` pairs, a fixed pseudo-random choice."""
+    vocab = load_canvas_vocab()
+    uses = _canvas_uses(template)
+    free = [a for a in uses if a not in fixed]
+    out = []
+    for combo in itertools.product(*(vocab.classes(a) for a in free)):
+        classes = {**{a: c for a, (c, _) in fixed.items()}, **dict(zip(free, combo))}
+        words = {a: vocab.words(a, c)[0] for a, c in classes.items()}
+        words.update({a: w for a, (_, w) in fixed.items()})
+        words["description"] = words.get("style", "")
+        out.append((fix_articles(template.format(**words)), {a: classes[a] for a in uses}))
+    return _pick(out, limit, f"canvas|{template}|{sorted(fixed.items())}")
+
+
+def canvas_prompt_set(
+    concept: str, seeds_per_prompt: int | None = None, max_per_template: int | None = None
+) -> PromptSet:
+    """The Canvas world's evaluation set for one class: a style (an artist's name or surname) or an object.
+
+    Targets are the target templates with the canonical name; paraphrases (held out from training) are the target
+    templates with the synonym, the paraphrase templates with every word, and a style's descriptions (the implicit
+    prompts that describe it without its name); in-domain retain rows are the other classes of the attribute, cross-
+    domain rows name no class of it.
+    """
+    vocab = load_canvas_vocab()
+    spec = vocab.raw["evaluation"]
+    found = [
+        (a, c) for a in ("style", "object") for c in vocab.classes(a) if _resolve(concept, {c: vocab.words(a, c)})
+    ]
+    if not found:
+        raise ValueError(
+            f"unknown concept {concept!r} for prompt set 'canvas': use a style (artist name), e.g. "
+            f"{vocab.styles[0]!r}, or an object: {', '.join(vocab.objects)}"
+        )
+    attribute, name = found[0]
+    seeds = seeds_per_prompt or spec["seeds_per_prompt"]
+    limit = max_per_template or spec["max_per_template"]
+    rows = _RowBuilder(seeds)
+    own = [t for t in spec["target_templates"] if attribute in _canvas_uses(t)]
+    for template in own:
+        for prompt, asked in _canvas_prompts(template, {attribute: (name, name)}, limit):
+            rows.add(prompt, "target", asked)
+    synonyms = vocab.synonyms(attribute, name)
+    for template in own:
+        for word in synonyms:
+            share = max(1, limit // (2 * len(synonyms)))
+            for prompt, asked in _canvas_prompts(template, {attribute: (name, word)}, share):
+                rows.add(prompt, "paraphrase", asked)
+    for template in (t for t in spec["paraphrase_templates"] if attribute in _canvas_uses(t)):
+        words = vocab.words(attribute, name)
+        for word in words:
+            for prompt, asked in _canvas_prompts(
+                template, {attribute: (name, word)}, max(1, limit // (2 * len(words)))
+            ):
+                rows.add(prompt, "paraphrase", asked)
+    if attribute == "style":
+        for description in vocab.descriptions(name):
+            for template in (t["text"] for t in vocab.description_templates):
+                share = max(1, limit // 4)
+                for prompt, asked in _canvas_prompts(template, {"style": (name, description)}, share):
+                    rows.add(prompt, "paraphrase", asked)
+    for other in vocab.classes(attribute):
+        if other != name:
+            fixed = {attribute: (other, other)}
+            for prompt, asked in _canvas_prompts(spec["retain_template"], fixed, min(limit, spec["retain_per_class"])):
+                rows.add(prompt, "retain_in", {attribute: asked[attribute]})
+    for prompt, asked in _canvas_prompts(spec["cross_domain_templates"][attribute], {}, limit):
+        rows.add(prompt, "retain_cross", asked)
+    return PromptSet("canvas", name, attribute, rows.rows, canvas_tasks())
 
 
 # ------------------------------------------------------------------------------------------------ real models
@@ -453,7 +560,12 @@ def csv_prompt_set(path: str | Path, concept: str) -> PromptSet:
     raw = read_prompt_csv(path)
     found = find_concept(concept)
     if found:
-        base = shapes_prompt_set(found[1]) if is_world_set(found[0]) else domain_prompt_set(found[0], found[1])
+        if is_world_set(found[0]):
+            base = shapes_prompt_set(found[1])
+        elif is_canvas_set(found[0]):
+            base = canvas_prompt_set(found[1])
+        else:
+            base = domain_prompt_set(found[0], found[1])
         tasks, task, name = dict(base.tasks), base.task, base.concept
         names = _task_names(found[0])
     else:
@@ -514,6 +626,8 @@ def load_prompt_set(
         name_or_path = found[0]
     if is_world_set(name_or_path):
         result = shapes_prompt_set(concept, seeds_per_prompt, max_per_template)
+    elif is_canvas_set(name_or_path):
+        result = canvas_prompt_set(concept, seeds_per_prompt, max_per_template)
     elif name_or_path in SHIPPED_SETS:
         result = domain_prompt_set(name_or_path, concept, seeds_per_prompt)
     elif str(name_or_path).lower().endswith(".csv") or Path(name_or_path).expanduser().exists():

@@ -21,6 +21,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from prompts.canvas import is_canvas_set, load_canvas_vocab
 from prompts.sets import load_prompt_set
 from prompts.shapes import ATTRIBUTES, fix_articles, is_world_set, load_shapes_vocab
 
@@ -50,7 +51,7 @@ SHAPES_GUIDES = {
 SET_GUIDES = {"artists": "art", "imagenette": "", "nudity": "clothed"}
 # The word that stands in for a dropped concept word, so the prompt stays a sentence ("a red square" -> "a square",
 # "a circle" -> "a shape").
-NEUTRAL_WORDS = {"colour": "", "style": "", "shape": "shape"}
+NEUTRAL_WORDS = {"colour": "", "style": "", "shape": "shape", "object": "object"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def concept_prompts(concept: str, prompt_set: str | None = None) -> ConceptPromp
     word = pset.concept
     if is_world_set(pset.name):
         retain = _shapes_retain(pset.task, pset.concept)
+    elif is_canvas_set(pset.name):
+        retain = _canvas_retain(pset.task, pset.concept)
     else:
         retain = list(dict.fromkeys(r.prompt for r in pset.rows if r.role in ("retain_in", "retain_cross")))
     return ConceptPrompts(pset.concept, pset.task, pset.name, word, targets, retain, pset.alternatives())
@@ -157,6 +160,25 @@ def _shapes_retain(attribute: str, concept: str) -> list[str]:
             filled.append(fix_articles(text.format(**words)))
         if len(filled) > RETAIN_PER_TEMPLATE:
             rng = random.Random(zlib.crc32(f"retain|{text}|{concept}".encode()))
+            filled = [filled[i] for i in sorted(rng.sample(range(len(filled)), RETAIN_PER_TEMPLATE))]
+        out += filled
+    return list(dict.fromkeys(out))
+
+
+def _canvas_retain(attribute: str, concept: str) -> list[str]:
+    """The Canvas world's caption templates filled with classes other than ``concept`` (canonical words), at most
+    `RETAIN_PER_TEMPLATE` per template, a fixed pseudo-random choice (as `_shapes_retain`)."""
+    vocab = load_canvas_vocab()
+    out: list[str] = []
+    for template in vocab.caption_templates:
+        text, uses = template["text"], template["uses"]
+        options = [[(a, c) for c in vocab.classes(a) if not (a == attribute and c == concept)] for a in uses]
+        filled = [
+            fix_articles(text.format(**{a: vocab.words(a, c)[0] for a, c in combo}))
+            for combo in itertools.product(*options)
+        ]
+        if len(filled) > RETAIN_PER_TEMPLATE:
+            rng = random.Random(zlib.crc32(f"canvas-retain|{text}|{concept}".encode()))
             filled = [filled[i] for i in sorted(rng.sample(range(len(filled)), RETAIN_PER_TEMPLATE))]
         out += filled
     return list(dict.fromkeys(out))

@@ -27,6 +27,10 @@ GAN = [m.name for m in list_methods() if m.family == "gan"]
 # the Shapes world's own modules: the only places that may know the world by name
 WORLD_MODULES = (
     "pipelines/shapes",
+    "pipelines/canvas",
+    "pipelines/worlds.py",
+    "prompts/canvas.py",
+    "eval/canvas.py",
     "prompts/shapes.py",
     "eval/oracle.py",
     "eval/shapes.py",
@@ -151,7 +155,7 @@ def _names_world(node: ast.AST, constants: set[str]) -> bool:
     """Whether an expression is the string "shapes" (or a tuple/list/set holding it, or a module constant bound to
     it)."""
     if isinstance(node, ast.Constant):
-        return node.value == "shapes"
+        return node.value in ("shapes", "canvas")
     if isinstance(node, ast.Name):
         return node.id in constants
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
@@ -165,7 +169,7 @@ def name_comparisons(source: str) -> list[str]:
     constants = {
         t.id
         for n in tree.body
-        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and n.value.value == "shapes"
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and n.value.value in ("shapes", "canvas")
         for t in n.targets
         if isinstance(t, ast.Name)
     }

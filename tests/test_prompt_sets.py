@@ -6,7 +6,7 @@ import pytest
 
 from prompts.sets import (
     ROLES,
-    SHIPPED_SETS,
+    DOMAIN_SETS,
     csv_prompt_set,
     find_concept,
     load_prompt_set,
@@ -66,7 +66,7 @@ def test_concepts_resolve_through_synonyms_and_across_sets():
     assert find_concept("unicorn") is None
 
 
-@pytest.mark.parametrize("name", SHIPPED_SETS[1:])
+@pytest.mark.parametrize("name", DOMAIN_SETS)
 def test_real_model_starter_sets_cover_every_class(name):
     from prompts.sets import _domain
 

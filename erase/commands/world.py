@@ -1,4 +1,4 @@
-"""``erase world train`` and ``erase world export``: the Shapes world's models."""
+"""``erase world train`` and ``erase world export``: the embedded worlds' models (Shapes, Shapes Canvas)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,27 @@ from collections.abc import Sequence
 
 from erase.commands._args import SEED_MAX, _integer, _Parser, status
 
-WORLD_MODELS = ("guide", "judge", "sd", "gan")
+WORLD_MODELS = ("guide", "judge", "classifier", "sd", "gan")
+WORLDS = ("shapes", "canvas")
 
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
-    world = commands.add_parser("world", help="the Shapes world: train or export its models")
+    world = commands.add_parser("world", help="the embedded worlds (shapes, canvas): train or export their models")
     world_commands = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", parser_class=_Parser)
     world_commands.required = True
     train = world_commands.add_parser("train", help="train the Shapes world's models and write them as safetensors")
-    train.add_argument("--only", choices=list(WORLD_MODELS), action="append", help="train only these (repeatable)")
+    train.add_argument(
+        "--world",
+        choices=list(WORLDS),
+        default="shapes",
+        help="which world (default: shapes; canvas: styles x objects)",
+    )
+    train.add_argument(
+        "--only",
+        choices=list(WORLD_MODELS),
+        action="append",
+        help="train only these (repeatable; shapes: guide judge sd gan, canvas: guide judge classifier sd)",
+    )
     train.add_argument(
         "--steps", type=_integer("--steps", 1), default=None, help="optimizer steps of each CLIP, the UNet and the GAN"
     )
@@ -47,6 +59,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     export_world = world_commands.add_parser("export", help="write the Shapes pipeline as a standard diffusers folder")
     export_world.add_argument("out", metavar="DIR", help="a new (or empty) folder")
+    export_world.add_argument("--world", choices=list(WORLDS), default="shapes", help="which world's pipeline")
     export_world.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote")
 
 
@@ -66,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
             eval_n=args.eval_n,
             out=args.out,
             progress=not args.quiet,
+            world=args.world,
         )
         return 0
     from erase.world import export_world  # argparse requires "train" or "export"
 
-    print(f"wrote {export_world(args.out, overwrite=args.overwrite)}")
+    print(f"wrote {export_world(args.out, overwrite=args.overwrite, world=args.world)}")
     return 0

@@ -96,5 +96,10 @@ CONFIG = DoCoConfig
 # per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
 DEFAULTS = {
     "shapes": {"lr": 1e-3, "sample_steps": 25, "sample_guidance": 5.0},
+    "canvas": {
+        "lr": 1e-3,
+        "sample_steps": 25,
+        "sample_guidance": 5.0,
+    },  # the Canvas world's pipeline: the same tiny 32 px class
     "sd": {"lr": lambda c: 6e-6 * c.batch_size, "sample_steps": 50, "sample_guidance": 7.5},  # README: --scale_lr
 }

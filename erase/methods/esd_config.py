@@ -55,5 +55,11 @@ CONFIG = ESDConfig
 # per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
 DEFAULTS = {
     "shapes": {"lr": 1e-3, "sample_steps": 25, "trajectories": 64, "sample_batch": 32},
+    "canvas": {
+        "lr": 1e-3,
+        "sample_steps": 25,
+        "trajectories": 64,
+        "sample_batch": 32,
+    },  # the Canvas world's pipeline: the same tiny 32 px class
     "sd": {"lr": 5e-5, "sample_steps": 50, "trajectories": 16, "sample_batch": 4},
 }

@@ -99,5 +99,13 @@ DEFAULTS: dict = {
         "sample_steps": 25,
         "sample_guidance": 5.0,
     },
+    "canvas": {  # no validation judge: the guide CLIP's validation reads the Shapes world's tasks only
+        "epochs": 2,
+        "rece_preserve": "retain",
+        "regular_scale": 1e-3,
+        "judge": "none",
+        "sample_steps": 25,
+        "sample_guidance": 5.0,
+    },
     "sd": {"rece_preserve": "paper", "judge": "none", "val_images": 8, "sample_steps": 50, "sample_guidance": 7.5},
 }

@@ -75,5 +75,10 @@ CONFIG = SalUnConfig
 # per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
 DEFAULTS = {
     "shapes": {"lr": 2e-3, "sample_steps": 25, "sample_guidance": 5.0},
+    "canvas": {
+        "lr": 2e-3,
+        "sample_steps": 25,
+        "sample_guidance": 5.0,
+    },  # the Canvas world's pipeline: the same tiny 32 px class
     "sd": {"lr": 1e-5, "sample_steps": 50, "sample_guidance": 7.5},
 }

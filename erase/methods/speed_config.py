@@ -75,5 +75,6 @@ CONFIG = SPEEDConfig
 # Shapes row differs is in `erase.methods.speed`
 DEFAULTS = {
     "shapes": {"positions": "expanded", "tau": 0.1},
+    "canvas": {"positions": "expanded", "tau": 0.1},  # the Canvas world's pipeline: the same tiny 32 px class
     "sd": {"positions": "last", "tau": 0.1},
 }

@@ -149,5 +149,6 @@ class AttackConfig:
 # Per-model defaults by `pipelines.profile.ModelProfile.key` (as `eval.config.DEFAULTS`).
 DEFAULTS = {
     "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes"},
+    "canvas": {"batch_size": 32, "height": 32, "width": 32, "judge": "canvas", "prompts": "canvas"},
     "sd": {"batch_size": 4},
 }

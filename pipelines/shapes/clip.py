@@ -28,15 +28,19 @@ from tqdm.auto import tqdm
 from pipelines.shapes import WEIGHTS_DIR  # re-exported here for older imports
 from pipelines.shapes.io import json_header, load_weights, prune_rows, read_metadata, save_weights
 from pipelines.shapes.training import cosine_with_warmup, tail_mean, torch_threads
-from pipelines.shapes.world import ShapesWorld
+from pipelines.worlds import check_world, make_world
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _OPEN_CLIP_EMBED_KEY = "token_embedding.weight"
 
 
-def model_config(kind: str) -> dict:
-    """open_clip model config of the ``guide`` or ``judge`` CLIP (deliberately different architectures)."""
+def model_config(kind: str, world: str = "shapes") -> dict:
+    """open_clip model config of a world's ``guide`` or ``judge`` CLIP (deliberately different architectures).
+
+    The Canvas world's CLIPs read 24 painting styles named by several-token artist names and fine textures: their
+    text towers have 3 layers and the judge's ResNet is 24 wide instead of 16."""
+    check_world(world)
     text = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
     if kind == "guide":  # a ViT on an 8x8 grid of 4-pixel patches (8-pixel patches reached only 82% on shape)
         vision = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 3, "head_width": 32}
@@ -45,6 +49,10 @@ def model_config(kind: str) -> dict:
         text = {**text, "layers": 3}
     else:
         raise ValueError(f"unknown Shapes CLIP {kind!r}: use 'guide' or 'judge'")
+    if world == "canvas":
+        text = {**text, "layers": 3}
+        if kind == "judge":
+            vision = {**vision, "width": 24}
     return {"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
 
 
@@ -56,6 +64,7 @@ class ClipTrainConfig:
     """
 
     kind: str = field(default="judge", metadata={"help": "'guide' or 'judge'"})
+    world: str = field(default="shapes", metadata={"help": "the world drawn: 'shapes' or 'canvas'"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the training images"})
     steps: int = field(default=800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
@@ -66,7 +75,7 @@ class ClipTrainConfig:
     threads: int = field(default=2, metadata={"help": "torch threads while training"})
 
     def __post_init__(self):
-        model_config(self.kind)  # validates the kind
+        model_config(self.kind, self.world)  # validates the kind and the world
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 2:
@@ -78,19 +87,23 @@ class ClipTrainConfig:
             )
 
 
-def default_clip_config(kind: str, **overrides) -> ClipTrainConfig:
+def default_clip_config(kind: str, world: str = "shapes", **overrides) -> ClipTrainConfig:
     """The shipped models' training settings. The ViT guide needs twice the judge's steps: measured on 600
-    held-out images, 800 steps gave it 93.8% zero-shot shape accuracy against the ResNet judge's 100%."""
-    defaults = {"guide": {"seed": 1, "steps": 1600}, "judge": {"seed": 2, "steps": 800}}
+    held-out images, 800 steps gave it 93.8% zero-shot shape accuracy against the ResNet judge's 100%. The Canvas
+    world has 240 style x object pairs against the Shapes world's 72, so its CLIPs train longer."""
+    defaults = {
+        "shapes": {"guide": {"seed": 1, "steps": 1600}, "judge": {"seed": 2, "steps": 800}},
+        "canvas": {"guide": {"seed": 11, "steps": 2400}, "judge": {"seed": 12, "steps": 1600}},
+    }[check_world(world)]
     if kind not in defaults:
         raise ValueError(f"unknown Shapes CLIP {kind!r}: use 'guide' or 'judge'")
-    return ClipTrainConfig(kind=kind, **{**defaults[kind], **overrides})
+    return ClipTrainConfig(kind=kind, world=world, **{**defaults[kind], **overrides})
 
 
-def build_clip(kind: str, seed: int = 0) -> CLIP:
-    """A freshly initialised Shapes CLIP (``guide`` or ``judge``)."""
+def build_clip(kind: str, seed: int = 0, world: str = "shapes") -> CLIP:
+    """A freshly initialised world CLIP (``guide`` or ``judge``)."""
     torch.manual_seed(seed)
-    return CLIP(**model_config(kind))
+    return CLIP(**model_config(kind, world))
 
 
 def to_clip_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -119,11 +132,11 @@ class _TokenCache:
         return torch.unique(torch.cat(list(self._cache.values())))
 
 
-def _positives(attrs: list, named: list[tuple]) -> torch.Tensor:
+def _positives(attrs: list, named: list[tuple], attributes=("colour", "shape", "style")) -> torch.Tensor:
     """``pos[i, j]`` is True where caption ``j`` fits image ``i`` (every attribute it names matches)."""
     n = len(attrs)
     pos = torch.ones(n, n, dtype=torch.bool)
-    for attribute in ("colour", "shape", "style"):
+    for attribute in attributes:
         values = {v: k for k, v in enumerate(sorted({a.get(attribute) for a in attrs}))}
         image_value = torch.tensor([values[a.get(attribute)] for a in attrs])
         names_it = torch.tensor([attribute in u for u in named])
@@ -156,13 +169,13 @@ def train_clip(config: ClipTrainConfig, progress: bool = True) -> tuple[CLIP, di
 
 def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
     start = time.perf_counter()
-    world = ShapesWorld()
+    world = make_world(config.world)
     rng = np.random.default_rng(config.seed)
     attrs, images = world.draw_pool(config.pool_size, rng)
     pixels = to_clip_input(images)
     draw_seconds = time.perf_counter() - start
 
-    model = build_clip(config.kind, config.seed)
+    model = build_clip(config.kind, config.seed, config.world)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -176,14 +189,14 @@ def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
     )
     tokens = _TokenCache(model.context_length)
     losses = []
-    for _step in tqdm(range(config.steps), desc=f"train {config.kind} CLIP", disable=not progress):
+    for _step in tqdm(range(config.steps), desc=f"train {config.world} {config.kind} CLIP", disable=not progress):
         idx = rng.choice(config.pool_size, size=config.batch_size, replace=False)
         batch_attrs = [attrs[i] for i in idx]
         captions = [world.caption(a, rng) for a in batch_attrs]
         text = tokens([c[0] for c in captions])
         image_features, text_features, logit_scale = model(pixels[idx], text)[:3]
         logits = logit_scale * image_features @ text_features.T
-        loss = multi_positive_clip_loss(logits, _positives(batch_attrs, [c[1] for c in captions]))
+        loss = multi_positive_clip_loss(logits, _positives(batch_attrs, [c[1] for c in captions], world.attributes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -206,14 +219,18 @@ def _train(config: ClipTrainConfig, progress: bool) -> tuple[CLIP, dict]:
 CLIP_FORMAT = "shapes-clip/1"
 
 
-def save_clip(model: CLIP, path: str | Path, kind: str, keep_token_ids: torch.Tensor, metadata: dict) -> Path:
-    """Write a Shapes CLIP as safetensors with a sparse token-embedding table (atomic: temp file + rename).
+def save_clip(
+    model: CLIP, path: str | Path, kind: str, keep_token_ids: torch.Tensor, metadata: dict, world: str = "shapes"
+) -> Path:
+    """Write a world CLIP as safetensors with a sparse token-embedding table (atomic: temp file + rename).
 
-    ``metadata`` (JSON-serialisable) is stored under ``erase.*`` keys next to the open_clip model config.
+    ``metadata`` (JSON-serialisable) is stored under ``erase.*`` keys next to the open_clip model config and the
+    world's name.
     """
     state = dict(model.state_dict())
     prune_rows(state, _OPEN_CLIP_EMBED_KEY, keep_token_ids)
-    return save_weights(path, state, json_header(CLIP_FORMAT, kind=kind, model_cfg=model_config(kind), **metadata))
+    header = json_header(CLIP_FORMAT, kind=kind, world=world, model_cfg=model_config(kind, world), **metadata)
+    return save_weights(path, state, header)
 
 
 def read_clip_metadata(path: str | Path) -> dict:
@@ -221,16 +238,37 @@ def read_clip_metadata(path: str | Path) -> dict:
     return {k: json.loads(v) for k, v in read_metadata(path).items() if k != "erase.format"}
 
 
+SHIPPED_CLIPS = {
+    "guide": ("shapes", "guide"),
+    "judge": ("shapes", "judge"),
+    "canvas-guide": ("canvas", "guide"),
+    "canvas-judge": ("canvas", "judge"),
+}
+
+
+def shipped_clip_path(world: str, kind: str) -> Path:
+    """Where a world's shipped ``guide`` or ``judge`` CLIP lives."""
+    if check_world(world) == "canvas":
+        from pipelines.canvas import WEIGHTS_DIR as canvas_weights
+
+        return canvas_weights / f"clip_{kind}.safetensors"
+    return WEIGHTS_DIR / f"clip_{kind}.safetensors"
+
+
 def load_clip(kind_or_path: str | Path = "judge") -> CLIP:
-    """Load a Shapes CLIP in one call: ``"guide"``, ``"judge"`` (the shipped files) or a path to such a file.
+    """Load a world CLIP in one call: ``"guide"``, ``"judge"`` (the Shapes world's shipped files), ``"canvas-guide"``,
+    ``"canvas-judge"`` (the Canvas world's) or a path to such a file.
 
     Returns the model in eval mode on the CPU in float32.
     """
     path = Path(kind_or_path)
-    if str(kind_or_path) in ("guide", "judge"):
-        path = WEIGHTS_DIR / f"clip_{kind_or_path}.safetensors"
+    if str(kind_or_path) in SHIPPED_CLIPS:
+        world, kind = SHIPPED_CLIPS[str(kind_or_path)]
+        path = shipped_clip_path(world, kind)
         if not path.exists():
-            raise FileNotFoundError(f"the shipped Shapes CLIP {path} is missing: run 'erase world train' to make it")
+            raise FileNotFoundError(
+                f"the shipped {world} CLIP {path} is missing: run 'erase world train --world {world}' to make it"
+            )
     elif not path.is_file():
         raise FileNotFoundError(
             f"no Shapes CLIP file at {path}: pass 'guide', 'judge' or an existing .safetensors path"

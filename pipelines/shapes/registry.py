@@ -15,6 +15,8 @@ from pathlib import Path
 from pipelines.shapes import WEIGHTS_DIR
 
 WORLD = "shapes"  # the world's name: its profile key, its prompt set, the --model / --gan name of its shipped files
+CANVAS = "canvas"  # the Shapes Canvas world (`pipelines.canvas`): styles x objects, a diffusion pipeline, no GAN
+WORLDS = (WORLD, CANVAS)
 PIPELINE_FILE = WEIGHTS_DIR / "sd_shapes.safetensors"
 GAN_FILE = WEIGHTS_DIR / "gan_shapes.safetensors"
 JUDGE = "judge"  # the world's default evaluation judge (eval.clip.load_judge spec)
@@ -24,26 +26,37 @@ MARKER_FORMAT = "erase-world/1"
 PIPELINE_ATTRIBUTE = "erase_world"  # set by the loaders on a pipeline they recognise
 
 
-def names_world(spec) -> bool:
-    """Whether ``spec`` (a ``--model``/``--gan``/``--prompts`` value) is the world's name, i.e. its shipped files."""
-    return str(spec) == WORLD
+def names_world(spec) -> str | None:
+    """The world ``spec`` (a ``--model``/``--gan``/``--prompts`` value) names, i.e. whose shipped files it means
+    (``"shapes"`` or ``"canvas"``), else ``None``."""
+    return str(spec) if str(spec) in WORLDS else None
+
+
+def pipeline_file(world: str) -> Path:
+    """A world's shipped pipeline file."""
+    if world == CANVAS:
+        from pipelines.canvas import WEIGHTS_DIR as canvas_weights
+
+        return canvas_weights / "sd_canvas.safetensors"
+    return PIPELINE_FILE
 
 
 def shipped_pipeline(spec) -> Path | None:
-    """The shipped pipeline file when ``spec`` names the world (``"shapes"``; a local folder of that name is
-    ``./shapes``), else ``None``."""
-    return PIPELINE_FILE if names_world(spec) else None
+    """The shipped pipeline file when ``spec`` names a world (``"shapes"``, ``"canvas"``; a local folder of that
+    name is ``./shapes``), else ``None``."""
+    world = names_world(spec)
+    return pipeline_file(world) if world else None
 
 
 def shipped_gan(spec) -> Path | None:
-    """The shipped GAN file when ``spec`` names the world, else ``None``."""
-    return GAN_FILE if names_world(spec) else None
+    """The shipped GAN file when ``spec`` names the Shapes world (the only world with a GAN), else ``None``."""
+    return GAN_FILE if names_world(spec) == WORLD else None
 
 
-def write_marker(folder: str | Path) -> Path:
+def write_marker(folder: str | Path, world: str = WORLD) -> Path:
     """Write the world marker into an exported pipeline folder (inside the folder being assembled; atomic with it)."""
     path = Path(folder) / MARKER_FILE
-    path.write_text(json.dumps({"format": MARKER_FORMAT, "world": WORLD}, indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps({"format": MARKER_FORMAT, "world": world}, indent=1) + "\n", encoding="utf-8")
     return path
 
 
@@ -58,7 +71,7 @@ def marker_world(folder: str | Path) -> str | None:
         return None
     if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT:
         return None
-    return WORLD if data.get("world") == WORLD else None
+    return data.get("world") if data.get("world") in WORLDS else None
 
 
 def mark_pipeline(pipe, world: str | None = WORLD):
@@ -67,23 +80,27 @@ def mark_pipeline(pipe, world: str | None = WORLD):
     return pipe
 
 
-def _same_architecture(pipe) -> bool:
-    """The Shapes pipeline's exact component architecture (a user's copy built without the loaders)."""
+def _same_architecture(pipe) -> str | None:
+    """The world whose pipeline has ``pipe``'s exact component architecture (a user's copy built without the
+    loaders), else ``None``."""
     unet, vae, text = (getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder"))
     if unet is None or vae is None or text is None:
-        return False
+        return None
     return _matches(dict(unet.config), dict(vae.config), text.config.to_dict())
 
 
-def _matches(unet: dict, vae: dict, text: dict) -> bool:
+def _matches(unet: dict, vae: dict, text: dict) -> str | None:
     from pipelines.shapes.diffusion import text_encoder_config, unet_config, vae_config
 
-    want_vae, want_text = vae_config(), text_encoder_config()
-    return (
-        all(_same(unet.get(k), v) for k, v in unet_config().items())
-        and all(_same(vae.get(k), want_vae[k]) for k in ("block_out_channels", "latent_channels"))
-        and all(_same(text.get(k), want_text[k]) for k in ("hidden_size", "num_hidden_layers"))
-    )
+    for world in WORLDS:
+        want_vae, want_text = vae_config(world), text_encoder_config(world)
+        if (
+            all(_same(unet.get(k), v) for k, v in unet_config(world).items())
+            and all(_same(vae.get(k), want_vae[k]) for k in ("block_out_channels", "latent_channels"))
+            and all(_same(text.get(k), want_text[k]) for k in ("hidden_size", "num_hidden_layers"))
+        ):
+            return world
+    return None
 
 
 def _same(a, b) -> bool:
@@ -101,19 +118,19 @@ def _folder_configs(folder: Path) -> tuple[dict, dict, dict] | None:
 
 
 def pipeline_world(pipe) -> str | None:
-    """``"shapes"`` when ``pipe`` is the Shapes world's pipeline (marked by a loader, or of its exact architecture),
-    else ``None``."""
+    """The world ``pipe`` is the pipeline of (``"shapes"``, ``"canvas"``; marked by a loader, or of its exact
+    architecture), else ``None``."""
     marked = getattr(pipe, PIPELINE_ATTRIBUTE, False)
     if marked is not False:
         return marked
-    return WORLD if _same_architecture(pipe) else None
+    return _same_architecture(pipe)
 
 
 def peek_world(spec) -> str | None:
     """The world of a ``--model`` value without loading it: the world's name, an exported folder's marker, or a
     diffusers folder whose component configs are the world pipeline's; ``None`` otherwise (single files included)."""
-    if shipped_pipeline(spec) is not None:
-        return WORLD
+    if names_world(spec):
+        return names_world(spec)
     path = Path(str(spec)).expanduser()
     if not path.is_dir():
         return None
@@ -121,7 +138,7 @@ def peek_world(spec) -> str | None:
     if world:
         return world
     configs = _folder_configs(path)
-    return WORLD if configs and _matches(*configs) else None
+    return _matches(*configs) if configs else None
 
 
 def is_world_gan_file(path: Path) -> bool:
@@ -151,10 +168,14 @@ def world_generator(spec: str = WORLD):
     return generator
 
 
-# the world's CLIPs by spec (eval.clip.load_judge, the Text-to-Unlearn guide): spec -> shipped kind
+# the Shapes world's CLIPs by spec (eval.clip.load_judge, the Text-to-Unlearn guide): spec -> shipped kind
 CLIP_SPECS = {"judge": "judge", "shapes": "judge", "shapes-judge": "judge", "guide": "guide", "shapes-guide": "guide"}
+# the Canvas world's: spec -> the `pipelines.shapes.clip.load_clip` name of the shipped file
+CANVAS_CLIP_SPECS = {"canvas-judge": "canvas-judge", "canvas-guide": "canvas-guide"}
+# the Canvas world's evaluation judge (classifier labels, judge-CLIP embeddings: `eval.canvas.CanvasJudge`)
+CANVAS_JUDGE_SPECS = (CANVAS, "canvas-classifier")
 
 
 def shipped_clip(spec) -> str | None:
-    """``"judge"`` or ``"guide"`` when ``spec`` names one of the world's shipped CLIPs, else ``None``."""
+    """``"judge"`` or ``"guide"`` when ``spec`` names one of the Shapes world's shipped CLIPs, else ``None``."""
     return CLIP_SPECS.get(str(spec))

@@ -45,6 +45,8 @@ class ShapesWorld:
         vocab (`ShapesVocab`, *optional*): the world's vocabulary; the shipped one by default.
     """
 
+    attributes = ("colour", "shape", "style")
+
     def __init__(self, resolution: int = 32, vocab: ShapesVocab | None = None):
         if resolution < 32:
             raise ValueError(f"resolution {resolution} is too small: the Shapes world needs at least 32 pixels")
