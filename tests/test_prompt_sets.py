@@ -5,8 +5,8 @@ import re
 import pytest
 
 from prompts.sets import (
-    ROLES,
     DOMAIN_SETS,
+    ROLES,
     csv_prompt_set,
     find_concept,
     load_prompt_set,
