@@ -99,13 +99,35 @@ EXPECTED_SECONDS = {
 # minutes on 2 cores).
 DEMO_METHODS = ("guard", "uce", "esd", "salun", "doco")
 
+# ``erase demo --model canvas``: the Shapes Canvas world (`pipelines.canvas`). It erases an artist whose style has a
+# near neighbour (Teodor Vashkel: the same stripes at 135 degrees), so that the neighbour's retention is read on its
+# own; the Canvas UNet costs about twice the Shapes one per step, so the default runs the recommended method and the
+# two classic baselines (add others with --method).
+CANVAS_DEMO_CONCEPT = "Maren Quillfeather"
+CANVAS_DEMO_METHODS = ("guard", "uce", "esd")
+# Issue 20's goals: a style erased to <= 2% with its near neighbour kept >= 0.90x base, textual inversion <= 10% for
+# the recommended method; the other styles kept >= 0.90x base and the objects >= 0.95x (its several-styles goal).
+CANVAS_BARS: dict[str, dict[str, float | None]] = {
+    "default": {
+        "erasure": 0.02,
+        "generalization": 0.05,
+        "implicit": 0.01,
+        "in_domain": 0.90,
+        "neighbour": 0.90,
+        "cross_domain": 0.95,
+        "preservation": 0.95,
+        "kept_attributes": 0.95,
+    },
+}
+CANVAS_BARS["guard"] = {**CANVAS_BARS["default"], "ti": 0.10}
+
 
 def run_demo(
     out: str | Path = "out/demo",
     n: int = 48,
     eval_n: int = 600,
     seed: int = 0,
-    concept: str = "red",
+    concept: str | None = None,
     steps: int = 25,
     seeds_per_prompt: int | None = None,
     max_per_template: int | None = None,
@@ -114,8 +136,10 @@ def run_demo(
     threads: int | None = 1,
     settings: dict[str, dict] | None = None,
     attack: dict | None = None,
+    model: str = "shapes",
 ) -> dict:
-    """Erase ``concept`` with every method, evaluate and attack each patch, and write ``report.html`` and
+    """Erase ``concept`` (``None``: the world's demo concept) from ``model`` (``"shapes"`` or ``"canvas"``, or an
+    exported world folder) with every method, evaluate and attack each patch, and write ``report.html`` and
     ``metrics.json`` into ``out`` (patches in ``out/patches``, each evaluation's report in ``out/eval/<method>``, each
     attack's in ``out/attack/<method>``) with ``threads`` torch threads (``None``: leave torch's setting; the count
     used is recorded). ``settings`` override `METHOD_SETTINGS` per method and ``attack`` the `AttackConfig` fields of
@@ -137,6 +161,7 @@ def run_demo(
             progress=progress,
             settings=settings or {},
             attack={**ATTACK, **(attack or {})},
+            model=model,
         )
     finally:
         torch.set_num_threads(previous)
@@ -156,11 +181,20 @@ def _run_demo(
     progress: bool,
     settings: dict[str, dict],
     attack: dict,
+    model: str = "shapes",
 ) -> dict:
+    from pipelines.profile import peek_profile
+
     start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
+    world = peek_profile(model).world
+    if world not in ("shapes", "canvas"):
+        raise ValueError(f"--model {model}: the demo runs on an embedded world; pass 'shapes' or 'canvas'")
+    canvas = world == "canvas"
+    concept = concept if concept is not None else (CANVAS_DEMO_CONCEPT if canvas else "red")
+    bars = CANVAS_BARS if canvas else BARS
     if methods is None:
-        methods = list(DEMO_METHODS)
+        methods = list(CANVAS_DEMO_METHODS if canvas else DEMO_METHODS)
     from erase.registry import RECOMMENDED
 
     methods = sorted(methods, key=lambda m: m != RECOMMENDED)  # the recommended method first, the rest as given
@@ -170,7 +204,7 @@ def _run_demo(
 
     if not concept or not concept.strip():
         raise ValueError("empty concept: pass the concept to erase, e.g. --concept red")
-    concept_prompts(concept)
+    concept_prompts(concept, world)
     for method in methods:
         get_method(method)
     say = _Stages(len(methods) * 3 + 2)
@@ -179,13 +213,15 @@ def _run_demo(
         "methods": {},
         "settings": {},
         "attack": attack,
-        "bars": BARS,
+        "model": model,
+        "world": world,
+        "bars": bars,
         "verdict": {},
         "torch_threads": torch.get_num_threads(),
     }
     clock = _Clock()
     for method in methods:
-        run = {"method": method, "concept": concept, "out": out, "steps": steps, "progress": progress}
+        run = {"method": method, "concept": concept, "out": out, "steps": steps, "progress": progress, "model": model}
         run |= {"say": say, "clock": clock}
         summary, config = _erase_and_evaluate(
             **run,
@@ -197,16 +233,20 @@ def _run_demo(
         summary["instead"] = _drawn_instead(out / "eval" / method / "images.csv", concept)
         metrics["methods"][method] = summary
         metrics["settings"][method] = config
-        metrics["verdict"][method] = verdict(summary, BARS.get(method, BARS["default"]))
+        metrics["verdict"][method] = verdict(summary, bars.get(method, bars["default"]))
 
     say(f"judging {n} drawn world images and {eval_n} held-out ones", 20)
     with clock("judge", "all"):
-        world, _ = _world_check(ShapesClipScorer("judge"), out, n, eval_n, seed)
-    metrics.update(world)
+        if canvas:
+            checked, _ = _canvas_world_check(out, n, eval_n, seed)
+        else:
+            checked, _ = _world_check(ShapesClipScorer("judge"), out, n, eval_n, seed)
+    metrics.update(checked)
 
-    say("sampling the Shapes GAN and reading it with the pixel oracle", 5)
-    with clock("gan", "all"):
-        _gan_sample(out, seed)
+    if not canvas:  # the Canvas world has no GAN
+        say("sampling the Shapes GAN and reading it with the pixel oracle", 5)
+        with clock("gan", "all"):
+            _gan_sample(out, seed)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     metrics["stage_seconds"], metrics["stage_cpu_seconds"] = clock.wall, clock.cpu
@@ -222,11 +262,16 @@ def write_report(out: str | Path, metrics: dict) -> Path:
     that a finished run's report can be written again without rerunning it."""
     out = Path(out)
     n = metrics["world_images"]
+    canvas = metrics.get("world") == "canvas"
     sections = _comparison_sections(metrics["concept"], metrics)
-    sections += _world_sections(metrics, round(metrics["judge_verdicts_all_correct"] * n), n)
-    sections.append(_gan_html())
+    if canvas:
+        sections += _canvas_world_sections(metrics, round(metrics["judge_verdicts_all_correct"] * n), n)
+    else:
+        sections += _world_sections(metrics, round(metrics["judge_verdicts_all_correct"] * n), n)
+        sections.append(_gan_html())
     sections.append(_timing_section(metrics))
-    return write_html(out / "report.html", f"erase demo: erasing '{metrics['concept']}' on the Shapes world", sections)
+    name = "the Shapes Canvas world" if canvas else "the Shapes world"
+    return write_html(out / "report.html", f"erase demo: erasing '{metrics['concept']}' on {name}", sections)
 
 
 class _Clock:
@@ -259,7 +304,7 @@ class _Stages:
 
 
 def _erase_and_evaluate(
-    *, method, concept, out, steps, progress, say, clock, settings, seeds_per_prompt, max_per_template
+    *, method, concept, out, steps, progress, say, clock, settings, seeds_per_prompt, max_per_template, model="shapes"
 ) -> tuple[dict, dict]:
     from erase.config_args import config_from_dict
     from erase.registry import get_method
@@ -267,7 +312,7 @@ def _erase_and_evaluate(
     from eval.config import EvalConfig
     from eval.evaluate import run_eval
 
-    config = config_from_dict(get_method(method).CONFIG, {**settings, "concepts": [concept]})
+    config = config_from_dict(get_method(method).CONFIG, {**settings, "concepts": [concept], "model": model})
     path = out / "patches" / f"{method}-{concept}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     say(f"training {method} on '{concept}'", EXPECTED_SECONDS.get(method, 180))
@@ -277,7 +322,7 @@ def _erase_and_evaluate(
     with clock(method, "eval"):
         evaluation = run_eval(
             EvalConfig(
-                model="shapes",
+                model=model,
                 concept=concept,
                 patch=str(path),
                 steps=steps,
@@ -295,6 +340,7 @@ def _erase_and_evaluate(
         "preservation": evaluation["preservation"],
         "preservation_all": evaluation["preservation_all"],
         "implicit": evaluation["implicit"],
+        "neighbour": _neighbour_retention(evaluation, concept),
         "fd_clip": evaluation["fd_clip"],
         "train_seconds": clock.wall[method]["train"],
         "patch_kind": patch.kind,
@@ -302,13 +348,24 @@ def _erase_and_evaluate(
     return summary, patch.config
 
 
-def _attack(*, method, concept, out, steps, progress, say, clock, attack: dict) -> dict:
+def _neighbour_retention(evaluation: dict, concept: str) -> dict | None:
+    """``{"name", "base", "patched"}``: the in-domain retention of the concept's near neighbour on its own (Canvas
+    styles), or ``None`` where it has none."""
+    from prompts.canvas import load_canvas_vocab
+
+    vocab = load_canvas_vocab()
+    neighbour = vocab.neighbour(concept) if concept in vocab.styles else None
+    pair = (evaluation.get("retention_per_class") or {}).get(neighbour) if neighbour else None
+    return {"name": neighbour, **pair} if pair else None
+
+
+def _attack(*, method, concept, out, steps, progress, say, clock, attack: dict, model: str = "shapes") -> dict:
     """Textual inversion against the method's patch (``erase attack --attacks ti``): its ASR."""
     from eval.attacks.config import AttackConfig
     from eval.attacks.run import run_attacks
 
     path = out / "patches" / f"{method}-{concept}.safetensors"
-    config = AttackConfig(model="shapes", patch=str(path), concept=concept, steps=steps, **{"attacks": "ti", **attack})
+    config = AttackConfig(model=model, patch=str(path), concept=concept, steps=steps, **{"attacks": "ti", **attack})
     say(f"attacking the {method} patch (erase attack --attacks ti, {config.cases} cases)", EXPECTED_SECONDS["attack"])
     with clock(method, "attack"):
         summary = run_attacks(config, out / "attack" / method, progress=progress)
@@ -356,6 +413,8 @@ def verdict(summary: dict, bars: dict[str, float | None]) -> dict:
         "kept_attributes": (summary["kept_attributes"] or {}).get("patched"),
         "ti": (summary.get("depth") or {}).get("asr"),
     }
+    if summary.get("neighbour"):
+        values["neighbour"] = _ratio(summary["neighbour"])
     at_most = {"erasure", "generalization", "implicit", "ti"}
     checks = {}
     for name, value in values.items():
@@ -383,6 +442,7 @@ _CHECK_NAMES = {
     "preservation": "preservation",
     "kept_attributes": "kept attributes",
     "ti": "depth (textual inversion)",
+    "neighbour": "near neighbour kept",
 }
 
 
@@ -433,6 +493,10 @@ def _verdict_table(concept: str, metrics: dict) -> str:
         f"<td>{html.escape(concept)}</td>",
         "<td></td>",
     ]
+    neighbour = (first.get("neighbour") or {}).get("name")
+    if neighbour:  # Canvas styles: the near neighbour's retention on its own
+        header.insert(-1, f"near neighbour ({neighbour}) kept")
+        base.insert(-1, f"<td>{_pct(first['neighbour']['base'])}</td>")
     rows = ["<tr>" + "".join(base) + "</tr>"]
     for method, s in metrics["methods"].items():
         v = metrics["verdict"][method]
@@ -461,8 +525,12 @@ def _verdict_table(concept: str, metrics: dict) -> str:
             f"<td>{html.escape(instead)}</td>",
             _cell("every bar met" if v["passed"] else f"misses {missed}", v["passed"]),
         ]
+        if neighbour:
+            kept = c.get("neighbour", {"value": None, "pass": None, "bar": None})
+            text = f"{_pct((s.get('neighbour') or {}).get('patched'))} ({_num(kept['value'], '.3f')}x)"
+            cells.insert(-1, _cell(text, kept["pass"], f"bar {_bar_text('neighbour', kept['bar'])}"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    bars = BARS["default"]
+    bars = metrics["bars"]["default"]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     bar_row = [
         "bars",
@@ -472,33 +540,49 @@ def _verdict_table(concept: str, metrics: dict) -> str:
         "",
         "",
     ]
+    if neighbour:
+        bar_row.insert(-1, _bar_text("neighbour", bars.get("neighbour")))
     foot = "<tr>" + "".join(f"<td><i>{html.escape(t)}</i></td>" for t in bar_row) + "</tr>"
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}{foot}</tbody></table>"
 
 
 def _comparison_sections(concept: str, metrics: dict) -> list[tuple[str, str]]:
     depth = next(iter(metrics["methods"].values()))["depth"]
-    esd = BARS["esd"]
     c = html.escape(concept)
-    intro = (
-        f"<p>Each method erased <b>{c}</b> from the Shapes pipeline; <code>erase eval</code> scored each patch with "
-        "the judge CLIP (never the guide CLIP the trainers may use). Green cells meet the Shapes bar the README "
-        "states (issues 9 and 11; hover a cell for it), red cells miss it. Erasure and generalization (held-out "
-        "synonyms and phrasings, never trained on) are shares of target images still judged as the concept; "
-        f"implicit is the share of images judged as {c} among prompts that name nothing of its kind (for a colour: "
-        f'"a dotted triangle"), which the base model draws as {c} in part; '
-        "retention is the share of other prompts' images judged as asked, with its multiple of the base model's; "
-        "kept attributes is the share of target images still showing the rest of their prompt; preservation is the "
-        "judge's image cosine of base and patched images of the same retain prompt and seed, over the retain images "
-        f"whose base image is not judged as {c} (erasing {c} must change those). ESD is the baseline, "
-        f"with looser bars: erasure <= {100 * esd['erasure']:.0f}%, generalization <= "
-        f"{100 * esd['generalization']:.0f}%, retention >= {esd['in_domain']:.2f}x / {esd['cross_domain']:.2f}x, "
-        f"preservation >= {esd['preservation']:.2f}, no bar on implicit or kept attributes.</p>"
+    if metrics.get("world") == "canvas":
+        bars = metrics["bars"]["default"]
+        intro = (
+            f"<p>Each method erased the style of <b>{c}</b> from the Shapes Canvas pipeline; <code>erase eval</code> "
+            "read each image with the Canvas classifier (style and object, the UnlearnCanvas way) and measured "
+            "preservation with the judge CLIP (never the guide CLIP the trainers may use). Green cells meet issue "
+            f"20's goals: erasure <= {100 * bars['erasure']:.0f}%, other styles kept >= {bars['in_domain']:.2f}x "
+            f"base, objects >= {bars['cross_domain']:.2f}x, and the near neighbour (the same recipe but one property) kept "
+            f">= {bars['neighbour']:.2f}x on its own. Generalization covers the held-out surname, other phrasings "
+            "and, for some artists, descriptions of the style without the name.</p>"
+        )
+    else:
+        esd = BARS["esd"]
+        intro = (
+            f"<p>Each method erased <b>{c}</b> from the Shapes pipeline; <code>erase eval</code> scored each patch "
+            "with the judge CLIP (never the guide CLIP the trainers may use). Green cells meet the Shapes bar the "
+            "README states (issues 9 and 11; hover a cell for it), red cells miss it. Erasure and generalization "
+            "(held-out synonyms and phrasings, never trained on) are shares of target images still judged as the "
+            f"concept; implicit is the share of images judged as {c} among prompts that name nothing of its kind "
+            f'(for a colour: "a dotted triangle"), which the base model draws as {c} in part; '
+            "retention is the share of other prompts' images judged as asked, with its multiple of the base model's; "
+            "kept attributes is the share of target images still showing the rest of their prompt; preservation is "
+            "the judge's image cosine of base and patched images of the same retain prompt and seed, over the retain "
+            f"images whose base image is not judged as {c} (erasing {c} must change those). ESD is the baseline, "
+            f"with looser bars: erasure <= {100 * esd['erasure']:.0f}%, generalization <= "
+            f"{100 * esd['generalization']:.0f}%, retention >= {esd['in_domain']:.2f}x / {esd['cross_domain']:.2f}x, "
+            f"preservation >= {esd['preservation']:.2f}, no bar on implicit or kept attributes.</p>"
+        )
+    intro += (
         f"<p><b>Depth</b>: <code>erase attack --attacks ti --cases {depth['cases']}</code> learns one token "
         f"embedding on the patched model from base-model images of {c} and generates {depth['cases']} fixed target "
-        f"cases (prompt x seed) with it; the column is the share of cases where the judge and the pixels both see {c} "
-        f"again (no bar; lower is deeper). The next column is what the patched model draws for the target prompts "
-        f"instead of {c}, as the judge reads it.</p>"
+        f"cases (prompt x seed) with it; the column is the share of cases where the judge and the world's own reader "
+        f"(pixel oracle, or classifier) both see {c} again (lower is deeper). The next column is what the patched "
+        f"model draws for the target prompts instead of {c}, as the judge reads it.</p>"
     )
     first = next(iter(metrics["methods"].values()))
     points = {"base": (first["erasure"]["base"], first["retention"]["in_domain"]["base"])}
@@ -721,3 +805,52 @@ def _gan_html() -> tuple[str, str]:
 def _verdict_labels(predicted: dict[str, list[str]]) -> list[str]:
     """The judge's colour, shape and style of each image (`eval.evaluate.judge_images` output), one per line."""
     return ["\n".join(p) for p in zip(*(predicted[a] for a in ATTRIBUTES))]
+
+
+def _canvas_world_check(out: Path, n: int, eval_n: int, seed: int) -> tuple[dict, int]:
+    """The Canvas readers on freshly drawn paintings: the classifier's verdicts on ``n`` images (``verdicts.png``),
+    and the accuracy tables of the judge and guide CLIPs (zero-shot) and of the classifier on ``eval_n``."""
+    from eval.canvas import classifier_accuracy, judge_accuracy
+    from pipelines.canvas.classifier import load_classifier
+    from pipelines.canvas.world import CanvasWorld
+
+    classifier = load_classifier("classifier")
+    images, attrs, _, _ = CanvasWorld().sample(n, 20_000_003 + 7_000_000 + seed)
+    predicted = classifier.predict(images)
+    labels, colours, n_right = [], [], 0
+    for i, truth in enumerate(attrs):
+        right = predicted["style"][i] == truth.style and predicted["object"][i] == truth.object
+        n_right += right
+        labels.append(f"{predicted['style'][i].split()[-1][:10]}\n{predicted['object'][i]}")
+        colours.append("#1a7f37" if right else "#cf222e")
+    save_grid(images, out / "verdicts.png", labels=labels, label_colours=colours, cols=8, scale=3)
+    tables = {
+        "judge": judge_accuracy(ShapesClipScorer("canvas-judge"), n=eval_n, seed=seed),
+        "guide": judge_accuracy(ShapesClipScorer("canvas-guide"), n=eval_n, seed=seed),
+        "classifier": classifier_accuracy(classifier, n=eval_n, seed=seed),
+    }
+    return {"world_images": n, "judge_verdicts_all_correct": n_right / n, "accuracy": tables}, n_right
+
+
+def _canvas_world_sections(metrics: dict, n_right: int, n: int) -> list[tuple[str, str]]:
+    tables = metrics["accuracy"]
+    rows = [
+        [who, f"{100 * tables[who]['plain']['style']:.1f}%", f"{100 * tables[who]['plain']['object']:.1f}%"]
+        for who in ("judge", "guide")
+    ]
+    rows.append(
+        ["classifier", f"{100 * tables['classifier']['style']:.1f}%", f"{100 * tables['classifier']['object']:.1f}%"]
+    )
+    return [
+        (
+            "The classifier: verdicts on freshly drawn paintings",
+            f"<p>Each painting is labelled with the classifier's artist (surname) and object: green where both match "
+            f"what was drawn ({n_right} of {n}), red otherwise.</p>"
+            '<img src="verdicts.png" alt="verdicts">',
+        ),
+        (
+            f"Accuracy on {tables['judge']['n']} held-out paintings (issue 20's bars: judge style >= 90%, object >= "
+            "95%)",
+            html_table(["reader", "style", "object"], rows),
+        ),
+    ]

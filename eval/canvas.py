@@ -178,3 +178,31 @@ class CanvasJudge:
             "sha256": sha256_prefix(path) if path.is_file() else None,
             "embeddings": self.clip.describe(),
         }
+
+
+class ClassifierCheck:
+    """The second half of an attack's success rule on the Canvas world (`eval.attacks.pixels.pixel_check`): the
+    classifier must read the concept too, as the pixel oracle must on the Shapes world.
+
+    Args:
+        classifier (`pipelines.canvas.classifier.CanvasClassifier`, *optional*): the shipped one by default.
+    """
+
+    def __init__(self, classifier=None):
+        from pipelines.canvas.classifier import load_classifier
+
+        self.classifier = classifier or load_classifier("classifier")
+
+    def read(self, images: np.ndarray) -> list[dict]:
+        """Per image, the classifier's style and object."""
+        predicted = self.classifier.predict(np.asarray(images))
+        return [{a: predicted[a][i] for a in ATTRIBUTES} for i in range(len(images))]
+
+    @staticmethod
+    def confirms(readings: list[dict], task: str, concept: str) -> list[bool]:
+        if task not in ATTRIBUTES:
+            raise ValueError(f"the Canvas classifier reads {', '.join(ATTRIBUTES)}, not {task!r}")
+        return [r[task] == concept for r in readings]
+
+    def describe(self) -> dict:
+        return {"backend": "canvas-classifier", "classes": {a: len(c) for a, c in self.classifier.classes.items()}}

@@ -227,6 +227,7 @@ def score(
         "generalization": both("paraphrase"),
         "kept_attributes": {label: kept_share(label) for label in ("base", "patched")},
         "retention": {"in_domain": both("retain_in"), "cross_domain": both("retain_cross")},
+        "retention_per_class": per_class_retention(prompt_set, per_model),
         "clip_score": {
             label: (float(np.mean([per_model[label]["clip_score"][i] for i in retain])) if retain else None)
             for label in ("base", "patched")
@@ -255,6 +256,19 @@ def score(
         }
     cosine = pairwise_cosine(per_model["base"]["embeddings"], per_model["patched"]["embeddings"]).tolist()
     return {"metrics": metrics, "per_model": per_model, "cosine": cosine}
+
+
+def per_class_retention(prompt_set: PromptSet, per_model: dict) -> dict:
+    """In-domain retention of each other class of the concept's task on its own (``class -> {base, patched}``), so
+    that a near neighbour's (an artist's similar style) is read apart from the mean."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(prompt_set.rows):
+        if r.role == "retain_in" and prompt_set.task in r.asked:
+            groups.setdefault(r.asked[prompt_set.task], []).append(i)
+    return {
+        name: {label: share([per_model[label]["match"][i] for i in rows]) for label in ("base", "patched")}
+        for name, rows in groups.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -16,7 +16,14 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         "--eval-n", type=_integer("--eval-n", 1, 100_000), default=600, help="held-out images for the accuracy table"
     )
     demo.add_argument("--seed", type=_integer("--seed", 0, SEED_MAX), default=0, help="seed of the drawn images")
-    demo.add_argument("--concept", default="red", help="concept the methods erase (default: red)")
+    demo.add_argument(
+        "--model",
+        default="shapes",
+        help="the world: 'shapes' (default) or 'canvas' (styles x objects, an artist with a near neighbour)",
+    )
+    demo.add_argument(
+        "--concept", default=None, help="concept the methods erase (default: red; canvas: Maren Quillfeather)"
+    )
     demo.add_argument(
         "--method",
         action="append",
@@ -63,5 +70,6 @@ def run(args: argparse.Namespace) -> int:
         methods=args.methods,
         progress=not args.quiet,
         threads=args.threads,
+        model=args.model,
     )
     return 0

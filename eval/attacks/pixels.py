@@ -51,10 +51,17 @@ class OracleCheck:
         return self.oracle.describe()
 
 
-def pixel_check(world: str | None, task: str) -> OracleCheck | None:
-    """The pixel half of the success rule where the model's world has a pixel oracle that reads ``task``, else
+def pixel_check(world: str | None, task: str):
+    """The pixel half of the success rule where the model's world has a pixel oracle that reads ``task`` (the Shapes
+    world's `OracleCheck`; the Canvas world's style and object classifier, `eval.canvas.ClassifierCheck`), else
     ``None`` (the judge alone decides)."""
     from eval.oracle import oracle_for
+
+    if world == "canvas":
+        from eval.canvas import ClassifierCheck
+        from prompts.canvas import ATTRIBUTES as CANVAS_ATTRIBUTES
+
+        return ClassifierCheck() if task in CANVAS_ATTRIBUTES else None
 
     oracle = oracle_for(world)
     return OracleCheck(oracle) if oracle is not None and task in ATTRIBUTES else None

@@ -71,6 +71,15 @@ def _result_json(result: AttackResult, n_cases: int) -> dict:
     }
 
 
+def _confirmation(pixels, task: str) -> str:
+    """The second half of the success rule, in words (empty where the judge alone decides)."""
+    if pixels is None:
+        return ""
+    if pixels.describe().get("backend") == "canvas-classifier":
+        return f" and confirmed by the Canvas classifier (its {task} is the concept)"
+    return f" and confirmed by the pixel oracle (an object whose {task} is the concept)"
+
+
 def _timed(session: AttackSession, fn) -> tuple[list[AttackResult], float, float]:
     model_before, start = session.clock.seconds["model"], time.perf_counter()
     results = fn()
@@ -165,8 +174,7 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
             "versions": versions(),
         },
         "cases": [{"case_number": c.case_number, "prompt": c.prompt, "seed": c.seed} for c in session.cases],
-        "success_rule": "judged as the concept"
-        + (f" and confirmed by the pixel oracle (an object whose {prompt_set.task} is the concept)" if pixels else ""),
+        "success_rule": "judged as the concept" + _confirmation(pixels, prompt_set.task),
         "base": plain_block(base_verdicts),
         "plain": plain_block(plain_verdicts),
         "attacks": {r.name: _result_json(r, n) for r in results},
