@@ -557,8 +557,8 @@ def _comparison_sections(concept: str, metrics: dict) -> list[tuple[str, str]]:
             "preservation with the judge CLIP (never the guide CLIP the trainers may use). Green cells meet issue "
             f"20's goals: erasure <= {100 * bars['erasure']:.0f}%, other styles kept >= {bars['in_domain']:.2f}x "
             f"base, objects >= {bars['cross_domain']:.2f}x, and the near neighbour (the same recipe but one "
-            f"property) kept >= {bars['neighbour']:.2f}x on its own. Generalization covers the held-out surname, other phrasings "
-            "and, for some artists, descriptions of the style without the name.</p>"
+            f"property) kept >= {bars['neighbour']:.2f}x on its own. Generalization covers the held-out surname, "
+            "other phrasings and, for some artists, descriptions of the style without the name.</p>"
         )
     else:
         esd = BARS["esd"]
