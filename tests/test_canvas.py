@@ -199,3 +199,36 @@ def test_a_pipeline_of_the_canvas_architecture_is_the_canvas_world():
     assert model_profile(pipe).key == "canvas"
     shapes = assemble_pipeline(**build_components(0, "shapes"))
     assert model_profile(shapes).key == "shapes"
+
+
+# ------------------------------------------------------------------------------------------------ commands
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["world", "train", "--world", "mars"], "invalid choice: 'mars'"),
+        (["world", "train", "--world", "canvas", "--only", "gan", "--quiet"], "the canvas world has no model 'gan'"),
+        (["world", "export", "OUT", "--world", "atlantis"], "invalid choice: 'atlantis'"),
+    ],
+)
+def test_bad_world_commands_give_one_line_errors(capsys, argv, expected):
+    from erase.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_world_train_canvas_classifier_and_clip_at_toy_size(tmp_path):
+    from erase.cli import main
+    from eval.clip import ShapesClipScorer
+    from pipelines.shapes.clip import read_clip_metadata
+
+    common = ["--steps", "2", "--batch-size", "16", "--pool-size", "64", "--threads", "1", "--eval-n", "24"]
+    argv = ["world", "train", "--world", "canvas", "--only", "classifier", "--only", "judge", *common]
+    assert main([*argv, "--quiet", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors", "clip_judge.safetensors"]
+    meta = read_clip_metadata(tmp_path / "clip_judge.safetensors")
+    assert meta["erase.world"] == "canvas" and meta["erase.config"]["world"] == "canvas"
+    assert set(meta["erase.accuracy"]["plain"]) == {"style", "object"}
+    assert ShapesClipScorer(str(tmp_path / "clip_judge.safetensors")).world == "canvas"
+    assert load_classifier(tmp_path / "classifier.safetensors").classes["style"] == VOCAB.styles
