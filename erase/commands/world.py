@@ -64,7 +64,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
 
 
 def run(args: argparse.Namespace) -> int:
-    status("erase world: loading torch and the Shapes world ...", getattr(args, "quiet", False))
+    status(f"erase world: loading torch and the {args.world} world ...", getattr(args, "quiet", False))
     if args.world_command == "train":
         from erase.world import train_world
 

@@ -37,21 +37,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from erase.config_args import seed_for_torch
 from erase.methods.esd_config import DEFAULTS, ESDConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch
 from erase.targets import resolve
-from erase.training.data import spread
 from erase.training.student import Student
+from erase.training.trajectories import TrajectorySampler
 from pipelines.denoise import (
     Conditioning,
     PromptEncoder,
-    denoise_to_step,
-    sample_trajectories,
     sampling_pipeline,
     unet_output,
 )
-from prompts.training import shared_retain, training_seeds
+from prompts.training import shared_retain
 
 PRESETS = {"esd-x": "xattn", "esd-x-strict": "xattn-kv", "esd-u": "no-xattn", "esd-all": "unet"}
 
@@ -86,7 +83,7 @@ def train(ctx) -> Patch:
     teacher = pipe.unet
     sampler = sampling_pipeline(pipe, teacher, config.sample_steps)
     encode = PromptEncoder(pipe)
-    draw = _Sampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
+    draw = TrajectorySampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
     pools = [draw.pool(c.targets, config.seed + 1 + i, f"trajectories of {c.concept}") for i, c in enumerate(concepts)]
     retain_pool = draw.pool(retain, config.seed, "trajectories of retain prompts") if retain else None
     b = config.batch_size
@@ -119,57 +116,3 @@ def train(ctx) -> Patch:
 
     ctx.stats.update(loop.run(step_fn))
     return ctx.to_patch(student)
-
-
-class _Sampler:
-    """Where ``x_t`` comes from: cached frozen-model trajectories, or (``trajectories=0``) a fresh partial sampling run
-    for every step, as the official code does."""
-
-    def __init__(self, config: ESDConfig, sampler, encode: PromptEncoder, progress: bool):
-        self.config, self.sampler, self.encode, self.progress = config, sampler, encode, progress
-
-    def pool(self, prompts: list[str], seed: int, desc: str, n: int | None = None):
-        """``n`` trajectories (default: the config's ``trajectories``) of ``prompts``, with every state kept."""
-        n = self.config.trajectories if n is None else n
-        if n == 0:
-            return None
-        # every prompt in turn; with more prompts than trajectories, a spread over all of them (not the first n: the
-        # retain prompts list one family's classes first, so the first 64 were all near neighbours)
-        chosen = [prompts[j % len(prompts)] for j in range(n)] if len(prompts) <= n else spread(prompts, n, desc)
-        gens = [torch.Generator().manual_seed(seed_for_torch(s)) for s in training_seeds(seed, n)]
-        cond = self.encode(chosen)
-        latents, timesteps = sample_trajectories(
-            self.sampler,
-            cond,
-            self.encode([""] * n),
-            self.config.sample_steps,
-            self.config.guidance,
-            gens,
-            batch_size=self.config.sample_batch,
-            progress=self.progress,
-            desc=desc,
-        )
-        return chosen, latents, timesteps
-
-    def __call__(self, pool, prompts: list[str], b: int, gen: torch.Generator):
-        """``b`` prompts with their ``x_t`` and timesteps."""
-        steps = self.config.sample_steps
-        if pool is not None:
-            chosen, latents, timesteps = pool
-            rows = torch.randint(len(chosen), (b,), generator=gen)
-            ks = torch.randint(steps, (b,), generator=gen)
-            return [chosen[r] for r in rows.tolist()], latents[rows, ks], timesteps[ks]
-        picked = [prompts[j] for j in torch.randint(len(prompts), (b,), generator=gen).tolist()]
-        stop = int(torch.randint(steps, (1,), generator=gen))
-        seeds = torch.randint(2**62, (b,), generator=gen).tolist()
-        cond = self.encode(picked)
-        x_t, t = denoise_to_step(
-            self.sampler,
-            cond,
-            self.encode([""] * b),
-            stop,
-            steps,
-            self.config.guidance,
-            [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds],
-        )
-        return picked, x_t, t

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from erase.methods.esd import _Sampler, esd_target
+from erase.methods.esd import esd_target
 from erase.methods.guard_config import DEFAULTS, GuardConfig  # noqa: F401  (re-exported)
 from erase.methods.uce import erase_contexts, preserve_contexts, shared_edit
 from erase.patch import Patch
@@ -60,6 +60,7 @@ from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.data import SEED_OFFSETS, LatentSet, split_retain, spread
 from erase.training.loop import adam
 from erase.training.student import Student
+from erase.training.trajectories import TrajectorySampler
 from pipelines.denoise import PromptEncoder, encode_prompts, sampling_pipeline, unet_output
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
@@ -174,7 +175,7 @@ def train(ctx) -> Patch:
     )
     trained = loop.modules["student"]
     sampler = sampling_pipeline(pipe, teacher, config.sample_steps)
-    draw = _Sampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
+    draw = TrajectorySampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
     pools = [draw.pool(c.targets, config.seed + 1 + i, f"trajectories of {c.concept}") for i, c in enumerate(concepts)]
     retain_pool = draw.pool(retain, config.seed, "trajectories of retain prompts", n=len(retain))
     b = config.batch_size

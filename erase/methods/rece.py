@@ -124,8 +124,8 @@ class Validator:
     puts in the concept's class."""
 
     def __init__(self, pipe, concepts, config: RECEConfig, world: str | None, progress: bool):
-        from erase.methods.text2unlearn import GuideClip, concept_task
         from erase.training.data import spread
+        from erase.training.guide import GuideClip, concept_task
         from pipelines.denoise import sampling_pipeline
 
         self.clip = GuideClip(config.judge)
@@ -168,12 +168,13 @@ class Validator:
 
 def check_judge_world(judge: str, world: str | None) -> None:
     """A world's shipped CLIP knows only that world's images: it cannot pick the epoch of another model's patch."""
-    from pipelines.shapes.registry import shipped_clip
+    from pipelines.shapes.registry import CANVAS, CANVAS_CLIP_SPECS, WORLD, shipped_clip
 
-    if shipped_clip(judge) is not None and world is None:
+    own = WORLD if shipped_clip(judge) is not None else (CANVAS if judge in CANVAS_CLIP_SPECS else None)
+    if own is not None and world != own:
         raise ValueError(
-            f"--judge {judge!r} is the Shapes world's CLIP and cannot judge this model's images: pass --judge "
-            "local-dir:PATH (an open_clip folder) or --judge none (keep the last epoch)"
+            f"--judge {judge!r} is the {own.capitalize()} world's CLIP and cannot judge this model's images: pass the model's "
+            "world's guide, --judge local-dir:PATH (an open_clip folder) or --judge none (keep the last epoch)"
         )
 
 

@@ -72,17 +72,9 @@ class RECEConfig(UCEConfig):
 
 def _refuse_eval_judge(spec: str) -> None:
     """The epoch is picked with a CLIP other than the evaluation judge, which must stay independent of training."""
-    from pathlib import Path
+    from pipelines.shapes.registry import refuse_judge
 
-    from pipelines.shapes import WEIGHTS_DIR
-    from pipelines.shapes.registry import shipped_clip
-
-    path = Path(spec.removeprefix("local-dir:")).expanduser()
-    if shipped_clip(spec) == "judge" or (path.exists() and path.resolve() == (WEIGHTS_DIR / "clip_judge.safetensors")):
-        raise ValueError(
-            f"--judge {spec!r} is the evaluation judge: picking the epoch with it would game the score; "
-            "pass --judge guide (the Shapes guide CLIP), another CLIP, or none"
-        )
+    refuse_judge(spec, "--judge", "pass --judge guide (the Shapes guide CLIP), canvas-guide, another CLIP, or none")
 
 
 CONFIG = RECEConfig
@@ -99,11 +91,12 @@ DEFAULTS: dict = {
         "sample_steps": 25,
         "sample_guidance": 5.0,
     },
-    "canvas": {  # no validation judge: the guide CLIP's validation reads the Shapes world's tasks only
+    "canvas": {  # the Canvas world's own guide CLIP picks the epoch
         "epochs": 2,
         "rece_preserve": "retain",
         "regular_scale": 1e-3,
-        "judge": "none",
+        "judge": "canvas-guide",
+        "val_images": 32,
         "sample_steps": 25,
         "sample_guidance": 5.0,
     },

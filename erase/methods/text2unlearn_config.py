@@ -76,15 +76,6 @@ DEFAULTS = {"gan": {"lr": 1e-4}}  # NADA's 0.0016 assumes an equalized learning 
 
 def _refuse_judge(spec: str) -> None:
     """The trainer is guided by the guide CLIP only: the judge that scores the result must stay independent."""
-    from pathlib import Path
+    from pipelines.shapes.registry import refuse_judge
 
-    from pipelines.shapes import WEIGHTS_DIR
-    from pipelines.shapes.registry import shipped_clip
-
-    judge = WEIGHTS_DIR / "clip_judge.safetensors"
-    path = Path(spec.removeprefix("local-dir:")).expanduser()
-    if shipped_clip(spec) == "judge" or (path.exists() and path.resolve() == judge.resolve()):
-        raise ValueError(
-            f"guide {spec!r} is the evaluation judge: a trainer guided by its own judge games the score; "
-            "pass --guide guide (or another CLIP)"
-        )
+    refuse_judge(spec, "guide", "pass --guide guide (or another CLIP)")

@@ -179,3 +179,22 @@ CANVAS_JUDGE_SPECS = (CANVAS, "canvas-classifier")
 def shipped_clip(spec) -> str | None:
     """``"judge"`` or ``"guide"`` when ``spec`` names one of the Shapes world's shipped CLIPs, else ``None``."""
     return CLIP_SPECS.get(str(spec))
+
+
+def is_judge_clip(spec) -> bool:
+    """Whether ``spec`` (a name, a file or ``local-dir:`` folder) is a world's evaluation judge CLIP (the Shapes or
+    the Canvas world's shipped judge)."""
+    from pipelines.canvas import WEIGHTS_DIR as canvas_weights
+
+    if shipped_clip(spec) == "judge" or str(spec) == "canvas-judge":
+        return True
+    path = Path(str(spec).removeprefix("local-dir:")).expanduser()
+    judges = (WEIGHTS_DIR / "clip_judge.safetensors", canvas_weights / "clip_judge.safetensors")
+    return path.exists() and any(path.resolve() == judge.resolve() for judge in judges)
+
+
+def refuse_judge(spec, flag: str, fix: str) -> None:
+    """Raise a one-line `ValueError` when a trainer is given an evaluation judge (`is_judge_clip`): optimising
+    against, or picking with, the CLIP that scores the result games the score."""
+    if is_judge_clip(spec):
+        raise ValueError(f"{flag} {spec!r} is the evaluation judge: training with it would game the score; {fix}")
