@@ -264,3 +264,19 @@ def test_erase_eval_on_the_canvas_world_reads_styles_with_the_classifier(tmp_pat
     assert metrics["settings"]["model_profile"]["key"] == "canvas"
     assert set(metrics["retention_per_class"]) == set(VOCAB.styles) - {"Maren Quillfeather"}
     assert metrics["erasure"]["base"] >= 0.5  # the shipped pipeline paints the style it is asked for
+
+
+def test_the_canvas_judge_is_refused_where_a_trainer_wants_its_own_clip():
+    from erase.methods.rece import check_judge_world
+    from erase.methods.rece_config import RECEConfig
+    from erase.methods.text2unlearn_config import TextToUnlearnConfig
+
+    with pytest.raises(ValueError, match="'canvas-judge' is the evaluation judge"):
+        RECEConfig(concepts=["Maren Quillfeather"], judge="canvas-judge")
+    with pytest.raises(ValueError, match="is the evaluation judge"):
+        TextToUnlearnConfig(concepts=["red"], guide="canvas-judge")
+    with pytest.raises(ValueError, match="Canvas world's CLIP and cannot judge"):
+        check_judge_world("canvas-guide", "shapes")
+    with pytest.raises(ValueError, match="Shapes world's CLIP and cannot judge"):
+        check_judge_world("guide", "canvas")
+    check_judge_world("canvas-guide", "canvas")  # its own world
