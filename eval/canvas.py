@@ -167,7 +167,7 @@ class CanvasJudge:
         return {t: predicted[t] for t in tasks}
 
     def describe(self) -> dict:
-        from eval.clip import sha256_prefix
+        from eval.common import sha256_prefix
         from pipelines.canvas import WEIGHTS_DIR
 
         path = WEIGHTS_DIR / "classifier.safetensors"

@@ -19,7 +19,6 @@ Weights are never unpickled without consent: ``.safetensors`` files load directl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
 
+from eval.common import sha256_prefix  # noqa: F401  (re-exported: judges record their checkpoint by it)
 from pipelines.shapes.clip import (
     CLIP_FORMAT,
     CLIP_MEAN,
@@ -59,15 +59,6 @@ _LOCAL_DIR_PREFERRED = (
 _JUDGE_HINT = (
     "pass 'judge', 'guide', a local-dir: folder, a transformers CLIP folder, or a checkpoint file with --judge-arch"
 )
-
-
-def sha256_prefix(path: str | Path, chars: int = 16) -> str:
-    """First ``chars`` hex digits of a file's sha256 (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:chars]
 
 
 def clip_score_from_embeddings(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:

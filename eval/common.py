@@ -4,6 +4,7 @@ imports none of them, so the evaluators import no one another's private helpers.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 EVAL_FILES = ("metrics.json", "images.csv", "report.html")
@@ -23,10 +24,17 @@ def versions() -> dict:
     return out
 
 
+def sha256_prefix(path: str | Path, chars: int = 16) -> str:
+    """First ``chars`` hex digits of a file's sha256 (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:chars]
+
+
 def patch_info(path: str | None, patch) -> dict | None:
     """The record of the evaluated patch (path, sha256 prefix of its file, kind, method, concepts, targets)."""
-    from eval.clip import sha256_prefix
-
     if patch is None:
         return None
     return {

@@ -173,8 +173,9 @@ def check_judge_world(judge: str, world: str | None) -> None:
     own = WORLD if shipped_clip(judge) is not None else (CANVAS if judge in CANVAS_CLIP_SPECS else None)
     if own is not None and world != own:
         raise ValueError(
-            f"--judge {judge!r} is the {own.capitalize()} world's CLIP and cannot judge this model's images: pass the model's "
-            "world's guide, --judge local-dir:PATH (an open_clip folder) or --judge none (keep the last epoch)"
+            f"--judge {judge!r} is the {own.capitalize()} world's CLIP and cannot judge this model's images: pass "
+            "the model's world's guide, --judge local-dir:PATH (an open_clip folder) or --judge none (keep the last "
+            "epoch)"
         )
 
 
