@@ -1509,7 +1509,7 @@ BAD_INPUTS = [  # found by trying every command as a new user would; each was a 
     ),
     (["generate", "--model", "shapes", "--prompt", "a \udcff circle", "--n", "1"], "is not valid UTF-8 text"),
     (["world", "train", "--only", "guide", "--steps", "1", "--OUT={keep}"], "--out {keep} is a file, not a folder"),
-    (["demo", "--concept", "zebra"], "no shipped prompt set knows the concept 'zebra'"),
+    (["demo", "--concept", "zebra"], "unknown concept 'zebra' for prompt set 'shapes'"),
     (["demo", "--concept", " "], "empty concept: pass the concept to erase"),
     (["demo", "--method", "esd", "--method", "bogus"], "unknown method 'bogus'"),
     (["attack", "--concept", "red", "--prompts", ""], "--prompts is empty; pass a value or leave --prompts out"),
