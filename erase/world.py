@@ -45,6 +45,8 @@ def train_world(
     out: str | Path | None = None,
     progress: bool = True,
     world: str = "shapes",
+    continue_from: str | Path | None = None,
+    unet_lr: float | None = None,
 ) -> dict:
     """Train the Shapes world's models and write them into ``out`` (default: the shipped weights folder).
 
@@ -76,7 +78,9 @@ def train_world(
         elif kind == "classifier":
             results[kind] = _train_classifier(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
         elif kind == "sd":
-            results[kind] = _train_sd(out, given, steps, vae_steps, eval_n, progress, world)
+            stage = {"continue_from": str(continue_from) if continue_from else None, "unet_lr": unet_lr}
+            stage = {k: v for k, v in stage.items() if v is not None}
+            results[kind] = _train_sd(out, {**given, **stage}, steps, vae_steps, eval_n, progress, world)
         elif kind == "gan":
             results[kind] = _train_gan(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
         else:
@@ -135,6 +139,8 @@ def _train_sd(
     from pipelines.shapes.diffusion import default_diffusion_config, load_pipeline_file, save_pipeline, train_pipeline
 
     renamed = {"batch_size": "unet_batch_size"}
+    if given.get("continue_from") and not Path(given["continue_from"]).is_file():
+        raise FileNotFoundError(f"--continue-from {given['continue_from']}: no such pipeline file")
     overrides = {renamed.get(k, k): v for k, v in given.items()}
     if steps:
         overrides["unet_steps"] = steps
@@ -142,6 +148,10 @@ def _train_sd(
         overrides["vae_steps"] = vae_steps
     config = default_diffusion_config(world, **overrides)
     pipe, facts = train_pipeline(config, progress=progress)
+    if config.continue_from:  # the stage it continued, by content
+        from eval.common import sha256_prefix
+
+        facts["continued_sha256"] = sha256_prefix(config.continue_from)
     seen = facts.pop("seen_token_ids")
     path = out / SD_FILES[world]
     if world == "canvas":

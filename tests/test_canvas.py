@@ -280,3 +280,27 @@ def test_the_canvas_judge_is_refused_where_a_trainer_wants_its_own_clip():
     with pytest.raises(ValueError, match="Shapes world's CLIP and cannot judge"):
         check_judge_world("guide", "canvas")
     check_judge_world("canvas-guide", "canvas")  # its own world
+
+
+def test_a_pipeline_stage_continues_a_saved_one(tmp_path):
+    from erase.cli import main
+    from pipelines.shapes.diffusion import load_pipeline_file
+    from pipelines.shapes.io import read_metadata
+
+    toy = ["--batch-size", "8", "--pool-size", "64", "--threads", "1", "--eval-n", "0", "--quiet"]
+    first, second = tmp_path / "one", tmp_path / "two"
+    argv = ["world", "train", "--world", "canvas", "--only", "sd", "--steps", "2", "--vae-steps", "2", *toy]
+    assert main([*argv, "--out", str(first)]) == 0
+    parent = first / "sd_canvas.safetensors"
+    stage = ["world", "train", "--world", "canvas", "--only", "sd", "--steps", "1", "--unet-lr", "1e-4", *toy]
+    assert main([*stage, "--continue-from", str(parent), "--out", str(second)]) == 0
+    meta = read_metadata(second / "sd_canvas.safetensors")
+    facts, config = json.loads(meta["erase.facts"]), json.loads(meta["erase.config"])
+    assert facts["vae_seconds"] < 5 and facts["continued_sha256"] and config["unet_lr"] == 1e-4
+    before, after = (
+        load_pipeline_file(parent, "canvas"),
+        load_pipeline_file(second / "sd_canvas.safetensors", "canvas"),
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before.vae.parameters(), after.vae.parameters()))  # the VAE is kept
+    assert not all(torch.equal(a, b) for a, b in zip(before.unet.parameters(), after.unet.parameters()))
+    assert main([*stage, "--continue-from", str(tmp_path / "nope.safetensors"), "--out", str(second)]) == 2

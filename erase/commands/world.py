@@ -50,6 +50,13 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         "--vae-steps", type=_integer("--vae-steps", 1), default=None, help="optimizer steps of the Shapes VAE"
     )
     train.add_argument(
+        "--continue-from",
+        default=None,
+        metavar="FILE",
+        help="sd only: continue this pipeline file of the same world (its VAE kept; --steps more UNet steps)",
+    )
+    train.add_argument("--unet-lr", type=float, default=None, help="sd only: peak learning rate of the UNet stage")
+    train.add_argument(
         "--eval-n",
         type=_integer("--eval-n", 0, 100_000),
         default=600,
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             progress=not args.quiet,
             world=args.world,
+            continue_from=args.continue_from,
+            unet_lr=args.unet_lr,
         )
         return 0
     from erase.world import export_world  # argparse requires "train" or "export"

@@ -148,6 +148,13 @@ class DiffusionTrainConfig:
     unet_lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine, linear warm-up)"})
     warmup: int = field(default=200, metadata={"help": "UNet warm-up steps"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"})
+    continue_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a pipeline file of the same world to continue: its VAE is kept (no VAE steps) and its UNet and "
+            "text encoder train unet_steps more steps (a second stage with its own schedule)"
+        },
+    )
     threads: int = field(default=2, metadata={"help": "torch threads while training"})
 
     def __post_init__(self):
@@ -271,20 +278,29 @@ def train_unet(
 
 
 def train_pipeline(config: DiffusionTrainConfig, progress: bool = True) -> tuple[StableDiffusionPipeline, dict]:
-    """Train a world's whole pipeline from scratch. Returns the pipeline and training facts."""
+    """Train a world's whole pipeline from scratch, or (``config.continue_from``) continue one: a second stage that
+    keeps the file's VAE and latent scaling and trains its UNet and text encoder further. Returns the pipeline and
+    training facts."""
     with torch_threads(config.threads):
         start = time.perf_counter()
         world = make_world(config.world)
         rng = np.random.default_rng(config.seed)
         attrs, images = world.draw_pool(config.pool_size, rng)
         pixels = to_vae_input(images)
-        parts = build_components(config.seed, config.world)
         t0 = time.perf_counter()
-        vae_losses = train_vae(parts["vae"], pixels, config, rng, progress)
+        if config.continue_from:
+            parent = load_pipeline_file(config.continue_from, config.world)
+            parts = {"vae": parent.vae, "unet": parent.unet, "text_encoder": parent.text_encoder}
+            vae_losses = []
+            scaling = float(parent.vae.config.scaling_factor)
+        else:
+            parts = build_components(config.seed, config.world)
+            vae_losses = train_vae(parts["vae"], pixels, config, rng, progress)
         t1 = time.perf_counter()
         raw = encode_latents(parts["vae"], pixels)
-        scaling = float(1.0 / raw.std())
-        parts["vae"].register_to_config(scaling_factor=scaling)
+        if not config.continue_from:
+            scaling = float(1.0 / raw.std())
+            parts["vae"].register_to_config(scaling_factor=scaling)
         unet_losses, seen = train_unet(
             parts["unet"], parts["text_encoder"], raw * scaling, attrs, world, config, rng, progress
         )
@@ -293,7 +309,7 @@ def train_pipeline(config: DiffusionTrainConfig, progress: bool = True) -> tuple
         "draw_seconds": round(t0 - start, 1),
         "vae_seconds": round(t1 - t0, 1),
         "unet_seconds": round(t2 - t1, 1),
-        "vae_final_loss": tail_mean(vae_losses),
+        "vae_final_loss": tail_mean(vae_losses) if vae_losses else None,
         "unet_first_loss": round(unet_losses[0], 4),
         "unet_final_loss": tail_mean(unet_losses),
         "scaling_factor": scaling,
