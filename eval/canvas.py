@@ -194,9 +194,10 @@ class ClassifierCheck:
         self.classifier = classifier or load_classifier("classifier")
 
     def read(self, images: np.ndarray) -> list[dict]:
-        """Per image, the classifier's style and object."""
+        """Per image, the classifier's style and object (``present`` is always true: every painting has an object
+        class, the classifier has no "empty")."""
         predicted = self.classifier.predict(np.asarray(images))
-        return [{a: predicted[a][i] for a in ATTRIBUTES} for i in range(len(images))]
+        return [{"present": True, **{a: predicted[a][i] for a in ATTRIBUTES}} for i in range(len(images))]
 
     @staticmethod
     def confirms(readings: list[dict], task: str, concept: str) -> list[bool]:

@@ -304,3 +304,14 @@ def test_a_pipeline_stage_continues_a_saved_one(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before.vae.parameters(), after.vae.parameters()))  # the VAE is kept
     assert not all(torch.equal(a, b) for a, b in zip(before.unet.parameters(), after.unet.parameters()))
     assert main([*stage, "--continue-from", str(tmp_path / "nope.safetensors"), "--out", str(second)]) == 2
+
+
+def test_the_classifier_confirms_attack_verdicts_on_the_canvas_world():
+    from eval.attacks.pixels import pixel_check
+
+    check = pixel_check("canvas", "style")
+    images, attrs, _, _ = CanvasWorld().sample(6, seed=4)
+    readings = check.read(images)
+    assert all(r["present"] for r in readings) and {"style", "object"} <= set(readings[0])
+    assert check.confirms(readings, "style", attrs[0].style)[0]  # the shipped classifier reads drawn paintings
+    assert pixel_check("canvas", "colour") is None
