@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# Run as a script, this folder comes first on sys.path, and its eval.py would shadow the eval package: drop that entry.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SINGLE_STYLES = ("Maren Quillfeather", "Brannoch Veylis", "Jarvik Thornemoor", "Osgood Fennimar", "Rasmus Quenby")
 # the many-styles order: a fixed shuffle of the 24 artists (seed 20), so the first k mix near neighbours and others
@@ -109,11 +113,11 @@ def main() -> None:
             t0 = time.perf_counter()
             patch = train_patch(method, config, path, progress=False)
             train_seconds = time.perf_counter() - t0
-            apply_patch(pipe, patch)
+            handle = apply_patch(pipe, patch)
             try:
                 images = draw()
             finally:
-                remove_patch(pipe, patch)
+                remove_patch(handle)
             erased = set(styles)
             base, patched = read(classifier, base_images, asked, erased), read(classifier, images, asked, erased)
             row = {
