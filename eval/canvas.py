@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eval.common import EmbeddingsFromClip
 from eval.zero_shot import ZeroShotClassifier
 from prompts.canvas import ATTRIBUTES, load_canvas_vocab
 from prompts.sets import canvas_tasks
@@ -127,7 +128,7 @@ def read_fidelity(classifier, images: np.ndarray, asked: list[dict]) -> dict:
     return out
 
 
-class CanvasJudge:
+class CanvasJudge(EmbeddingsFromClip):
     """The Canvas world's judge behind the evaluator's judge boundary: attribute labels from the style and object
     classifier (`classify`), the UnlearnCanvas way; embeddings for preservation and CLIP score from the judge CLIP.
 
@@ -145,15 +146,6 @@ class CanvasJudge:
         self.clip = clip
         self.name = "canvas-classifier"
         self.batch_size, self.embed_dim = self.clip.batch_size, self.clip.embed_dim
-
-    def encode_image(self, images):
-        return self.clip.encode_image(images)
-
-    def encode_text(self, prompts: list[str]):
-        return self.clip.encode_text(prompts)
-
-    def clip_score(self, images, prompts: list[str]):
-        return self.clip.clip_score(images, prompts)
 
     def classify(self, images: np.ndarray, tasks=ATTRIBUTES) -> dict[str, list[str]]:
         """One label per image for each task (``style``, ``object``)."""

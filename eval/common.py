@@ -83,3 +83,20 @@ def publish(staging: Path, out: Path) -> None:
                 old.unlink(missing_ok=True)
         for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
             path.replace(out / path.name)
+
+
+class EmbeddingsFromClip:
+    """The embedding half of a judge whose labels come from elsewhere (the Shapes pixel oracle, the Canvas classifier):
+    image and text embeddings and CLIP score from the CLIP scorer ``self.clip``, for preservation, FD-CLIP and CLIP
+    score."""
+
+    clip = None
+
+    def encode_image(self, images):
+        return self.clip.encode_image(images)
+
+    def encode_text(self, prompts: list[str]):
+        return self.clip.encode_text(prompts)
+
+    def clip_score(self, images, prompts: list[str]):
+        return self.clip.clip_score(images, prompts)

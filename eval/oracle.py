@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from eval.common import EmbeddingsFromClip
 from pipelines.shapes.world import (
     FILL_PERIOD,
     OUTLINE,
@@ -444,7 +445,7 @@ def _silhouette(alpha: np.ndarray, blob: np.ndarray, closed: np.ndarray) -> np.n
     return np.where(interior, 1.0, np.where(edge, alpha, 0.0))
 
 
-class OracleJudge:
+class OracleJudge(EmbeddingsFromClip):
     """The oracle behind the evaluator's judge boundary (``--judge oracle``): attribute labels come from the pixels
     (`classify`); the metrics that need embeddings (preservation, fd_clip, clip_score) use a Shapes CLIP, which
     `describe` names.
@@ -462,15 +463,6 @@ class OracleJudge:
         self.clip = clip
         self.name = "shapes-oracle"
         self.batch_size, self.embed_dim = self.clip.batch_size, self.clip.embed_dim
-
-    def encode_image(self, images):
-        return self.clip.encode_image(images)
-
-    def encode_text(self, prompts: list[str]):
-        return self.clip.encode_text(prompts)
-
-    def clip_score(self, images, prompts: list[str]):
-        return self.clip.clip_score(images, prompts)
 
     def classify(self, images: np.ndarray, tasks=ATTRIBUTES) -> dict[str, list[str]]:
         """One label per image for each task (``colour``, ``shape``, ``style``), including `NONE`/`UNRECOGNISABLE`."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.shapes.world import pick_word
 from prompts.canvas import ATTRIBUTES, CanvasVocab, load_canvas_vocab
 from prompts.shapes import fix_articles
 
@@ -212,17 +213,11 @@ class CanvasWorld:
             template = options[0] if "object" in template["uses"] else options[1]
             description = descriptions[rng.integers(len(descriptions))]
         words = {
-            "style": self._pick(vocab.words("style", attributes.style), rng, synonym_rate),
-            "object": self._pick(vocab.words("object", attributes.object), rng, synonym_rate),
+            "style": pick_word(vocab.words("style", attributes.style), rng, synonym_rate),
+            "object": pick_word(vocab.words("object", attributes.object), rng, synonym_rate),
             "description": description,
         }
         return fix_articles(template["text"].format(**words)), tuple(template["uses"])
-
-    @staticmethod
-    def _pick(words: list[str], rng: np.random.Generator, synonym_rate: float) -> str:
-        if len(words) == 1 or rng.random() >= synonym_rate:
-            return words[0]
-        return words[1 + rng.integers(len(words) - 1)]
 
     def sample(
         self, n: int, seed: int, **fixed: str

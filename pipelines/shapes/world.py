@@ -130,18 +130,12 @@ class ShapesWorld:
         templates = self.vocab.caption_templates
         template = templates[rng.integers(len(templates))]
         words = {
-            "colour": self._pick(self.vocab.words("colour", attributes.colour), rng, synonym_rate),
-            "shape": self._pick(self.vocab.words("shape", attributes.shape), rng, synonym_rate),
-            "style": self._pick(self.vocab.words("style", attributes.style), rng, synonym_rate),
-            "style_post": self._pick(self.vocab.style_postfixes(attributes.style), rng, 1.0),
+            "colour": pick_word(self.vocab.words("colour", attributes.colour), rng, synonym_rate),
+            "shape": pick_word(self.vocab.words("shape", attributes.shape), rng, synonym_rate),
+            "style": pick_word(self.vocab.words("style", attributes.style), rng, synonym_rate),
+            "style_post": pick_word(self.vocab.style_postfixes(attributes.style), rng, 1.0),
         }
         return fix_articles(template["text"].format(**words)), tuple(template["uses"])
-
-    @staticmethod
-    def _pick(words: list[str], rng: np.random.Generator, synonym_rate: float) -> str:
-        if len(words) == 1 or rng.random() >= synonym_rate:
-            return words[0]
-        return words[1 + rng.integers(len(words) - 1)]
 
     def sample(self, n: int, seed: int, **fixed: str) -> tuple[np.ndarray, list[Attributes], list[str], list[tuple]]:
         """Draw ``n`` captioned images from one seed: ``(images, attributes, captions, named_attributes)``."""
@@ -150,6 +144,14 @@ class ShapesWorld:
         images = self.draw(attributes, rng)
         pairs = [self.caption(a, rng) for a in attributes]
         return images, attributes, [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def pick_word(words: list[str], rng: np.random.Generator, synonym_rate: float) -> str:
+    """A caption's word for a class: the canonical one (``words[0]``) with probability ``1 - synonym_rate``, else a
+    random synonym."""
+    if len(words) == 1 or rng.random() >= synonym_rate:
+        return words[0]
+    return words[1 + rng.integers(len(words) - 1)]
 
 
 def stripe_pattern(px: np.ndarray, py: np.ndarray, period: float) -> np.ndarray:
