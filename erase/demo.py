@@ -810,12 +810,13 @@ def _verdict_labels(predicted: dict[str, list[str]]) -> list[str]:
 def _canvas_world_check(out: Path, n: int, eval_n: int, seed: int) -> tuple[dict, int]:
     """The Canvas readers on freshly drawn paintings: the classifier's verdicts on ``n`` images (``verdicts.png``),
     and the accuracy tables of the judge and guide CLIPs (zero-shot) and of the classifier on ``eval_n``."""
+    from eval.canvas import EVAL_SEED_OFFSET as CANVAS_SEED_OFFSET
     from eval.canvas import classifier_accuracy, judge_accuracy
     from pipelines.canvas.classifier import load_classifier
     from pipelines.canvas.world import CanvasWorld
 
     classifier = load_classifier("classifier")
-    images, attrs, _, _ = CanvasWorld().sample(n, 20_000_003 + 7_000_000 + seed)
+    images, attrs, _, _ = CanvasWorld().sample(n, CANVAS_SEED_OFFSET + 7_000_000 + seed)
     predicted = classifier.predict(images)
     labels, colours, n_right = [], [], 0
     for i, truth in enumerate(attrs):

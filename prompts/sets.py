@@ -244,13 +244,18 @@ class _RowBuilder:
 def shapes_tasks(synonym_index: int | None = None) -> dict[str, Task]:
     """The judge's three Shapes tasks (colour, shape, style): each class named by its canonical word, or
     (``synonym_index=k``) by its k-th synonym only (e.g. "crimson" for red)."""
-    vocab = load_shapes_vocab()
+    return vocab_tasks(load_shapes_vocab(), ATTRIBUTES, synonym_index)
+
+
+def vocab_tasks(vocab, attributes, synonym_index: int | None = None) -> dict[str, Task]:
+    """A world's judge tasks from its vocabulary (``words``, ``classes``, ``zero_shot_templates``): each class named
+    by its canonical word, or (``synonym_index=k``) by its k-th synonym only."""
 
     def word(a: str, c: str) -> str:
         options = vocab.words(a, c)
         return options[0] if synonym_index is None else options[1 + synonym_index % (len(options) - 1)]
 
-    return {a: Task(a, {c: [word(a, c)] for c in vocab.classes(a)}, vocab.zero_shot_templates(a)) for a in ATTRIBUTES}
+    return {a: Task(a, {c: [word(a, c)] for c in vocab.classes(a)}, vocab.zero_shot_templates(a)) for a in attributes}
 
 
 def _fill(template: str, words: dict[str, str]) -> str:
@@ -329,16 +334,7 @@ def shapes_prompt_set(
 def canvas_tasks(synonym_index: int | None = None) -> dict[str, Task]:
     """The judge's two Canvas tasks (style, object): each class named by its canonical word, or (``synonym_index=k``)
     by its k-th synonym only."""
-    vocab = load_canvas_vocab()
-
-    def word(a: str, c: str) -> str:
-        options = vocab.words(a, c)
-        return options[0] if synonym_index is None else options[1 + synonym_index % (len(options) - 1)]
-
-    return {
-        a: Task(a, {c: [word(a, c)] for c in vocab.classes(a)}, vocab.zero_shot_templates(a))
-        for a in ("style", "object")
-    }
+    return vocab_tasks(load_canvas_vocab(), ("style", "object"), synonym_index)
 
 
 def _canvas_uses(template: str) -> list[str]:
