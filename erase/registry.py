@@ -81,7 +81,8 @@ def get_config(name: str) -> type:
 register_method(
     "guard",
     "erase.methods.guard",
-    "recommended: UCE's closed form, then a short adversarial stage that denies the concept to any embedding",
+    "recommended: a short negatively guided stage on cross-attention K/V that takes the concept away from any nearby "
+    "embedding, then UCE's closed form for its words",
     config_module="erase.methods.guard_config",
 )
 register_method(

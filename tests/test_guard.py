@@ -1,6 +1,8 @@
 """guard, the recommended method: its two stages against their equations, the default of ``erase train``, and the
 method contract."""
 
+import dataclasses
+
 import pytest
 import torch
 from method_contract import MethodContract
@@ -8,7 +10,7 @@ from tiny_pipelines import tiny_pipeline
 
 from erase.cli import main
 from erase.commands.train import _train_method
-from erase.methods.guard import GuardConfig, _retain_pool, closed_form, repaired
+from erase.methods.guard import GuardConfig, _closest_class, _retain_pool, closed_form, repaired
 from erase.methods.uce import erase_contexts, preserve_contexts, shared_edit
 from erase.registry import RECOMMENDED, list_methods
 from erase.training.run import train_patch
@@ -88,6 +90,25 @@ def test_retain_pool_mixes_far_prompts_and_the_closest_neighbours():
     assert len(pool) == 64 and len(far) == 32
     assert not any("red" in p.split() for p in pool)
     assert _retain_pool(pipe, concepts, 64, 0.5) == pool  # deterministic
+
+
+def test_closest_class_is_the_one_the_model_draws_alike_and_takes_its_share_of_the_pool():
+    pipe = tiny_pipeline("sd1")
+    red = concept_prompts("red")
+    # "RED" reaches the UNet as "red" does (the tokenizer lower-cases): its guidance direction is the concept's own
+    concept = dataclasses.replace(red, others=["blue", "RED", "green"])
+    prompts = [p for p in red.targets if " red " in f" {p} "][:4]
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(len(prompts), pipe.unet.config.in_channels, 8, 8, generator=gen)
+    t = torch.tensor([100, 300, 500, 700])[: len(prompts)]
+    cls, named = _closest_class(pipe, concept, {"red"}, (prompts, x_t, t))
+    assert cls == "RED" and named and all("RED" in p for p in named)
+    assert _closest_class(pipe, concept, {"red", "blue", "RED", "green"}, (prompts, x_t, t)) is None  # none left
+
+    closest = [("orange", ["an orange circle", "an orange striped square"])]
+    pool = _retain_pool(pipe, [red], 64, 0.5, 0.5, closest)
+    assert len(pool) == 64 and sum(p in closest[0][1] for p in pool) >= 32
+    assert _retain_pool(pipe, [red], 64, 0.5, 0.0, closest) == _retain_pool(pipe, [red], 64, 0.5)  # share 0: as before
 
 
 class TestGuardContract(MethodContract):

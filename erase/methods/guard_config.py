@@ -43,7 +43,7 @@ class GuardConfig(AdversarialTrainConfig):
         metadata={"help": "the concept's target moves towards: its prompt without the word, the guide's"},
     )
     eta: float = field(default=2.0, metadata={"help": "negative guidance of the concept's target (1: the neutral)"})
-    preserve_weight: float = field(default=2.0, metadata={"help": "weight of the retain term"})
+    preserve_weight: float | None = field(default=None, metadata={"help": "weight of the retain term (2; canvas 4)"})
     implicit_weight: float = field(
         default=0.0, metadata={"help": "weight of steering prompts without the concept's family away from it (0: off)"}
     )
@@ -58,6 +58,13 @@ class GuardConfig(AdversarialTrainConfig):
     )
     retain_far_share: float = field(
         default=0.25, metadata={"help": "share of the retain trajectories from prompts naming none of the family"}
+    )
+    retain_closest_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of the retain trajectories from the concept's prompts naming its closest class instead "
+            "(0; canvas 0.5)"
+        },
     )
     forget_images: int = field(default=64, metadata={"help": "concept images the adversarial token learns from"})
     sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps of the sampling (50; shapes 25)"})
@@ -82,8 +89,9 @@ class GuardConfig(AdversarialTrainConfig):
         self.check_finite_nonnegative("guidance")
         if not 0.0 <= self.repair <= 1.0:
             raise ValueError(f"repair must be in [0, 1], got {self.repair}")
-        if not 0.0 <= self.retain_far_share <= 1.0:
-            raise ValueError(f"retain_far_share must be in [0, 1], got {self.retain_far_share}")
+        for name in ("retain_far_share", "retain_closest_share"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         self.check_at_least(1, "forget_images", "trajectories", "retain_trajectories", "sample_batch")
         self.check_at_least(2, "sample_steps")
 
@@ -92,13 +100,33 @@ CONFIG = GuardConfig
 
 # per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
 DEFAULTS = {
-    "shapes": {"lr": 1e-3, "sample_steps": 25, "sample_guidance": 5.0, "trajectories": 64, "sample_batch": 32},
+    "shapes": {
+        "lr": 1e-3,
+        "sample_steps": 25,
+        "sample_guidance": 5.0,
+        "trajectories": 64,
+        "sample_batch": 32,
+        "preserve_weight": 2.0,
+        "retain_closest_share": 0.0,
+    },
     "canvas": {
         "lr": 1e-3,
         "sample_steps": 25,
         "sample_guidance": 5.0,
         "trajectories": 64,
         "sample_batch": 32,
+        # near-neighbour styles (one property apart) share the concept's look: half the retain states from the
+        # concept's own prompts naming its closest style, each kept twice as hard (README, "Erasing styles")
+        "retain_closest_share": 0.5,
+        "preserve_weight": 4.0,
     },  # the Canvas world's pipeline: the same tiny 32 px class
-    "sd": {"lr": 5e-5, "sample_steps": 50, "sample_guidance": 7.5, "trajectories": 16, "sample_batch": 4},
+    "sd": {
+        "lr": 5e-5,
+        "sample_steps": 50,
+        "sample_guidance": 7.5,
+        "trajectories": 16,
+        "sample_batch": 4,
+        "preserve_weight": 2.0,
+        "retain_closest_share": 0.0,
+    },
 }
