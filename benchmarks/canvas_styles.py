@@ -3,7 +3,7 @@ the world's classifier on the style x object grid (one torch thread, one process
 
 For each method and each set of erased styles (the single styles ``--styles``, and the first k of ``--order`` for k in
 ``--counts``), the base and patched pipelines draw every "a {object} in the style of {style}" prompt with
-``--seeds`` seeds (25 DDIM steps, guidance 5), and the classifier reads each image:
+``--seeds`` seeds (25 DDIM steps, the world's guidance 7.5), and the classifier reads each image:
 
 - **UA** (unlearning accuracy): share of the erased styles' images NOT classified as the prompted style;
 - **IRA** (in-domain retention): share of the other styles' images classified as their style, and its multiple of the
@@ -80,6 +80,7 @@ def main() -> None:
     from erase.config_args import config_from_dict
     from erase.registry import get_method
     from erase.training.run import train_patch
+    from eval.canvas import FIDELITY_GUIDANCE
     from pipelines.apply import apply_patch, remove_patch
     from pipelines.canvas.classifier import load_classifier
     from pipelines.sampling import generate_images
@@ -95,7 +96,9 @@ def main() -> None:
     prompts, seeds, asked = grid(args.seeds)
 
     def draw() -> np.ndarray:
-        return generate_images(pipe, prompts, seeds, steps=25, guidance=5.0, height=32, width=32, progress=False)
+        return generate_images(
+            pipe, prompts, seeds, steps=25, guidance=FIDELITY_GUIDANCE, height=32, width=32, progress=False
+        )
 
     started = time.perf_counter()
     base_images = draw()

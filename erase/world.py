@@ -271,7 +271,7 @@ def generate_to_folder(
     n: int,
     seed: int,
     steps: int = 25,
-    guidance: float = 5.0,
+    guidance: float | None = None,
     patches: list[str | Path] | None = None,
     scales: list[float] | None = None,
     force: bool = False,
@@ -314,6 +314,11 @@ def generate_to_folder(
     else:
         pipe = pipelines.load(model)
         stack_patches(pipe, patches, scales, force=force)
+        if guidance is None:  # the model's own, as `erase eval` samples it (`eval.config.DEFAULTS`)
+            from eval.config import DEFAULTS
+            from pipelines.profile import model_profile, table_row
+
+            guidance = table_row(DEFAULTS, model_profile(pipe))["guidance"]
         images = generate_images(
             pipe,
             prompt,

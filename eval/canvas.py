@@ -14,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from eval.common import EmbeddingsFromClip
+from eval.config import CANVAS_GUIDANCE
 from eval.zero_shot import ZeroShotClassifier
 from prompts.canvas import ATTRIBUTES, load_canvas_vocab
 from prompts.sets import canvas_tasks
 
 EVAL_SEED_OFFSET = 20_000_003  # evaluation draws never share a seed with training draws (seeds < 1e7)
 FIDELITY_TEMPLATE = "a {object} in the style of {style}"
-FIDELITY_GUIDANCE = 5.0
+FIDELITY_GUIDANCE = CANVAS_GUIDANCE  # the world's sampling guidance, as `erase eval` uses it
 
 
 def judge_accuracy(scorer, n: int = 600, seed: int = 0) -> dict:

@@ -29,6 +29,7 @@ INT_RANGES = {
     "latent_seed": (0, 2**64 - 1),  # the range of every --seed (erase.config_args.SEED_MAX); torch wraps -1 silently
 }
 _OPTIONAL = {"seeds_per_prompt", "max_per_template", "height", "width", "batch_size"}
+CANVAS_GUIDANCE = 7.5  # the Canvas world's sampling guidance (`EvalConfig`)
 DEFAULT_MODEL = "shapes"  # --model when neither --model nor --gan is given
 FLOAT_RANGES = {
     "patch_scale": (-math.inf, math.inf),  # finite; whether it overflows the weights is checked when applying
@@ -41,10 +42,11 @@ FLOAT_RANGES = {
 class EvalConfig:
     """Everything that decides an evaluation's numbers; saved into ``metrics.json`` as ``settings``.
 
-    Defaults: 25 DDIM steps and guidance 5 are the Shapes world's sampling settings (issue 3's measurements); real SD
-    users typically pass ``--steps 50 --guidance 7.5`` as ESD's evaluation scripts do. The judge, prompt set, image
-    size and batch size left out come from what the model is (`DEFAULTS`, by `pipelines.profile.ModelProfile.key`;
-    `resolve`), and are saved resolved.
+    Defaults: 25 DDIM steps and guidance 5 are the Shapes world's sampling settings (issue 3's measurements); the
+    Canvas world samples at guidance 7.5 (diffusers' default, where its pipeline tells each near-neighbour pair of
+    styles apart: README, "The Shapes Canvas world"); real SD users typically pass ``--steps 50 --guidance 7.5`` as
+    ESD's evaluation scripts do. The guidance, judge, prompt set, image size and batch size left out come from what
+    the model is (`DEFAULTS`, by `pipelines.profile.ModelProfile.key`; `resolve`), and are saved resolved.
     """
 
     model: str | None = field(
@@ -65,7 +67,9 @@ class EvalConfig:
     )
     judge_arch: str | None = field(default=None, metadata={"help": "open_clip architecture of a checkpoint file"})
     steps: int = field(default=25, metadata={"help": "sampling steps"})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    guidance: float | None = field(
+        default=None, metadata={"help": "classifier-free guidance scale (default by model: 5; canvas 7.5)"}
+    )
     height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
     batch_size: int | None = field(
@@ -97,6 +101,8 @@ class EvalConfig:
                 raise ValueError(f"{flag(name)} must be an integer from {low} to {high}, got {value!r}")
         for name, (low, high) in FLOAT_RANGES.items():
             value = getattr(self, name)
+            if value is None and name == "guidance":  # resolved from the model (`resolve`)
+                continue
             expected = "a finite number" if math.isinf(low) else f"finite and between {low:g} and {high:g}"
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or not low <= value <= high:
@@ -124,9 +130,16 @@ class EvalConfig:
 # Per-model defaults by `pipelines.profile.ModelProfile.key`: the Shapes pipeline batches cheaply at 32 px; SD at
 # 512-1024 px needs small batches and its own (real) CLIP judge; a GAN's latents are generated 64 at a time.
 DEFAULTS = {
-    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes"},
-    "canvas": {"batch_size": 32, "height": 32, "width": 32, "judge": "canvas", "prompts": "canvas"},
-    "sd": {"batch_size": 4},
-    "shapes-gan": {"batch_size": 64, "judge": "judge"},
-    "gan": {"batch_size": 64},
+    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes", "guidance": 5.0},
+    "canvas": {
+        "batch_size": 32,
+        "height": 32,
+        "width": 32,
+        "judge": "canvas",
+        "prompts": "canvas",
+        "guidance": CANVAS_GUIDANCE,
+    },
+    "sd": {"batch_size": 4, "guidance": 5.0},
+    "shapes-gan": {"batch_size": 64, "judge": "judge", "guidance": 5.0},  # (a GAN has no guidance: saved, unused)
+    "gan": {"batch_size": 64, "guidance": 5.0},
 }

@@ -315,3 +315,18 @@ def test_the_classifier_confirms_attack_verdicts_on_the_canvas_world():
     assert all(r["present"] for r in readings) and {"style", "object"} <= set(readings[0])
     assert check.confirms(readings, "style", attrs[0].style)[0]  # the shipped classifier reads drawn paintings
     assert pixel_check("canvas", "colour") is None
+
+
+def test_each_world_samples_at_its_own_guidance_unless_told():
+    from eval.attacks.config import AttackConfig
+    from eval.config import CANVAS_GUIDANCE, EvalConfig
+    from pipelines.profile import peek_profile
+
+    for cls in (EvalConfig, AttackConfig):
+        for model, expected in (("canvas", CANVAS_GUIDANCE), ("shapes", 5.0)):
+            config = cls(model=model, concept="x")
+            config.resolve(peek_profile(model))
+            assert config.guidance == expected
+        config = cls(model="canvas", concept="x", guidance=3.0)
+        config.resolve(peek_profile("canvas"))
+        assert config.guidance == 3.0  # a flag given wins

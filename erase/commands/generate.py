@@ -32,8 +32,8 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     generate.add_argument(
         "--guidance",
         type=_number("--guidance", 0, 100),
-        default=5.0,
-        help="classifier-free guidance scale, 0 to 100 (default: 5)",
+        default=None,
+        help="classifier-free guidance scale, 0 to 100 (default by model: 5; canvas 7.5)",
     )
     generate.add_argument(
         "--out", required=True, metavar="DIR", help="output folder for the PNGs and grid.png (new or empty)"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from eval.attacks import ATTACKS
-from eval.config import FLOAT_RANGES, INT_RANGES
+from eval.config import CANVAS_GUIDANCE, FLOAT_RANGES, INT_RANGES
 
 # the ranges `erase eval` has for the same settings, from its one table
 _RANGES = {
@@ -45,7 +45,9 @@ class AttackConfig:
     seeds_per_prompt: int | None = field(default=None, metadata={"help": "seeds per prompt of the prompt set"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw of the attacks"})
     steps: int = field(default=25, metadata={"help": "sampling steps"})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    guidance: float | None = field(
+        default=None, metadata={"help": "classifier-free guidance scale (default by model: 5; canvas 7.5)"}
+    )
     height: int | None = field(default=None, metadata={"help": "image height (default: 32 for shapes, else model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: 32 for shapes, else model's)"})
     batch_size: int | None = field(
@@ -107,7 +109,8 @@ class AttackConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number above 0, got {value}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0) or not math.isfinite(self.patch_scale):
+        guidance_ok = self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0)
+        if not guidance_ok or not math.isfinite(self.patch_scale):
             raise ValueError("guidance must be a finite number >= 0 and patch_scale finite")
         if not 0 < self.completion_strength <= 1:
             raise ValueError(f"completion_strength must be in (0, 1], got {self.completion_strength}")
@@ -148,7 +151,14 @@ class AttackConfig:
 
 # Per-model defaults by `pipelines.profile.ModelProfile.key` (as `eval.config.DEFAULTS`).
 DEFAULTS = {
-    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes"},
-    "canvas": {"batch_size": 32, "height": 32, "width": 32, "judge": "canvas", "prompts": "canvas"},
-    "sd": {"batch_size": 4},
+    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes", "guidance": 5.0},
+    "canvas": {
+        "batch_size": 32,
+        "height": 32,
+        "width": 32,
+        "judge": "canvas",
+        "prompts": "canvas",
+        "guidance": CANVAS_GUIDANCE,
+    },
+    "sd": {"batch_size": 4, "guidance": 5.0},
 }
