@@ -14,9 +14,11 @@ trajectories (classifier-free guidance ``guidance``, cached once: `erase.methods
 
 ``c`` a concept prompt, ``n`` the same prompt with the word dropped ("a red striped circle" -> "a striped circle"),
 ``r`` retain prompts at states of their own trajectories. The retain trajectories (``retain_trajectories``, twice the
-concept's) are spread over the retain prompts (`_retain_pool`): ``retain_far_share`` of them from prompts that name
-none of the concept's family, of the rest half from the third of the near neighbours whose text states lie closest to
-the concept's, half over all of them. The negatively guided target is what makes the stage deep: the keys and values
+concept's) are spread over the retain prompts (`_retain_pool`): ``retain_closest_share`` of them from the concept's own
+prompts naming, instead, the class the model draws most like it (`_closest_class`: an artist's near neighbour, whose
+paintings differ in one property), then ``retain_far_share`` of the rest from prompts that name none of the concept's
+family, and of the rest half from the third of the near neighbours whose text states lie closest to the concept's,
+half over all of them. The negatively guided target is what makes the stage deep: the keys and values
 learn to push away from the concept for the text states that carry it, not only to swap one state for another, so
 textual inversion, prefix attacks and relearning find no short way back.
 
@@ -40,10 +42,12 @@ back (in-domain 0.983x, preservation 0.978) and depth gone (textual inversion 62
 of the concept's family away from it (``implicit_weight``: their target is the original's prediction minus
 ``implicit_eta`` times the concept's own guidance direction at their ``x_t``).
 
-Defaults: ``eta`` 2 and ``guidance`` 3 as ESD's official code; ``preserve_weight`` 2 (1 lost orange to yellow); 300
-steps of 8 concept and 8 retain states per concept; ``retain_far_share`` 0.25; ``lam`` 0.5 as UCE. Per model
-(`DEFAULTS`, from the loaded model's profile): lr 1e-3, 25 sampling steps and 64 cached trajectories per concept on
-the Shapes world; 5e-5, 50 and 16 on Stable Diffusion models, as ESD.
+Defaults: ``eta`` 2 and ``guidance`` 3 as ESD's official code; ``preserve_weight`` 2 (1 lost orange to yellow) and
+``retain_closest_share`` 0, except on the Canvas world: 4 and 0.5, without which erasing Maren Quillfeather took her
+near neighbour Teodor Vashkel with her (0 of his 12 images kept, against 8 of 12 with them; README, "Erasing styles on
+the Canvas world"); 300 steps of 8 concept and 8 retain states per concept; ``retain_far_share`` 0.25; ``lam`` 0.5
+as UCE. Per model (`DEFAULTS`, from the loaded model's profile): lr 1e-3, 25 sampling steps and 64 cached
+trajectories per concept on the Shapes and Canvas worlds; 5e-5, 50 and 16 on Stable Diffusion models, as ESD.
 """
 
 from __future__ import annotations
