@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 from eval.attacks import ATTACKS
-from eval.config import CANVAS_GUIDANCE, FLOAT_RANGES, INT_RANGES
+from eval.config import DEFAULTS as EVAL_DEFAULTS
+from eval.config import FLOAT_RANGES, INT_RANGES
 
 # the ranges `erase eval` has for the same settings, from its one table
 _RANGES = {
@@ -149,16 +150,6 @@ class AttackConfig:
         resolve_defaults(self, DEFAULTS, profile)
 
 
-# Per-model defaults by `pipelines.profile.ModelProfile.key` (as `eval.config.DEFAULTS`).
-DEFAULTS = {
-    "shapes": {"batch_size": 32, "height": 32, "width": 32, "judge": "judge", "prompts": "shapes", "guidance": 5.0},
-    "canvas": {
-        "batch_size": 32,
-        "height": 32,
-        "width": 32,
-        "judge": "canvas",
-        "prompts": "canvas",
-        "guidance": CANVAS_GUIDANCE,
-    },
-    "sd": {"batch_size": 4, "guidance": 5.0},
-}
+# Per-model defaults by `pipelines.profile.ModelProfile.key`: `erase eval`'s rows (`eval.config.DEFAULTS`) for the
+# diffusion models an attack runs on.
+DEFAULTS = {key: EVAL_DEFAULTS[key] for key in ("shapes", "canvas", "sd")}
