@@ -158,10 +158,9 @@ def _closest_class(pipe, concept, erased: set[str], probe) -> tuple[str, list[st
 def _retain_pool(pipe, concepts, n: int, far_share: float, closest_share: float = 0.0, closest=()) -> list[str]:
     """``n`` retain prompts, one per trajectory: ``closest_share`` of them spread over ``closest`` (per concept, its
     closest class and its prompts naming that class instead: `_closest_class`, the near neighbour an edit of the
-    concept takes with it first),
-    then, of the rest, ``far_share`` spread over the prompts that name none of the concepts' families; of the rest,
-    half spread over every near-neighbour prompt and half over the third of them whose text states lie closest to
-    the concepts' (cosine of the mean context; for red: the orange prompts)."""
+    concept takes with it first); of the rest, ``far_share`` spread over the prompts that name none of the concepts'
+    families; of the rest, half spread over every near-neighbour prompt and half over the third of them whose text
+    states lie closest to the concepts' (cosine of the mean context; for red: the orange prompts)."""
     pool: list[str] = []
     if closest_share and closest:
         m = round(n * closest_share) // len(closest)
