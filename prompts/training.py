@@ -84,10 +84,16 @@ class ConceptPrompts:
         return replace_word(prompt, self.word, replacement)
 
 
+def word_pattern(word: str) -> re.Pattern:
+    """``word`` as a whole word, case-insensitive: not inside another word or a hyphenated one ("red" is not in
+    "shredded" or "red-brown")."""
+    return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
+
+
 def replace_word(prompt: str, word: str, replacement: str) -> str:
     """``prompt`` with every whole-word occurrence of ``word`` (case-insensitive) replaced, articles fixed
     ("a red apple" -> "an orange apple") and spaces tidied. An empty replacement drops the word."""
-    pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
+    pattern = word_pattern(word)
     if not pattern.search(prompt):
         raise ValueError(
             f"training prompt {prompt!r} does not contain the concept word {word!r}: this method swaps the word "
@@ -186,6 +192,6 @@ def _canvas_retain(attribute: str, concept: str) -> list[str]:
 
 def shared_retain(concepts: list[ConceptPrompts]) -> list[str]:
     """Retain prompts of several concepts erased together: the union, less every prompt naming any of them."""
-    patterns = [re.compile(rf"(?<![\w-]){re.escape(c.word)}(?![\w-])", re.IGNORECASE) for c in concepts]
+    patterns = [word_pattern(c.word) for c in concepts]
     merged = dict.fromkeys(p for c in concepts for p in c.retain)
     return [p for p in merged if not any(pattern.search(p) for pattern in patterns)]

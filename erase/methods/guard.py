@@ -52,8 +52,6 @@ trajectories per concept on the Shapes and Canvas worlds; 5e-5, 50 and 16 on Sta
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +67,7 @@ from erase.training.student import Student
 from erase.training.trajectories import TrajectorySampler
 from pipelines.denoise import PromptEncoder, encode_prompts, sampling_pipeline, unet_output
 from pipelines.tokens import text_encoders
-from prompts.training import default_guide, shared_retain
+from prompts.training import default_guide, shared_retain, word_pattern
 
 CONFIG = GuardConfig
 
@@ -133,7 +131,7 @@ def _closest_class(pipe, concept, erased: set[str], probe) -> tuple[str, list[st
     and 0.19-0.32 from the dot- and check-size styles to their closest class, which is not their recipe's neighbour
     (the model draws those pairs apart). Text states alone rank classes by how the text encoder learned the names."""
     prompts, x_t, t = probe
-    word = re.compile(rf"(?<![\w-]){re.escape(concept.word)}(?![\w-])", re.IGNORECASE)
+    word = word_pattern(concept.word)
     keep = [i for i, p in enumerate(prompts) if word.search(p)]
     candidates = [o for o in concept.others if o not in erased]
     if not keep or not candidates:

@@ -8,7 +8,6 @@ Latents stay in the model's latent space (nothing is decoded): trainers noise th
 from __future__ import annotations
 
 import random
-import re
 import zlib
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from erase.config_args import seed_for_torch
 from pipelines.denoise import PromptEncoder, sample_latents, sampling_pipeline
-from prompts.training import ConceptPrompts, shared_retain, training_seeds
+from prompts.training import ConceptPrompts, shared_retain, training_seeds, word_pattern
 
 # Offsets of the generated sets' seeds (``seed * 7919 + offset``, `erase.training.run.TrainContext.images`): each set
 # of a run draws from its own seeds; the i-th concept's set adds i to its offset.
@@ -74,7 +73,7 @@ def split_retain(concepts: list[ConceptPrompts]) -> tuple[list[str], list[str]]:
     """The retain prompts of ``concepts`` (`shared_retain`) split into those naming another class of a concept's own
     family (the near neighbours: "an orange circle" for "red") and the rest (other families: "a striped circle")."""
     others = [w for c in concepts for w in c.others if w not in {x.concept for x in concepts}]
-    patterns = [re.compile(rf"(?<![\w-]){re.escape(w)}(?![\w-])", re.IGNORECASE) for w in others]
+    patterns = [word_pattern(w) for w in others]
     near, far = [], []
     for prompt in shared_retain(concepts):
         (near if any(p.search(prompt) for p in patterns) else far).append(prompt)

@@ -349,9 +349,9 @@ class AttackSession:
         return replace_word(prompt, self.word, replacement)
 
     def has_word(self, prompt: str) -> bool:
-        import re
+        from prompts.training import word_pattern
 
-        return re.search(rf"(?<![\w-]){re.escape(self.word)}(?![\w-])", prompt, re.IGNORECASE) is not None
+        return word_pattern(self.word).search(prompt) is not None
 
     # ------------------------------------------------------------------------------------------------ material
     def prepare_base(self, train: bool) -> None:
