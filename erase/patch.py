@@ -291,23 +291,29 @@ class Patch:
         if self.kind == "sparse":
             header["erase.shapes"] = json.dumps(self.shapes, sort_keys=True)
         header.update(lora_header)
-        if self.kind == "lora" and "erase.lora_names" not in lora_header:  # the PEFT layout
-            # diffusers' layout: one flat dict with component-prefixed LoraConfig fields ("unet.r", ...), as
-            # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
-            packed = {f"{c}.{k}": v for c, cfg in self.lora_config.items() for k, v in cfg.items()}
-            header[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
         return seal(header, stored)  # the hashes cover the tensors as stored
 
     def stored(self, lora_layout: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors as the file stores them and the LoRA layout's header keys: for a ``lora`` patch on UNet and
-        text encoders the kohya layout (`erase.lora_format.kohya_state`) unless ``lora_layout="peft"``, otherwise
-        the tensors as they are."""
+        text encoders the kohya layout (`erase.lora_format.kohya_state`) unless ``lora_layout="peft"``; for one on
+        an MMDiT ``transformer`` PEFT keys with the scale folded into ``lora_B`` (`erase.lora_format.peft_folded`:
+        what diffusers' SD3/Flux loaders of every version and ComfyUI apply at erase's strength); otherwise (GAN
+        generators, ``lora_layout="peft"``) the tensors as they are."""
         if self.kind != "lora":
             return self.tensors, {}
         from erase import lora_format
 
         if lora_layout == lora_format.PEFT or not lora_format.kohya_applies(self):
-            return self.tensors, {lora_format.LAYOUT_KEY: json.dumps(lora_format.PEFT)}
+            tensors, config = self.tensors, self.lora_config
+            if "transformer" in self.targets:
+                tensors, config = lora_format.peft_folded(self)
+            # diffusers' layout: one flat dict with component-prefixed LoraConfig fields ("unet.r", ...), as
+            # written by save_lora_weights(..., unet_lora_adapter_metadata=...).
+            packed = {f"{c}.{k}": v for c, cfg in config.items() for k, v in cfg.items()}
+            return tensors, {
+                lora_format.LAYOUT_KEY: json.dumps(lora_format.PEFT),
+                LORA_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+            }
         return lora_format.kohya_state(self)
 
     def target_names(self, component: str) -> list[str]:

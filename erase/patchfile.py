@@ -45,7 +45,7 @@ from typing import Any
 
 FORMAT_VERSION = 2
 KINDS = ("lora", "delta", "sparse")
-TARGETS = ("unet", "text_encoder", "text_encoder_2", "generator")
+TARGETS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "generator")
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' own key (diffusers.loaders.lora_base)
 HASHES_KEY = "erase.tensor_sha256"  # per stored tensor, the sha256 of its bytes as written
 DIGEST_KEY = "erase.sha256"  # the sha256 of the whole header and tensor table (see the module docstring)
@@ -736,6 +736,8 @@ def _without(fields: Mapping[str, Any], name: str) -> dict[str, Any]:
 LORA_CLIENTS = {
     "kohya": "diffusers >= 0.30 (pipe.load_lora_weights), ComfyUI, AUTOMATIC1111, InvokeAI, kohya sd-scripts",
     "peft": "diffusers and PEFT only (ComfyUI and AUTOMATIC1111 ignore PEFT keys, InvokeAI refuses them)",
+    # an SD3/Flux transformer LoRA: PEFT keys, scale folded into lora_B (ComfyUI maps "transformer.<module>" keys)
+    "mmdit": "diffusers (pipe.load_lora_weights) and ComfyUI (its SD3 and Flux LoRA loader)",
 }
 
 
@@ -744,6 +746,8 @@ def lora_file(meta: Mapping[str, str]) -> dict[str, str]:
     layout = lora_layout(meta)
     if "generator" in meta.get("erase.targets", ""):
         return {"layout": layout, "clients": "erase only (a GAN generator LoRA: apply it with erase apply_patch)"}
+    if "transformer" in meta.get("erase.targets", ""):
+        return {"layout": layout, "clients": LORA_CLIENTS["mmdit"]}
     if layout == "peft" and meta.get("erase.format_version") == "1":
         note = "; written by erase before format 2: re-export with 'erase export PATCH --to lora' for every client"
         return {"layout": layout, "clients": LORA_CLIENTS[layout] + note}

@@ -1,9 +1,9 @@
 """Apply erase patches to diffusers pipelines and to plain ``torch.nn.Module`` generators (GANs).
 
-- ``lora`` patches on a pipeline go through diffusers' own loaders (``load_lora_into_unet`` /
-  ``load_lora_into_text_encoder``, the functions ``pipe.load_lora_weights`` calls) with the patch's ``LoraConfig``
-  metadata, and are scaled with ``pipe.set_adapters``; so a patch applied here computes exactly what a plain
-  ``pipe.load_lora_weights(path)`` computes.
+- ``lora`` patches on a pipeline go through diffusers' own loaders (``load_lora_into_unet``, SD3's and Flux's
+  ``load_lora_into_transformer``, ``load_lora_into_text_encoder``: the functions ``pipe.load_lora_weights``
+  calls) with the patch's ``LoraConfig`` metadata, and are scaled with ``pipe.set_adapters``; so a patch applied
+  here computes exactly what a plain ``pipe.load_lora_weights(path)`` computes.
 - ``delta`` and ``sparse`` patches (and ``lora`` patches on a bare module) are added in place to the weights,
   after saving a copy of every touched tensor, so removal restores the base bit for bit.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -306,6 +307,17 @@ def _load_lora(pipe: object, patch: Patch, adapter_name: str) -> None:
         if component == "unet":
             loader.load_lora_into_unet(
                 state_dict, None, pipe.unet, adapter_name=adapter_name, _pipeline=pipe, metadata=metadata
+            )
+        elif component == "transformer":
+            # Flux's loader takes network_alphas, SD3's does not; by keyword, one call fits both.
+            takes_alphas = "network_alphas" in inspect.signature(loader.load_lora_into_transformer).parameters
+            loader.load_lora_into_transformer(
+                state_dict,
+                **({"network_alphas": None} if takes_alphas else {}),
+                transformer=pipe.transformer,
+                adapter_name=adapter_name,
+                _pipeline=pipe,
+                metadata=metadata,
             )
         else:
             loader.load_lora_into_text_encoder(

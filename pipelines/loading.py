@@ -1,10 +1,13 @@
 """Load base diffusers pipelines from local folders and single checkpoint files, offline.
 
-Supported: Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), from
+Supported: Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`), SDXL (`StableDiffusionXLPipeline`), Stable
+Diffusion 3/3.5 (`StableDiffusion3Pipeline`) and Flux.1 (`FluxPipeline`), from
 
-- a diffusers folder (``save_pretrained`` layout): the class comes from ``model_index.json``'s ``_class_name``;
-- a single ``.safetensors`` checkpoint (A1111/LDM keys): the family is inferred from its keys and shapes, and the
-  component configs come from a local diffusers folder (``config=``) or from the Hugging Face cache;
+- a diffusers folder (``save_pretrained`` layout, every family): the class comes from ``model_index.json``'s
+  ``_class_name``;
+- a single ``.safetensors`` checkpoint (A1111/LDM keys; SD 1.x, 2.x and SDXL): the family is inferred from its
+  keys and shapes, and the component configs come from a local diffusers folder (``config=``) or from the Hugging
+  Face cache;
 - a single pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) only with ``trust_remote_code=True``.
 
 Nothing is downloaded: every load is ``local_files_only=True``, and a single file whose configs are not cached is
@@ -24,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+# The MMDiT families: a `transformer` (joint text-image attention) where the others have a `unet`.
+MMDIT_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
 # diffusers' single-file model types (``infer_diffusers_model_type``) that map onto the supported pipelines.
 SINGLE_FILE_TYPES = {
     "v1": "StableDiffusionPipeline",
@@ -43,7 +48,8 @@ def load_pipeline(
     trust_remote_code: bool = False,
     config: str | os.PathLike | None = None,
 ):
-    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a local folder or a single checkpoint file.
+    """Load a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline from a local folder, or an SD 1.x/2.x/SDXL one
+    from a single checkpoint file.
 
     Args:
         model (`str` or `os.PathLike`): a diffusers pipeline folder (with ``model_index.json``), a single
@@ -57,7 +63,7 @@ def load_pipeline(
             checkpoint's family, which must already be in the Hugging Face cache.
 
     Returns:
-        `StableDiffusionPipeline` or `StableDiffusionXLPipeline`.
+        `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` or `FluxPipeline`.
     """
     from pipelines.shapes.registry import mark_pipeline, marker_world, shipped_pipeline
 
@@ -116,8 +122,8 @@ def _pipeline_class(name: str, where: Path):
     """The diffusers pipeline class called ``name``; anything unsupported is a one-line error."""
     if name not in PIPELINE_CLASSES:
         raise ValueError(
-            f"{where}: pipeline class {name!r} is not supported; expected StableDiffusionPipeline (SD 1.x/2.x) or "
-            "StableDiffusionXLPipeline (SDXL)"
+            f"{where}: pipeline class {name!r} is not supported; expected StableDiffusionPipeline (SD 1.x/2.x), "
+            "StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3/3.5) or FluxPipeline (Flux.1)"
         )
     import diffusers
 
@@ -210,7 +216,8 @@ def _load_single_file(path: Path, dtype: torch.dtype, trust_remote_code: bool, c
     model_type = infer_diffusers_model_type(shapes)
     if model_type not in SINGLE_FILE_TYPES:
         raise ValueError(
-            f"{path}: a {model_type!r} checkpoint; single files must be SD 1.x, SD 2.x or SDXL base checkpoints"
+            f"{path}: a {model_type!r} checkpoint; single files must be SD 1.x, SD 2.x or SDXL base checkpoints "
+            "(for SD3 and Flux pass the model's diffusers folder)"
         )
     cls = _pipeline_class(SINGLE_FILE_TYPES[model_type], path)
     if config is None:

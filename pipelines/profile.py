@@ -23,7 +23,8 @@ class ModelProfile:
             ``"shapes-gan"``), else ``"sd"`` for a diffusion pipeline or ``"gan"`` for a GAN generator. A table
             without the key's row uses the general row of the model's kind (``"sd"`` or ``"gan"``).
         world (`str | None`): the embedded world the model belongs to, or ``None``.
-        architecture (`str`): ``"sd"`` (SD 1.x/2.x class), ``"sdxl"`` or ``"gan"``.
+        architecture (`str`): ``"sd"`` (SD 1.x/2.x class), ``"sdxl"``, ``"sd3"`` (an SD3-class MMDiT: three text
+            encoders), ``"flux"`` (a Flux-class MMDiT: double and single blocks) or ``"gan"``.
         sample_size (`int | None`): the default image side in pixels (UNet sample size x VAE scale), if known.
     """
 
@@ -36,8 +37,25 @@ class ModelProfile:
         return asdict(self)
 
 
+def mmdit_architecture(model) -> str | None:
+    """``"flux"`` or ``"sd3"`` for a pipeline whose denoiser is an MMDiT ``transformer``, from the transformer itself
+    (Flux's has ``single_transformer_blocks``), else ``None``."""
+    transformer = getattr(model, "transformer", None)
+    if transformer is None:
+        return None
+    return "flux" if hasattr(transformer, "single_transformer_blocks") else "sd3"
+
+
 def model_profile(model) -> ModelProfile:
     """The profile of a loaded diffusers pipeline or `pipelines.gan.GanGenerator`."""
+    mmdit = mmdit_architecture(model)
+    if mmdit is not None:
+        from pipelines.shapes.registry import pipeline_world
+
+        world = pipeline_world(model)
+        size = getattr(model, "default_sample_size", None)
+        side = int(size) * model.vae_scale_factor if isinstance(size, int) else None
+        return ModelProfile(world or GENERAL_DIFFUSION, world, mmdit, side)
     if hasattr(model, "unet"):
         from pipelines.shapes.registry import pipeline_world
 

@@ -13,6 +13,14 @@ and benchmarks/lora_clients.py.
   (``lora_te_`` for SD 1.x, ``lora_te1_``/``lora_te2_`` for SDXL); for each table key it looks for
   ``<key>.lora_up.weight``/``.lora_down.weight``/``.alpha`` (and a few other spellings); unmatched keys are only
   printed. Strength ``alpha / r`` times the node's strength.
+- ComfyUI on SD3 and Flux (``comfy/lora.py`` ``model_lora_keys_unet`` with ``comfy/utils.py``
+  ``mmdit_to_diffusers`` / ``flux_to_diffusers``): ``transformer.`` + a diffusers module name, for the modules those
+  maps convert (attention projections of the joint blocks, fused into its ``qkv`` weights at row offsets, Flux's
+  single-block ``to_q/to_k/to_v/proj_mlp`` in ``linear1``, the blocks' output, MLP and modulation layers, and the
+  embedders: ``context_embedder``, ``x_embedder`` / ``pos_embed.proj``, ``time_text_embed.*``, ``proj_out``,
+  ``norm_out.linear``); per key ``<key>.lora_B.weight`` (up) and ``.lora_A.weight`` (down), strength
+  ``alpha / r`` when a ``<key>.alpha`` tensor is present, else 1, times the node's strength. A slice at an offset
+  adds exactly the module's change, so the map is checked by name here.
 - AUTOMATIC1111 (``extensions-builtin/Lora``): splits each key at its first dot; the module name goes through
   ``convert_diffusers_name_to_compvis`` (regular expressions from diffusers' block names to the CompVis model of
   SD 1.5's layout: ``down_blocks_i_attentions_j`` -> ``input_blocks_{1 + 3i + j}_1``, ``up_blocks_i_attentions_j``
@@ -195,3 +203,53 @@ def kohya_deltas(
         product = up.flatten(1).to(torch.float32) @ down.flatten(1).to(torch.float32)
         deltas[target] = strength * alpha / dim * product.reshape(up.shape[0], *down.shape[1:])
     return deltas, unmatched
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ComfyUI on MMDiT models (SD3, Flux): diffusers module names behind a "transformer." prefix
+
+_MMDIT_BLOCK = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)  # fmt: skip
+_FLUX_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out")
+_MMDIT_TOP = {
+    "sd3": ("context_embedder", "pos_embed.proj", "proj_out", "norm_out.linear"),
+    "flux": ("context_embedder", "x_embedder", "proj_out", "norm_out.linear"),
+}
+_TIME_TEXT = re.compile(r"time_text_embed\.(timestep|text|guidance)_embedder\.linear_[12]")
+
+
+def comfyui_mmdit_table(transformer: nn.Module) -> dict[str, tuple[str, str]]:
+    """ComfyUI's LoRA key map for an SD3 or Flux transformer: ``transformer.<module>`` -> ("transformer", module),
+    for the diffusers modules its converters name (see the module docstring)."""
+    arch = "flux" if hasattr(transformer, "single_transformer_blocks") else "sd3"
+    known = set()
+    for name in layers(transformer):
+        head, _, rest = name.partition(".")
+        index, _, inner = rest.partition(".")
+        if head == "transformer_blocks" and inner in _MMDIT_BLOCK:
+            known.add(name)
+        elif head == "single_transformer_blocks" and inner in _FLUX_SINGLE:
+            known.add(name)
+        elif name in _MMDIT_TOP[arch] or _TIME_TEXT.fullmatch(name):
+            known.add(name)
+    return {f"transformer.{n}": ("transformer", n) for n in known}
+
+
+def comfyui_peft_deltas(
+    state: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, str]], strength: float = 1.0
+) -> tuple[dict[tuple[str, str], torch.Tensor], list[str]]:
+    """The weight change per matched module of a PEFT-key file as ComfyUI computes it (``strength * (alpha / r if
+    an .alpha tensor, else 1) * lora_B @ lora_A``, fp32) and the file's keys it leaves unloaded."""
+    deltas, loaded = {}, set()
+    for key, target in table.items():
+        up, down = state.get(key + ".lora_B.weight"), state.get(key + ".lora_A.weight")
+        if up is None or down is None:
+            continue
+        alpha = state.get(key + ".alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        deltas[target] = strength * scale * (up.to(torch.float32) @ down.to(torch.float32))
+        loaded |= {key + ".lora_B.weight", key + ".lora_A.weight", key + ".alpha"}
+    return deltas, sorted(set(state) - loaded)

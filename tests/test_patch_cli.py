@@ -365,10 +365,10 @@ def test_load_pipeline_refusals(work, tmp_path):
         load_pipeline(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         load_pipeline(tmp_path)
-    (tmp_path / "flux").mkdir()
-    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="pipeline class 'FluxPipeline' is not supported"):
-        load_pipeline(tmp_path / "flux")
+    (tmp_path / "kandinsky").mkdir()
+    (tmp_path / "kandinsky" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match="pipeline class 'KandinskyPipeline' is not supported"):
+        load_pipeline(tmp_path / "kandinsky")
     with pytest.raises(ValueError, match="config= applies to single checkpoint files only"):
         load_pipeline(work.model, config=work.model)
     (tmp_path / "model.txt").write_text("weights")

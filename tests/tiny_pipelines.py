@@ -13,6 +13,17 @@ The shapes mimic each family at toy width:
   64, as OpenCLIP ViT-H) feeding a ``cross_attention_dim=1024`` UNet that is otherwise as tiny as ``sd2``. The
   49,408 x 1024 token table makes it ~59 M parameters (~240 MB saved), so only the parity tests use it.
 - ``sdxl``: two text encoders (the second with a projection), ``addition_embed_type="text_time"``.
+
+And the two MMDiT families (``MMDIT_ARCHITECTURES``), flow-matching transformers with a T5 encoder beside CLIP:
+
+- ``sd3``: `StableDiffusion3Pipeline`: CLIP-L and CLIP-G stand-ins (32 wide each, with projections: pooled 64),
+  a 64-wide T5 whose width the CLIP states are padded to and concatenated with along the sequence, two joint blocks
+  (the last ``context_pre_only``), `FlowMatchEulerDiscreteScheduler`.
+- ``flux``: `FluxPipeline`: CLIP (pooled only, 32 wide) and T5 (tokens, 32 wide), one double and one single block,
+  2x2-packed latents (16 channels), rotary axes summing to the head width.
+
+The T5 tokenizer is built here from a fixed SentencePiece-style Unigram table (`t5_tokenizer`): every letter, a few
+words as whole pieces, ``</s>`` appended and ``<pad>`` as padding, as T5's own; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,15 +38,22 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from pipelines.tokenizer import clip_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
+MMDIT_ARCHITECTURES = ("sd3", "flux")
+T5_LENGTH = 16  # max_sequence_length of the tiny MMDiT pipelines' T5 (Flux's real one is 512, SD3's 256)
 SD2_1024 = "sd2_1024"
 IMAGE_SIZE = 16  # 8x8 latents
 
@@ -170,9 +188,133 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+T5_WORDS = "a an the photo picture drawing of red green blue cat dog circle square striped dotted solid shape".split()
+
+
+def t5_tokenizer():
+    """A T5-style tokenizer (SentencePiece Unigram over a fixed table; lower-cased) built offline.
+
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's own), then ``▁``, the letters alone and word-initial, and the words
+    of ``T5_WORDS`` as whole pieces, so any lower-case English word tokenizes (by letters when not a whole piece).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    table = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    table += [(c, -3.0) for c in letters] + [("\u2581" + c, -3.0) for c in letters]
+    table += [("\u2581" + w, -1.0) for w in T5_WORDS]
+    tokenizer = Tokenizer(models.Unigram(table, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def _t5(width: int) -> T5EncoderModel:
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(t5_tokenizer()),
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _flow_vae() -> AutoencoderKL:
+    """The tiny VAE without quant convs and with a shift factor, as SD3's and Flux's."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def tiny_sd3() -> StableDiffusion3Pipeline:
+    """A tiny SD3-shaped pipeline: CLIP-L/CLIP-G stand-ins (pooled 64), T5 (64 wide), two joint blocks."""
+    torch.manual_seed(0)
+    clip_l = CLIPTextModelWithProjection(_text_config(32, projection_dim=32)).eval()
+    torch.manual_seed(1)
+    clip_g = CLIPTextModelWithProjection(_text_config(32, projection_dim=32)).eval()
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(),
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_g,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(64),
+        tokenizer_3=t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_flux() -> FluxPipeline:
+    """A tiny Flux-shaped pipeline: CLIP (pooled, 32), T5 (tokens, 32), one double and one single block."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(),
+        text_encoder=_text_encoder(32),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5(32),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
 def tiny_pipeline(arch: str):
-    """Build the tiny pipeline of one architecture: ``"sd1"``, ``"sd2"``, ``"sd2_1024"`` or ``"sdxl"``."""
-    builders = {"sd1": tiny_sd1, "sd2": tiny_sd2, SD2_1024: tiny_sd2_1024, "sdxl": tiny_sdxl}
+    """Build the tiny pipeline of one architecture: ``"sd1"``, ``"sd2"``, ``"sd2_1024"``, ``"sdxl"``, ``"sd3"`` or
+    ``"flux"``."""
+    builders = {
+        "sd1": tiny_sd1,
+        "sd2": tiny_sd2,
+        SD2_1024: tiny_sd2_1024,
+        "sdxl": tiny_sdxl,
+        "sd3": tiny_sd3,
+        "flux": tiny_flux,
+    }
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(builders)}")
     pipe = builders[arch]()
@@ -183,6 +325,7 @@ def tiny_pipeline(arch: str):
 def generate(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int = 2):
     """Run the pipeline for ``steps`` steps at 16x16 with a seeded generator; returns a float numpy image batch."""
     generator = torch.Generator("cpu").manual_seed(seed)
+    extra = {"max_sequence_length": T5_LENGTH} if hasattr(pipe, "transformer") else {}
     return pipe(
         prompt,
         num_inference_steps=steps,
@@ -191,6 +334,7 @@ def generate(pipe, prompt: str = "a photo of a cat", seed: int = 0, steps: int =
         guidance_scale=2.0,
         generator=generator,
         output_type="np",
+        **extra,
     ).images
 
 
@@ -206,7 +350,8 @@ VANILLA = textwrap.dedent(
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights(job["lora"])
         image = pipe(job.get("prompt", "a photo of a cat"), num_inference_steps=2, height=16, width=16,
-                     guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+                     guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np",
+                     **job.get("kwargs", {})).images
         np.save(job["out"], image)
     assert not any(m.split(".")[0] in ("erase", "pipelines") for m in sys.modules)
     """
@@ -216,7 +361,8 @@ VANILLA = textwrap.dedent(
 def vanilla_lora_images(jobs: list[dict], cwd) -> None:
     """Load each ``job["lora"]`` into ``job["base"]`` with plain diffusers ``load_lora_weights`` in a clean process
     (cwd elsewhere, no PYTHONPATH: this repository's packages cannot be imported) and save its image to
-    ``job["out"]`` (``.npy``), generated as `generate` does with ``job.get("prompt")``."""
+    ``job["out"]`` (``.npy``), generated as `generate` does with ``job.get("prompt")`` and the pipeline call's
+    ``job.get("kwargs")`` (``{"max_sequence_length": T5_LENGTH}`` for the MMDiT pipelines)."""
     result = subprocess.run(
         [sys.executable, "-c", VANILLA, json.dumps(jobs)], cwd=cwd, capture_output=True, text=True, timeout=300
     )

@@ -250,5 +250,6 @@ def _export(args: argparse.Namespace) -> int:
         trust_unverified=args.trust_unverified,
         lora_layout=layout,
     )
-    print(f"wrote {out} ({layout or KOHYA} keys; for {CLIENTS[layout or KOHYA]})")
+    clients = CLIENTS["mmdit"] if "transformer" in patch.targets else CLIENTS[layout or KOHYA]
+    print(f"wrote {out} ({layout or KOHYA} keys; for {clients})")
     return 0
