@@ -12,6 +12,10 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+UNET_ARCHITECTURES = ("sd", "sdxl")  # SD 1.x/2.x and SDXL: text reaches the UNet through cross-attention
+MMDIT_ARCHITECTURES = ("sd3", "flux")  # SD3 and Flux: joint text-image attention
+ARCHITECTURE_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "gan": "GAN"}
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -24,6 +28,8 @@ class MethodSpec:
         family (`str`): ``"diffusion"`` (trains on a diffusers pipeline) or ``"gan"`` (on a generator module).
         config_module (`str`): the module holding ``CONFIG`` (and ``DEFAULTS``) when it is kept apart from the
             trainer so that it imports without torch (``erase train --method NAME --help``); empty: ``module``.
+        architectures (`tuple[str, ...]`): the model architectures it trains on (`pipelines.profile.ModelProfile`
+            ``architecture``: ``sd``, ``sdxl``, ``sd3``, ``flux``, ``gan``); another is refused before training.
     """
 
     name: str
@@ -31,6 +37,7 @@ class MethodSpec:
     summary: str
     family: str = "diffusion"
     config_module: str = ""
+    architectures: tuple[str, ...] = UNET_ARCHITECTURES
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -40,15 +47,23 @@ RECOMMENDED = "guard"
 
 
 def register_method(
-    name: str, module: str, summary: str, family: str = "diffusion", config_module: str = ""
+    name: str,
+    module: str,
+    summary: str,
+    family: str = "diffusion",
+    config_module: str = "",
+    architectures: tuple[str, ...] | None = None,
 ) -> MethodSpec:
     """Register a method under ``name`` (its module is imported lazily by `get_method`, its config module by
-    `get_config`)."""
+    `get_config`). ``architectures`` defaults to the UNet families for a diffusion method, ``("gan",)`` for a GAN
+    one."""
     if family not in ("diffusion", "gan"):
         raise ValueError(f"method {name!r}: family must be 'diffusion' or 'gan', got {family!r}")
     if name in _METHODS and _METHODS[name].module != module:
         raise ValueError(f"method {name!r} is already registered by {_METHODS[name].module}")
-    spec = MethodSpec(name, module, summary, family, config_module)
+    if architectures is None:
+        architectures = ("gan",) if family == "gan" else UNET_ARCHITECTURES
+    spec = MethodSpec(name, module, summary, family, config_module, tuple(architectures))
     _METHODS[name] = spec
     return spec
 
@@ -62,6 +77,20 @@ def method_spec(name: str) -> MethodSpec:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(_METHODS)} (erase train --list)")
     return _METHODS[name]
+
+
+def check_architecture(name: str, architecture: str) -> None:
+    """A one-line error when method ``name`` does not train on ``architecture``, naming the methods that do."""
+    spec = method_spec(name)
+    if architecture in spec.architectures:
+        return
+    able = [m.name for m in _METHODS.values() if architecture in m.architectures]
+    what = ARCHITECTURE_NAMES.get(architecture, architecture)
+    raise ValueError(
+        f"method {name!r} does not train on {what} models (it supports "
+        f"{', '.join(ARCHITECTURE_NAMES.get(a, a) for a in spec.architectures)}); "
+        + (f"for {what} use --method {' or '.join(able)}" if able else f"no method supports {what} yet")
+    )
 
 
 def get_method(name: str) -> ModuleType:
@@ -94,8 +123,10 @@ register_method(
 register_method(
     "uce",
     "erase.methods.uce",
-    "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V towards a guide",
+    "UCE (Gandikota et al. 2024): closed-form edit of cross-attention K/V (SD3/Flux: the text embedders) towards a "
+    "guide",
     config_module="erase.methods.uce_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "speed",

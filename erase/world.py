@@ -343,7 +343,9 @@ def generate_to_folder(
 
 
 def _size_kwargs(pipe) -> dict:
-    # the Shapes pipeline samples at 32x32; real pipelines use their own default size
+    # the Shapes pipeline samples at 32x32; real pipelines (SD3 and Flux included) use their own default size
+    if getattr(pipe, "unet", None) is None:
+        return {}
     size = getattr(pipe.unet.config, "sample_size", None)
     return (
         {"height": size * pipe.vae_scale_factor, "width": size * pipe.vae_scale_factor} if size and size <= 16 else {}

@@ -430,7 +430,9 @@ def _available_memory() -> int | None:
 
 def _check_memory(pipe, config: EvalConfig, n_rows: int) -> None:
     """Refuse, before generating, a run whose images (both models' are kept until scored) cannot fit in memory."""
-    side = getattr(pipe.unet.config, "sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
+    from pipelines.profile import model_profile
+
+    side = model_profile(pipe).sample_size or 512
     height = config.height or side
     width = config.width or side
     needed = 2 * n_rows * height * width * 3

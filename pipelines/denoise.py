@@ -2,7 +2,8 @@
 denoising of a frozen pipeline to a chosen step.
 
 Everything works on Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL pipelines (two text encoders,
-``text_time`` conditioning) through diffusers' public API: ``pipe.encode_prompt`` for the text, the UNet's forward for
+``text_time`` conditioning) through diffusers' public API; the text conditioning (`encode_prompts`, `text_segments`)
+also on SD3 and Flux (MMDiT) pipelines: ``pipe.encode_prompt`` for the text, the UNet's forward for
 predictions, and ``callback_on_step_end`` to stop the pipeline's own sampling loop after ``k`` steps (diffusers'
 ``test_pipeline_interrupt`` locks that behaviour in). Nothing is monkeypatched.
 
@@ -54,8 +55,47 @@ class Conditioning:
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
 
+def is_mmdit(pipe) -> bool:
+    """Whether the pipeline's denoiser is an MMDiT ``transformer`` (SD3, Flux) rather than a UNet."""
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
+    return not is_mmdit(pipe) and getattr(pipe, "text_encoder_2", None) is not None
+
+
+def denoiser(pipe):
+    """The pipeline's denoising network: its ``unet``, or an MMDiT pipeline's ``transformer``."""
+    return pipe.transformer if is_mmdit(pipe) else pipe.unet
+
+
+def text_length(pipe, length: int | None = None) -> int | None:
+    """The T5 tokens per prompt of an MMDiT pipeline: ``length``, else the pipeline call's own
+    ``max_sequence_length`` default (Flux.1 512, SD3 256), so text is encoded as a user samples it; ``None`` for a
+    UNet pipeline (CLIP's 77 positions)."""
+    if not is_mmdit(pipe):
+        return None
+    if length is not None:
+        return int(length)
+    return int(inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default)
+
+
+def text_segments(pipe, length: int | None = None) -> list[tuple[object, int, int]]:
+    """Where each tokenizer's tokens lie along the rows of ``encode_prompts(pipe, ...).hidden``: a list of
+    ``(tokenizer, first row, rows)``.
+
+    SD 1.x/2.x and SDXL: CLIP's 77 positions (SDXL's two encoders share positions and are concatenated along the
+    width). SD3: CLIP-L and CLIP-G side by side (padded to T5's width) in the first 77 rows, then the T5 tokens. Flux:
+    the T5 tokens only (CLIP gives the pooled vector alone).
+    """
+    if not is_mmdit(pipe):
+        return [(pipe.tokenizer, 0, pipe.tokenizer.model_max_length)]
+    n = text_length(pipe, length)
+    if hasattr(pipe, "text_encoder_3"):  # SD3
+        clip = pipe.tokenizer_max_length
+        t5 = [(pipe.tokenizer_3, clip, n)] if getattr(pipe, "text_encoder_3", None) is not None else []
+        return [(pipe.tokenizer, 0, clip), *t5]
+    return [(pipe.tokenizer_2, 0, n)]
 
 
 def latent_size(pipe) -> tuple[int, int]:
@@ -94,12 +134,24 @@ class PromptEncoder:
         return Conditioning.cat([self.cache[p] for p in prompts])
 
 
-def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
+def encode_prompts(pipe, prompts: list[str], length: int | None = None) -> Conditioning:
     """Text conditioning of ``prompts`` exactly as the pipeline computes it when sampling (no classifier-free copy).
 
-    With the text encoders' gradients enabled, the result is differentiable (text-encoder training, attacks).
+    With the text encoders' gradients enabled, the result is differentiable (text-encoder training, attacks). SD3 and
+    Flux: ``hidden`` is the token sequence the transformer's ``context_embedder`` reads (see `text_segments`) at
+    ``length`` T5 tokens (default: `text_length`), ``pooled`` the pooled CLIP vector(s); the same prompt goes to every
+    encoder, as the pipelines do when ``prompt_2``/``prompt_3`` are not given.
     """
-    device = pipe.unet.device
+    device = denoiser(pipe).device
+    if is_mmdit(pipe):
+        n = text_length(pipe, length)
+        if hasattr(pipe, "text_encoder_3"):  # SD3
+            hidden, _, pooled, _ = pipe.encode_prompt(
+                prompts, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=n
+            )
+        else:  # Flux
+            hidden, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=n)
+        return Conditioning(hidden, pooled)
     if is_sdxl(pipe):
         hidden, _, pooled, _ = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False

@@ -201,3 +201,150 @@ def test_save_patched_flux_pipeline_is_a_standard_folder(tmp_path):
     assert type(reloaded) is FluxPipeline
     assert not any("lora" in k for k in reloaded.transformer.state_dict())
     assert np.abs(generate(reloaded) - patched).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text conditioning and the closed form (UCE) on MMDiT
+
+
+@pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
+def test_encode_prompts_is_what_the_pipeline_samples_with(arch):
+    from pipelines.denoise import encode_prompts, text_segments
+
+    pipe = tiny_pipeline(arch)
+    cond = encode_prompts(pipe, ["a red circle"], length=T5_LENGTH)
+    rows = sum(size for _, _, size in text_segments(pipe, T5_LENGTH))
+    assert cond.hidden.shape[1] == rows  # SD3: 77 CLIP rows + T5's; Flux: T5's
+    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16, "guidance_scale": 1.0, "output_type": "np"}
+    by_text = pipe("a red circle", max_sequence_length=T5_LENGTH, generator=torch.Generator().manual_seed(0), **kwargs)
+    by_cond = pipe(
+        prompt_embeds=cond.hidden,
+        pooled_prompt_embeds=cond.pooled,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    assert np.abs(by_text.images - by_cond.images).max() <= 1e-6  # float32 kernel noise at most
+
+
+def test_erased_rows_come_from_every_text_encoder_the_context_holds():
+    from erase.methods.uce import erase_contexts
+    from prompts.training import concept_prompts
+
+    concept = concept_prompts("red", "shapes")
+    for arch, clip_rows in (("sd3", 77), ("flux", 0)):
+        pipe = tiny_pipeline(arch)
+        erase, guide = erase_contexts(pipe, concept, "blue", "expanded", T5_LENGTH)
+        t5 = pipe.tokenizer_3 if arch == "sd3" else pipe.tokenizer_2
+        word = len(t5("red", add_special_tokens=False).input_ids)
+        expected = 0
+        for prompt in concept.targets:  # from the word to the end of each tokenizer's rows
+            ids = t5(prompt).input_ids
+            start = next(
+                i for i in range(len(ids)) if ids[i : i + word] == t5("red", add_special_tokens=False).input_ids
+            )
+            expected += max(T5_LENGTH - start, 0)
+            if clip_rows:
+                clip = pipe.tokenizer(prompt).input_ids
+                red = pipe.tokenizer("red", add_special_tokens=False).input_ids
+                expected += clip_rows - next(i for i in range(len(clip)) if clip[i : i + len(red)] == red)
+        assert erase.shape == guide.shape == (expected, pipe.transformer.config.joint_attention_dim), arch
+
+
+@pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
+def test_uce_edits_equal_the_direct_least_squares_solve_of_each_edited_module(arch):
+    from erase.methods.uce import (
+        MMDIT_TARGETS,
+        UCEConfig,
+        encode_concept,
+        erase_contexts,
+        solve_layer,
+        uce_edits,
+    )
+    from pipelines.denoise import encode_prompts
+    from prompts.training import concept_prompts, shared_retain
+
+    pipe = tiny_pipeline(arch)
+    concepts = [concept_prompts("red", "shapes")]
+    config = UCEConfig(model="tiny", concepts=["red"], prompts="shapes", text_length=T5_LENGTH)
+    ks, notes = uce_edits(pipe, concepts, ["blue"], config)
+    assert set(ks) == {"tokens", "pooled"} and notes["text_length"] == T5_LENGTH
+    retain = shared_retain(concepts)
+    encoded = encode_concept(pipe, concepts[0], "blue", T5_LENGTH)
+    rows = {
+        "tokens": (*erase_contexts(pipe, concepts[0], "blue", "expanded", T5_LENGTH), None),
+        "pooled": (encoded[0].pooled.double(), encoded[1].pooled.double(), None),
+    }
+    preserve = {  # the reference builds the preserved rows prompt by prompt; uce_edits sums their Gram in batches
+        "tokens": torch.cat([encode_prompts(pipe, [p], T5_LENGTH).hidden[0].double() for p in retain]),
+        "pooled": encode_prompts(pipe, retain, T5_LENGTH).pooled.double(),
+    }
+    for name, (erase, guide, _) in rows.items():
+        module = pipe.transformer.get_submodule(MMDIT_TARGETS[name][0])
+        direct = solve_layer(module.weight.detach(), erase, guide, preserve[name], 1.0, 1.0, 0.5)
+        torch.testing.assert_close(module.weight.detach().double() @ ks[name], direct, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
+def test_uce_on_sd3_and_flux_edits_the_text_embedders_and_its_lora_equals_its_delta(arch, tmp_path):
+    from erase.methods.uce import UCEConfig
+    from erase.training.run import train_patch
+
+    pipe = tiny_pipeline(arch)
+    before, state = generate(pipe, "a red circle"), weights(pipe, arch)
+    patches = {}
+    for kind in ("delta", "lora"):
+        config = UCEConfig(model="tiny", concepts=["red"], prompts="shapes", kind=kind, text_length=T5_LENGTH)
+        train_patch("uce", config, tmp_path / f"{kind}.safetensors", pipe=pipe, progress=False)
+        patches[kind] = load_patch(tmp_path / f"{kind}.safetensors")
+        assert all(torch.equal(v, state[k]) for k, v in weights(pipe, arch).items())  # the base is untouched
+    lora = patches["lora"]
+    assert lora.targets == ["transformer"] and lora.config["guide"] == ["blue"]
+    assert lora.target_names("transformer") == [
+        "context_embedder.weight",
+        "time_text_embed.text_embedder.linear_1.weight",
+    ]
+    assert lora.notes["lora_relative_error"] <= 1e-6
+    images = {}
+    for kind, patch in patches.items():
+        handle = apply_patch(pipe, patch)
+        images[kind] = generate(pipe, "a red circle")
+        remove_patch(handle)
+    assert np.abs(images["delta"] - before).max() > 1e-3  # the edit changes the concept's images
+    assert np.abs(images["lora"] - images["delta"]).max() <= 1e-4
+    assert np.array_equal(generate(pipe, "a red circle"), before)
+
+
+@pytest.mark.parametrize("method", ["esd", "guard", "salun", "doco", "speed", "rece"])
+def test_methods_that_do_not_train_on_flux_say_so_and_name_the_one_that_does(method):
+    from erase.registry import get_config
+    from erase.training.run import train_patch
+
+    config = get_config(method)(model="tiny", concepts=["red"], prompts="shapes")
+    with pytest.raises(
+        ValueError, match=f"method '{method}' does not train on Flux models .*; for Flux use --method uce"
+    ):
+        train_patch(method, config, pipe=tiny_pipeline("flux"), progress=False)
+
+
+def test_erase_train_uce_on_a_flux_folder_from_the_command_line(saved, tmp_path, capsys):
+    from erase.cli import main
+
+    out = tmp_path / "red.safetensors"
+    args = ["train", "--method", "uce", "--model", str(saved / "flux"), "--concept", "red", "--prompts", "shapes"]
+    assert main([*args, "--text-length", str(T5_LENGTH), "--out", str(out)]) == 0
+    patch = load_patch(out)
+    assert patch.notes["model_profile"]["architecture"] == "flux" and patch.config["text_length"] == T5_LENGTH
+    assert main(["train", "--model", str(saved / "flux"), "--concept", "red", "--out", str(tmp_path / "x")]) != 0
+    assert "for Flux use --method uce" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # the patch in use: images from the patched folder, and the folder with the patch baked in
+    images = tmp_path / "images"
+    assert main(["generate", "--model", str(saved / "flux"), "--patch", str(out), "--prompt", "a red circle"]
+                + ["--n", "2", "--steps", "2", "--out", str(images)]) == 0  # fmt: skip
+    assert sorted(p.name for p in images.iterdir() if p.suffix == ".png") == ["000000.png", "000001.png", "grid.png"]
+    assert main(["apply", "--model", str(saved / "flux"), "--patch", str(out), "--out", str(tmp_path / "baked")]) == 0
+    baked = load_pipeline(tmp_path / "baked")
+    edited = baked.transformer.context_embedder.weight
+    assert type(baked) is FluxPipeline and not torch.equal(
+        edited, tiny_pipeline("flux").transformer.context_embedder.weight
+    )

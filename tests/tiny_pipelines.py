@@ -53,7 +53,7 @@ from pipelines.tokenizer import clip_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 MMDIT_ARCHITECTURES = ("sd3", "flux")
-T5_LENGTH = 16  # max_sequence_length of the tiny MMDiT pipelines' T5 (Flux's real one is 512, SD3's 256)
+T5_LENGTH = 24  # max_sequence_length of the tiny MMDiT pipelines' T5 (Flux's real one is 512, SD3's 256)
 SD2_1024 = "sd2_1024"
 IMAGE_SIZE = 16  # 8x8 latents
 
@@ -188,7 +188,10 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
-T5_WORDS = "a an the photo picture drawing of red green blue cat dog circle square striped dotted solid shape".split()
+T5_WORDS = (
+    "a an the photo picture drawing image painting of with in and red orange yellow green blue purple cat dog circle "
+    "square triangle cross striped dotted solid shape filled outline"
+).split()
 
 
 def t5_tokenizer():

@@ -67,12 +67,13 @@ def _train_method(argv: Sequence[str]) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erase.registry import RECOMMENDED, list_methods
+    from erase.registry import ARCHITECTURE_NAMES, RECOMMENDED, list_methods
 
     if args.list:
         for spec in list_methods():
             mark = " (recommended: the default without --method)" if spec.name == RECOMMENDED else ""
-            print(f"{spec.name:<14}{spec.summary}{mark}")
+            models = ", ".join(ARCHITECTURE_NAMES.get(a, a) for a in spec.architectures)
+            print(f"{spec.name:<14}{spec.summary}{mark} [models: {models}]")
         return 0
     if not args.out:
         raise CliError("--out is required: the patch file to write, e.g. --out erase-red.safetensors")

@@ -32,6 +32,18 @@ Guide contexts are the same prompt with the concept word replaced by the guide (
 shifted when the two words have different token counts). Preserved contexts are every position of the prompt set's
 retain prompts (other classes of the concept's family and of the other families; `prompts.training`).
 
+SD3 and Flux (MMDiT). The text is a second token stream inside every joint block, re-projected block by block
+together with the image, so no block is fed by fixed text states; the maps that are are the ``context_embedder``
+(the context rows: Flux's T5 tokens; SD3's CLIP-L||CLIP-G rows padded to T5's width followed by the T5 tokens) and
+the first layer of the pooled-text embedder ``time_text_embed.text_embedder.linear_1`` (Flux's pooled CLIP, SD3's
+pooled CLIP-L||CLIP-G). UCE edits both, as its own Flux script does, each with its own ``K`` (the same Eq. 7): the
+context rows from the word on in each tokenizer's span of the context (`pipelines.denoise.text_segments`), and the
+pooled vector of each training prompt towards the guided prompt's. Targets are the layer outputs without the bias
+(``W c*``), so the unchanged bias is not added twice. Contexts are encoded at the pipeline's own
+``max_sequence_length`` (``text_length``), and the preserved prompts' Gram matrices are summed in batches (512 T5 rows
+of width 4096 per Flux prompt). T5 is bidirectional: the rows before the word carry some of it too; which rows to edit
+is to be measured on a trained MMDiT (issue 21).
+
 Defaults: ``lam = 0.5``, ``s_e = s_p = 1`` as the official ``uce_sd_erase.py``; guides per prompt set
 (`prompts.training.default_guide`: a concrete class of the same family on the Shapes world, "art" for artists as UCE's
 own default for styles).
@@ -44,7 +56,7 @@ import torch
 from erase.methods.uce_config import DEFAULTS, UCEConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch, make_delta_patch, make_lora_patch
 from erase.targets import resolve
-from pipelines.denoise import encode_prompts
+from pipelines.denoise import encode_prompts, is_mmdit, text_length, text_segments
 from prompts.training import NEUTRAL_WORDS, ConceptPrompts, default_guide, shared_retain
 
 CONFIG = UCEConfig
@@ -74,22 +86,39 @@ def _aligned(span: tuple[int, int], guide_len: int, length: int, positions: str)
     return mine, theirs
 
 
-def erase_contexts(pipe, concept: ConceptPrompts, guide: str, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C_e, C*_e)``: the erased context vectors of every training prompt and their guide contexts, float64."""
-    prompts = concept.targets
-    guided = [concept.with_word(p, guide) if guide else concept.neutral(p) for p in prompts]
+def encode_concept(pipe, concept: ConceptPrompts, guide: str, length: int | None = None):
+    """The conditioning of the concept's training prompts and of the same prompts with the guide in place of the
+    word (`pipelines.denoise.encode_prompts`; ``length``: T5 tokens on SD3/Flux)."""
+    guided = [concept.with_word(p, guide) if guide else concept.neutral(p) for p in concept.targets]
     with torch.no_grad():
-        states = encode_prompts(pipe, prompts).hidden.to(torch.float64)
-        guide_states = encode_prompts(pipe, guided).hidden.to(torch.float64)
-    tokenizer = pipe.tokenizer
+        return encode_prompts(pipe, concept.targets, length), encode_prompts(pipe, guided, length)
+
+
+def erase_contexts(
+    pipe, concept: ConceptPrompts, guide: str, positions: str, length: int | None = None, encoded=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C_e, C*_e)``: the erased context vectors of every training prompt and their guide contexts, float64.
+
+    Positions are chosen per tokenizer along the context (`pipelines.denoise.text_segments`): CLIP's 77 on the UNet
+    families; on SD3 the CLIP rows and the T5 rows each from the word on; on Flux the T5 rows. ``encoded``: the
+    `encode_concept` result, when the caller has it.
+    """
+    prompts = concept.targets
+    cond, guided = encoded or encode_concept(pipe, concept, guide, length)
+    states, guide_states = cond.hidden.to(torch.float64), guided.hidden.to(torch.float64)
     replacement = guide or NEUTRAL_WORDS.get(concept.task, "")
-    guide_len = len(tokenizer(replacement, add_special_tokens=False).input_ids) if replacement else 0
     rows, guide_rows = [], []
-    for k, prompt in enumerate(prompts):
-        length = len(tokenizer(prompt).input_ids) if positions == "eos" else states.shape[1]
-        mine, theirs = _aligned(_word_span(tokenizer, prompt, concept.word), guide_len, length, positions)
-        rows.append(states[k, mine])
-        guide_rows.append(guide_states[k, theirs])
+    for tokenizer, first, size in text_segments(pipe, length):
+        guide_len = len(tokenizer(replacement, add_special_tokens=False).input_ids) if replacement else 0
+        for k, prompt in enumerate(prompts):
+            n = min(len(tokenizer(prompt).input_ids), size) if positions == "eos" else size
+            pairs = [
+                (first + i, first + j)
+                for i, j in zip(*_aligned(_word_span(tokenizer, prompt, concept.word), guide_len, n, positions))
+                if i < size  # a word past a truncated T5 context has no rows
+            ]
+            rows.append(states[k, [i for i, _ in pairs]])
+            guide_rows.append(guide_states[k, [j for _, j in pairs]])
     return torch.cat(rows), torch.cat(guide_rows)
 
 
@@ -103,6 +132,25 @@ def preserve_contexts(pipe, prompts: list[str], batch: int = 64) -> torch.Tensor
     return torch.cat(out)
 
 
+def preserve_grams(pipe, prompts: list[str], length: int | None = None, batch: int = 16) -> dict[str, torch.Tensor]:
+    """``sum_p c_p c_p^T`` over every position of every preserved prompt (``"tokens"``) and, on SD3/Flux, over their
+    pooled vectors (``"pooled"``), float64, accumulated batch by batch (Flux's 512 T5 rows of width 4096 per prompt
+    would not fit as rows), with the row counts (``"tokens_rows"``, ``"pooled_rows"``)."""
+    grams: dict[str, torch.Tensor] = {}
+    counts = {"tokens_rows": 0, "pooled_rows": 0}
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            cond = encode_prompts(pipe, prompts[i : i + batch], length)
+            rows = cond.hidden.to(torch.float64).reshape(-1, cond.hidden.shape[-1])
+            parts = {"tokens": rows}
+            if is_mmdit(pipe):
+                parts["pooled"] = cond.pooled.to(torch.float64)
+            for name, x in parts.items():
+                grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
+                counts[f"{name}_rows"] += int(x.shape[0])
+    return {**grams, **{k: torch.tensor(v) for k, v in counts.items()}}
+
+
 # ------------------------------------------------------------------------------------------------ the solve
 def shared_edit(
     erase: torch.Tensor,
@@ -113,12 +161,25 @@ def shared_edit(
     lamb: float,
 ) -> torch.Tensor:
     """``K`` with ``W_new = W K`` for every layer (module docstring), float64 ``[d, d]``."""
+    return gram_edit(erase, guide, preserve_scale * preserve.T @ preserve, erase_scale, lamb)
+
+
+def gram_edit(erase: torch.Tensor, guide: torch.Tensor, preserved: torch.Tensor, erase_scale: float, lamb: float):
+    """`shared_edit` with the preserved term given as its (scaled) Gram matrix ``s_p sum_p c_p c_p^T``.
+
+    ``rhs - M = s_e (C*_e - C_e)^T C_e``, so ``K = I + s_e (C*_e - C_e)^T (M^-1 C_e^T)^T``: one Cholesky factor of the
+    symmetric positive definite ``M`` and a solve against the ``n`` erased vectors, cheaper than solving for all ``d``
+    columns of ``K`` when ``n < d`` (SD3/Flux: d = 4096). ``M`` not numerically positive definite: a general solve.
+    """
     d = erase.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
-    preserved = preserve_scale * preserve.T @ preserve
     m = lamb * eye + erase_scale * erase.T @ erase + preserved
+    factor, info = torch.linalg.cholesky_ex(m)
+    if erase.shape[0] < d and int(info) == 0:
+        solved = torch.cholesky_solve(erase.T.contiguous(), factor)  # M^-1 C_e^T  [d, n]
+        return eye + erase_scale * (guide - erase).T @ solved.T
     rhs = lamb * eye + erase_scale * guide.T @ erase + preserved
-    # K = rhs M^-1; M is symmetric positive definite: solve M K^T = rhs^T
+    # K = rhs M^-1; M is symmetric: solve M K^T = rhs^T
     return torch.linalg.solve(m, rhs.T).T
 
 
@@ -150,48 +211,97 @@ def truncated_svd(m: torch.Tensor, tol: float = 1e-10) -> tuple[torch.Tensor, to
 # ------------------------------------------------------------------------------------------------ training
 def uce_edit(pipe, concepts: list[ConceptPrompts], guides: list[str], config: UCEConfig) -> tuple[torch.Tensor, dict]:
     """UCE's shared ``K`` for ``concepts`` (``W_new = W K`` in every cross-attention K/V layer) with ``config``'s
-    settings and the resolved ``guides``, and the counts of erased and preserved context vectors."""
+    settings and the resolved ``guides``, and the counts of erased and preserved context vectors. On SD3/Flux the
+    token ``K`` (`uce_edits` gives the pooled one too)."""
+    ks, notes = uce_edits(pipe, concepts, guides, config)
+    return ks["tokens"], notes
+
+
+def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -> tuple[dict[str, torch.Tensor], dict]:
+    """The shared edits of every text input the patch edits: ``{"tokens": K}`` (the context rows), plus on SD3/Flux
+    ``"pooled"`` (the pooled CLIP vector: erased prompt's -> guided prompt's), and the vector counts."""
+    length = getattr(config, "text_length", None)
     preserve_prompts = list(dict.fromkeys(shared_retain(concepts) + list(config.preserve)))
-    erase_rows, guide_rows = [], []
+    erase_rows, guide_rows, pooled_rows, pooled_guides = [], [], [], []
     for concept, guide in zip(concepts, guides):
-        e, g = erase_contexts(pipe, concept, guide, config.positions)
+        encoded = encode_concept(pipe, concept, guide, length)
+        e, g = erase_contexts(pipe, concept, guide, config.positions, length, encoded)
         erase_rows.append(e)
         guide_rows.append(g)
+        if is_mmdit(pipe):
+            pooled_rows.append(encoded[0].pooled.to(torch.float64))
+            pooled_guides.append(encoded[1].pooled.to(torch.float64))
+    grams = preserve_grams(pipe, preserve_prompts, length)
     erase, guide = torch.cat(erase_rows), torch.cat(guide_rows)
-    preserve = preserve_contexts(pipe, preserve_prompts)
-    k = shared_edit(erase, guide, preserve, config.erase_scale, config.preserve_scale, config.lamb)
-    return k, {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(preserve.shape[0])}
+    ks = {"tokens": gram_edit(erase, guide, config.preserve_scale * grams["tokens"], config.erase_scale, config.lamb)}
+    notes = {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(grams["tokens_rows"])}
+    if is_mmdit(pipe):
+        pooled, pooled_guide = torch.cat(pooled_rows), torch.cat(pooled_guides)
+        preserved = config.preserve_scale * grams["pooled"]
+        ks["pooled"] = gram_edit(pooled, pooled_guide, preserved, config.erase_scale, config.lamb)
+        notes.update(erased_pooled_vectors=int(pooled.shape[0]), text_length=text_length(pipe, length))
+    return ks, notes
+
+
+# The modules each text input feeds: the closed form's targets. UNet families: every cross-attention key and value
+# projection (fed by the fixed text states). SD3/Flux (MMDiT): the text is a token stream that changes block by
+# block with the image, so the only maps fed by fixed text states are the context embedder (the T5 / CLIP+T5 rows)
+# and the first layer of the pooled-text embedder (`robust.md` section 4; UCE's own Flux script edits the same two).
+MMDIT_TARGETS = {"tokens": ["context_embedder"], "pooled": ["time_text_embed.text_embedder.linear_1"]}
+
+
+def edit_targets(pipe) -> tuple[str, dict[str, list[str]]]:
+    """The component the closed form edits and, per text input (`uce_edits`' keys), its modules."""
+    if is_mmdit(pipe):
+        return "transformer", MMDIT_TARGETS
+    return "unet", {"tokens": resolve("xattn-kv", "unet", pipe.unet).modules}
 
 
 def edit_patch(unet, k: torch.Tensor, config, method: str, notes: dict) -> Patch:
-    """The patch of ``W_new = W K`` on every ``attn2.to_k``/``to_v`` of ``unet``: a dense ``delta``, or the exact
-    ``lora`` of ``K - I`` at its numerical rank (``config.kind``; the reconstruction error goes into the notes)."""
-    target = resolve("xattn-kv", "unet", unet)
-    modules = dict(unet.named_modules())
-    base = {"unet": unet.state_dict()}
+    """The patch of ``W_new = W K`` on every ``attn2.to_k``/``to_v`` of ``unet`` (see `groups_patch`)."""
+    return groups_patch("unet", unet, [(resolve("xattn-kv", "unet", unet).modules, k)], config, method, notes)
+
+
+def pipeline_patch(pipe, ks: dict[str, torch.Tensor], config, method: str, notes: dict) -> Patch:
+    """The patch of every edit of `uce_edits` on the modules its text input feeds (`edit_targets`)."""
+    component, targets = edit_targets(pipe)
+    groups = [(targets[name], k) for name, k in ks.items()]
+    return groups_patch(component, pipe.components[component], groups, config, method, notes)
+
+
+def groups_patch(component: str, module, groups: list[tuple[list[str], torch.Tensor]], config, method, notes) -> Patch:
+    """The patch of ``W_new = W K`` on each group's modules of ``module`` (the component ``component``): a dense
+    ``delta``, or the exact ``lora`` of ``K - I`` at its numerical rank per group (``config.kind``; the
+    reconstruction error goes into the notes)."""
+    modules = dict(module.named_modules())
+    base = {component: module.state_dict()}
     notes = dict(notes)
     if config.kind == "delta":
         tuned = {}
-        k_layer = k.to(torch.float32)  # K is solved in float64; applying it is a float32 product (fp32 weights)
-        for name in target.modules:
-            w = modules[name].weight
-            tuned[f"{name}.weight"] = (w.detach().to(torch.float32) @ k_layer).to(w.dtype)
-        patch = make_delta_patch(base, {"unet": tuned}, dtype=config.dtype, method=method, concepts=config.concepts)
+        for names, k in groups:
+            k_layer = k.to(torch.float32)  # K is solved in float64; applying it is a float32 product (fp32 weights)
+            for name in names:
+                w = modules[name].weight
+                tuned[f"{name}.weight"] = (w.detach().to(torch.float32) @ k_layer).to(w.dtype)
+        patch = make_delta_patch(base, {component: tuned}, dtype=config.dtype, method=method, concepts=config.concepts)
         patch.notes.update(notes)
         return patch
-    u, s, vh = low_rank(k)
-    root = s.sqrt()
-    factors, errors = {}, []
-    for name in target.modules:
-        w = modules[name].weight.detach().to(torch.float64)
-        a = root[:, None] * vh  # [r, d_in]
-        b = w @ (u * root[None, :])  # [d_out, r]
-        exact = w @ k - w
-        errors.append(float(torch.linalg.norm(b @ a - exact) / max(float(torch.linalg.norm(exact)), 1e-30)))
-        factors[name] = (a.to(torch.float32), b.to(torch.float32))
-    notes.update({"lora_rank": int(s.numel()), "lora_relative_error": max(errors)})
+    factors, errors, alphas, ranks = {}, [], {}, []
+    for names, k in groups:
+        u, s, vh = low_rank(k)
+        root = s.sqrt()
+        ranks.append(int(s.numel()))
+        for name in names:
+            w = modules[name].weight.detach().to(torch.float64)
+            a = root[:, None] * vh  # [r, d_in]
+            b = w @ (u * root[None, :])  # [d_out, r]
+            exact = w @ k - w
+            errors.append(float(torch.linalg.norm(b @ a - exact) / max(float(torch.linalg.norm(exact)), 1e-30)))
+            factors[name] = (a.to(torch.float32), b.to(torch.float32))
+            alphas[f"{component}.{name}"] = float(s.numel())  # alpha = r: scale 1
+    notes.update({"lora_rank": max(ranks), "lora_relative_error": max(errors)})
     return make_lora_patch(
-        base, {"unet": factors}, lora_alpha=float(s.numel()), method=method, concepts=config.concepts, notes=notes
+        base, {component: factors}, lora_alpha=alphas, method=method, concepts=config.concepts, notes=notes
     )
 
 
@@ -199,6 +309,6 @@ def train(ctx) -> Patch:
     config: UCEConfig = ctx.config
     guides = ctx.per_concept(config.guide, lambda i: default_guide(ctx.concepts, i))
     config.guide = guides  # saved in the patch as resolved
-    k, notes = uce_edit(ctx.pipe, ctx.concepts, guides, config)
+    ks, notes = uce_edits(ctx.pipe, ctx.concepts, guides, config)
     ctx.stats.update(notes)
-    return edit_patch(ctx.pipe.unet, k, config, "uce", notes)
+    return pipeline_patch(ctx.pipe, ks, config, "uce", notes)

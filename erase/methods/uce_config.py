@@ -36,12 +36,21 @@ class UCEConfig(MethodConfig):
     preserve: list[str] = field(
         default_factory=list, metadata={"help": "extra prompts to preserve (added to the prompt set's retain prompts)"}
     )
+    text_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "SD3/Flux: T5 tokens per prompt the edit is solved at (default: the pipeline's "
+            "max_sequence_length)"
+        },
+    )
 
     WORD_FIELDS = ("guide",)
 
     def __post_init__(self):
         super().__post_init__()
         self.check_finite_nonnegative("erase_scale", "preserve_scale", "lamb")
+        if self.text_length is not None and (isinstance(self.text_length, bool) or self.text_length < 1):
+            raise ValueError(f"text_length must be a positive number of T5 tokens, got {self.text_length!r}")
         if self.lamb == 0 and self.preserve_scale == 0:
             raise ValueError("lamb and preserve_scale cannot both be 0: the solve would be singular")
 

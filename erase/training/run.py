@@ -22,7 +22,7 @@ import torch
 
 from erase.config_args import config_to_dict
 from erase.patch import Patch, save_patch
-from erase.registry import get_method, method_spec
+from erase.registry import check_architecture, get_method, method_spec
 
 
 @dataclass
@@ -214,6 +214,7 @@ def make_context(
 
         ctx.pipe = pipe if pipe is not None else load_generator(config.gan)
     ctx.profile = model_profile(ctx.pipe)
+    check_architecture(method, ctx.profile.architecture)
     check_words(config, ctx.concepts, ctx.profile)
     resolve_defaults(module, config, ctx.profile)
     return ctx
