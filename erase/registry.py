@@ -119,6 +119,7 @@ register_method(
     "erase.methods.esd",
     "ESD (Gandikota et al. 2023): fine-tune so the concept's prediction becomes negatively guided",
     config_module="erase.methods.esd_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "uce",

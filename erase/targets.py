@@ -12,6 +12,19 @@ SDXL's linear one are both matched by module type, not name.
 | ``unet`` | unet | every Linear/Conv2d | ESD-all, SalUn (LoRA) |
 | ``unet-full`` | unet | every parameter (norms and biases included) | SalUn, full fine-tuning |
 | ``text-encoder`` | text_encoder(s) | every Linear of the CLIP text transformer | AdvUnlearn-style |
+
+SD3 and Flux (MMDiT) have no cross-attention: the text is a second token stream of each joint block
+(``transformer_blocks.*``), projected by ``attn.add_q_proj``/``add_k_proj``/``add_v_proj`` into one attention with the
+image, written back by ``attn.to_add_out`` and carried on by ``ff_context`` and the ``norm1_context`` modulation;
+Flux's single blocks (``single_transformer_blocks.*``) share their projections between text and image. Their presets
+(component ``transformer``):
+
+| preset | modules | used by |
+|---|---|---|
+| ``text-kv`` | ``attn.add_k_proj``, ``attn.add_v_proj`` of every joint block: the image reads the text through them | ESD-x-strict |
+| ``text-stream`` | every Linear of the joint blocks' text stream (the above, ``add_q_proj``, ``to_add_out``, ``ff_context``, ``norm1_context``) | ESD-x |
+| ``no-text-stream`` | every other Linear (the image stream, the single blocks, the embedders) | ESD-u |
+| ``transformer`` | every Linear | ESD-all |
 """
 
 from __future__ import annotations
@@ -22,6 +35,11 @@ from dataclasses import dataclass
 from torch import nn
 
 PRESETS = ("xattn-kv", "xattn", "no-xattn", "unet", "unet-full", "text-encoder")
+MMDIT_PRESETS = ("text-kv", "text-stream", "no-text-stream", "transformer")
+_TEXT_KV = re.compile(r"^transformer_blocks\.\d+\.attn\.add_[kv]_proj$")
+_TEXT_STREAM = re.compile(
+    r"^transformer_blocks\.\d+\.(attn\.(add_[qkv]_proj|to_add_out)|ff_context\..*|norm1_context\..*)$"
+)
 _XATTN = re.compile(r"(^|\.)attn2(\.|$)")
 _XATTN_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
 _LAYERS = (nn.Linear, nn.Conv2d)
@@ -38,8 +56,10 @@ class Target:
 
 def components_of(preset: str, pipe) -> list[str]:
     """The pipeline components a preset trains."""
-    if preset not in PRESETS:
+    if preset not in PRESETS + MMDIT_PRESETS:
         raise ValueError(f"unknown trainable-parameter preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if preset in MMDIT_PRESETS:
+        return ["transformer"]
     if preset == "text-encoder":
         return [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
     return ["unet"]
@@ -50,7 +70,7 @@ def resolve(preset: str, component: str, module: nn.Module) -> Target:
 
     Raises `ValueError` when the preset selects nothing (a model without cross-attention, say).
     """
-    if preset not in PRESETS:
+    if preset not in PRESETS + MMDIT_PRESETS:
         raise ValueError(f"unknown trainable-parameter preset {preset!r}: use one of {', '.join(PRESETS)}")
     if preset == "unet-full":
         names = [n for n, _ in module.named_parameters()]
@@ -61,12 +81,17 @@ def resolve(preset: str, component: str, module: nn.Module) -> Target:
         if not isinstance(sub, _LAYERS):
             continue
         in_xattn = bool(_XATTN.search(name))
+        in_text = bool(_TEXT_STREAM.match(name))
         chosen = {
             "xattn-kv": bool(_XATTN_KV.search(name)),
             "xattn": in_xattn,
             "no-xattn": not in_xattn,
             "unet": True,
             "text-encoder": isinstance(sub, nn.Linear) and ".layers." in f".{name}",
+            "text-kv": bool(_TEXT_KV.match(name)),
+            "text-stream": in_text,
+            "no-text-stream": not in_text,
+            "transformer": True,
         }[preset]
         if chosen:
             layers.append(name)

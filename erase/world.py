@@ -18,7 +18,10 @@ from pipelines.worlds import check_world
 SD_FILE, GAN_FILE = "sd_shapes.safetensors", "gan_shapes.safetensors"
 SD_FILES = {"shapes": SD_FILE, "canvas": "sd_canvas.safetensors"}
 CLASSIFIER_FILE = "classifier.safetensors"  # the Canvas world's style and object classifier
+FLUX_FILE = "flux_shapes.safetensors"  # the Shapes world's Flux (`pipelines.shapes.flux`)
+# what `erase world train` trains by default per world; "flux" (the Shapes world's Flux) only when asked for
 WORLD_MODELS = {"shapes": ("guide", "judge", "sd", "gan"), "canvas": ("guide", "judge", "classifier", "sd")}
+EXTRA_MODELS = {"shapes": ("flux",), "canvas": ()}
 
 
 def weights_dir(world: str) -> Path:
@@ -51,7 +54,8 @@ def train_world(
     """Train the Shapes world's models and write them into ``out`` (default: the shipped weights folder).
 
     ``only`` picks among ``guide``, ``judge`` (CLIPs), ``sd`` (the text-to-image pipeline) and ``gan``; all four by
-    default, in that order (the generators are judged by the judge CLIP found in ``out`` or shipped).
+    default, in that order (the generators are judged by the judge CLIP found in ``out`` or shipped). ``flux`` (the
+    Shapes world's Flux, built on the shipped Shapes pipeline's VAE and CLIP) is trained only when named.
     Returns ``{kind: {"path", "config", "facts", "accuracy"}}``; each accuracy table is measured on the file as
     reloaded, and is also stored in the file's metadata. ``eval_n=0`` skips the tables.
     """
@@ -69,9 +73,10 @@ def train_world(
     given = {"batch_size": batch_size, "pool_size": pool_size, "threads": threads, "seed": seed}
     given = {k: v for k, v in given.items() if v is not None}
     results = {}
+    known = WORLD_MODELS[world] + EXTRA_MODELS[world]
     for kind in only or list(WORLD_MODELS[world]):
-        if kind not in WORLD_MODELS[world]:
-            raise ValueError(f"the {world} world has no model {kind!r}: use {', '.join(WORLD_MODELS[world])}")
+        if kind not in known:
+            raise ValueError(f"the {world} world has no model {kind!r}: use {', '.join(known)}")
         if kind in ("guide", "judge"):
             overrides = {**given, **({"steps": steps} if steps else {})}
             results[kind] = _train_clip(kind, out, overrides, eval_n, progress, world)
@@ -83,6 +88,8 @@ def train_world(
             results[kind] = _train_sd(out, {**given, **stage}, steps, vae_steps, eval_n, progress, world)
         elif kind == "gan":
             results[kind] = _train_gan(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
+        elif kind == "flux":
+            results[kind] = _train_flux(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
         else:
             raise ValueError(f"unknown Shapes world model {kind!r}: use guide, judge, sd or gan")
         print(json.dumps({kind: {k: v for k, v in results[kind].items() if k != "config"}}, indent=1))
@@ -189,6 +196,20 @@ def _pipeline_accuracy(pipe, judge, eval_n: int, progress: bool) -> dict:
     return table
 
 
+def _train_flux(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
+    from pipelines.shapes.flux import FluxTrainConfig, load_flux_pipeline_file, save_flux_pipeline, train_flux
+
+    config = FluxTrainConfig(**overrides)
+    pipe, facts = train_flux(config, progress=progress)
+    path = out / FLUX_FILE
+    measure = (
+        (lambda: _pipeline_accuracy(load_flux_pipeline_file(path), _judge_for(out), eval_n, progress))
+        if eval_n
+        else None
+    )
+    return _save_measured(path, config, facts, lambda meta: save_flux_pipeline(pipe, path, meta), measure)
+
+
 def _train_gan(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
     from eval.shapes import gan_quality
     from pipelines.shapes.gan import GanTrainConfig, load_generator_file, save_generator, train_gan
@@ -229,18 +250,19 @@ def export_world(directory: str | Path, overwrite: bool = False, world: str = "s
     import pipelines
     from erase.fsutil import check_output_folder, files_under, write_folder
     from pipelines.portable import make_portable
-    from pipelines.shapes.registry import write_marker
 
     # a new or empty folder (or, with overwrite, an earlier export), checked before loading; missing parent folders
     # are made, as `erase generate` and `erase eval` do (the README's `erase world export out/shapes-sd`)
+    from pipelines.shapes.registry import names_world, write_marker
+
     directory = check_output_folder(directory, overwrite, may_replace=check_exported_folder, create_parents=True)
-    pipe = pipelines.load(check_world(world))
+    pipe = pipelines.load(world if names_world(world) else check_world(world))
     directory.parent.mkdir(parents=True, exist_ok=True)
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)
         make_portable(folder)  # text-encoder key names and tokenizer files that transformers 4.x reads too
-        write_marker(folder, world)  # what the weights are: their defaults follow it, not the folder's name
+        write_marker(folder, names_world(world))  # what the weights are: defaults follow it, not the folder's name
         files = files_under(folder)
         (folder / EXPORT_MARKER).write_text(
             json.dumps({"written_by": "erase world export", "files": files}, indent=2) + "\n", encoding="utf-8"

@@ -71,13 +71,17 @@ def denoiser(pipe):
 
 def text_length(pipe, length: int | None = None) -> int | None:
     """The T5 tokens per prompt of an MMDiT pipeline: ``length``, else the pipeline call's own
-    ``max_sequence_length`` default (Flux.1 512, SD3 256), so text is encoded as a user samples it; ``None`` for a
-    UNet pipeline (CLIP's 77 positions)."""
+    ``max_sequence_length`` default (Flux.1 512, SD3 256) or the T5 tokenizer's ``model_max_length`` when shorter (a
+    model trained at fewer tokens), so text is encoded as the model is sampled; ``None`` for a UNet pipeline (CLIP's
+    77 positions)."""
     if not is_mmdit(pipe):
         return None
     if length is not None:
         return int(length)
-    return int(inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default)
+    default = int(inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default)
+    t5 = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+    own = getattr(t5, "model_max_length", None)  # a T5 trained shorter says so (the Shapes Flux: 32)
+    return min(default, int(own)) if isinstance(own, int) and own > 0 else default
 
 
 def text_segments(pipe, length: int | None = None) -> list[tuple[object, int, int]]:
@@ -99,7 +103,9 @@ def text_segments(pipe, length: int | None = None) -> list[tuple[object, int, in
 
 
 def latent_size(pipe) -> tuple[int, int]:
-    """The default latent height and width of the pipeline's UNet."""
+    """The default latent height and width of the pipeline's UNet (SD3/Flux: of its VAE latents, before packing)."""
+    if is_mmdit(pipe):
+        return pipe.default_sample_size, pipe.default_sample_size
     size = pipe.unet.config.sample_size
     return (size, size) if isinstance(size, int) else tuple(size)
 
@@ -163,6 +169,51 @@ def encode_prompts(pipe, prompts: list[str], length: int | None = None) -> Condi
     return Conditioning(hidden)
 
 
+def denoiser_output(model, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The denoiser's raw prediction for either family: a UNet's (`unet_output`), or an SD3/Flux transformer's
+    flow-matching velocity ``v = e - x_0`` at ``t = 1000 s`` (the pipelines' timesteps; Flux's transformer takes
+    ``s``, SD3's ``t``). Flux latents are packed (``[N, tokens, 4 C]``, a square grid); a Flux transformer with a
+    guidance embedding gets guidance 3.5 (Flux.1-dev's default)."""
+    if hasattr(model, "single_transformer_blocks"):  # Flux
+        n, tokens = x_t.shape[:2]
+        side = int(round(tokens**0.5))
+        image_ids = _flux_image_ids(side, x_t.device, x_t.dtype)
+        text_ids = torch.zeros(cond.hidden.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        guidance = torch.full((n,), 3.5, device=x_t.device) if model.config.guidance_embeds else None
+        return model(
+            hidden_states=x_t,
+            encoder_hidden_states=cond.hidden.to(x_t.dtype),
+            pooled_projections=cond.pooled.to(x_t.dtype),
+            timestep=_per_sample(t, x_t).to(x_t.dtype) / 1000,
+            img_ids=image_ids,
+            txt_ids=text_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+    if hasattr(model, "transformer_blocks") and hasattr(model, "context_embedder"):  # SD3
+        return model(
+            hidden_states=x_t,
+            encoder_hidden_states=cond.hidden.to(x_t.dtype),
+            pooled_projections=cond.pooled.to(x_t.dtype),
+            timestep=_per_sample(t, x_t).to(x_t.dtype),
+            return_dict=False,
+        )[0]
+    return unet_output(model, x_t, t, cond)
+
+
+def _per_sample(t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t).to(x_t.device)
+    return t.expand(x_t.shape[0]) if t.ndim == 0 else t
+
+
+def _flux_image_ids(side: int, device, dtype) -> torch.Tensor:
+    """Flux's positions of a ``side x side`` grid of packed latent tokens (as `FluxPipeline` makes them)."""
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return ids.reshape(side * side, 3).to(device=device, dtype=dtype)
+
+
 def unet_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """The UNet's raw prediction (epsilon, v or sample, as its scheduler's ``prediction_type`` says)."""
     t = t.to(x_t.device)
@@ -182,14 +233,31 @@ def _alpha(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` is a rectified-flow one (SD3, Flux): ``x_t = (1 - s) x_0 + s e`` with ``s = t / 1000``
+    and the model predicting the velocity ``e - x_0``, instead of DDPM's ``alphas_cumprod``."""
+    return not hasattr(scheduler, "alphas_cumprod")
+
+
+def _sigma(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(t).to(like.device, like.dtype) / scheduler.config.num_train_timesteps
+    return s.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, per sample."""
+    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, per sample (flow matching: ``(1 - s) x_0 + s eps``)."""
+    if is_flow_matching(scheduler):
+        s = _sigma(scheduler, t, x0)
+        return (1 - s) * x0 + s * noise
     a = _alpha(scheduler, t, x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def predicted_x0(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x̂_0`` from a UNet output, per sample from ``alphas_cumprod`` (no scheduler state, no patched scheduler)."""
+    """``x̂_0`` from a UNet output, per sample from ``alphas_cumprod`` (no scheduler state, no patched scheduler);
+    flow matching: ``x_t - s v``."""
+    if is_flow_matching(scheduler):
+        return x_t - _sigma(scheduler, t, x_t) * output
     a = _alpha(scheduler, t, x_t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -202,7 +270,9 @@ def predicted_x0(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Te
 
 
 def predicted_epsilon(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The noise a UNet output implies (identity for epsilon prediction)."""
+    """The noise a UNet output implies (identity for epsilon prediction; flow matching: ``x_t + (1 - s) v``)."""
+    if is_flow_matching(scheduler):
+        return x_t + (1 - _sigma(scheduler, t, x_t)) * output
     a = _alpha(scheduler, t, x_t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -215,7 +285,10 @@ def predicted_epsilon(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: tor
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet should output for ``x_t`` made from ``x0`` and ``noise`` (the standard diffusion loss target)."""
+    """What the UNet should output for ``x_t`` made from ``x0`` and ``noise`` (the standard diffusion loss target;
+    flow matching: the velocity ``noise - x0``)."""
+    if is_flow_matching(scheduler):
+        return noise - x0
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -228,18 +301,23 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 
 
 def sampling_pipeline(pipe, unet=None, steps: int = 50):
-    """A pipeline sharing ``pipe``'s modules (and ``unet`` instead of its own, if given) with a DDIM scheduler built
-    from ``pipe``'s scheduler config, so partial sampling always yields standard ``x_t`` (no sigma scaling)."""
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    """A pipeline sharing ``pipe``'s modules (and ``unet`` instead of its own denoiser, if given) with a DDIM scheduler
+    built from ``pipe``'s scheduler config, so partial sampling always yields standard ``x_t`` (no sigma scaling).
+    SD3/Flux keep a fresh copy of their own flow-matching scheduler (their ``x_t`` is ``(1 - s) x_0 + s e``)."""
+    mmdit = is_mmdit(pipe)
+    scheduler = (type(pipe.scheduler) if mmdit else DDIMScheduler).from_config(pipe.scheduler.config)
     components = {**pipe.components, "scheduler": scheduler}
     if unet is not None:
-        components["unet"] = unet
+        components["transformer" if mmdit else "unet"] = unet
     accepted = inspect.signature(type(pipe).__init__).parameters
     if "requires_safety_checker" in accepted and components.get("safety_checker") is None:
         components["requires_safety_checker"] = False
     sampler = type(pipe)(**{k: v for k, v in components.items() if k in accepted})
     sampler.set_progress_bar_config(disable=True)
-    sampler.scheduler.set_timesteps(steps)
+    if mmdit:
+        sampler.default_sample_size = pipe.default_sample_size  # a world's Flux sets its own image size
+    else:  # flow-matching schedulers with dynamic shifting need the image's length: the pipeline sets them
+        sampler.scheduler.set_timesteps(steps)
     return sampler
 
 
@@ -261,6 +339,12 @@ def _sampler_kwargs(
     }
     if cond.pooled is not None:
         kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+    transformer = getattr(sampler, "transformer", None) if is_mmdit(sampler) else None
+    if transformer is not None and hasattr(transformer, "single_transformer_blocks"):
+        if transformer.config.guidance_embeds:  # Flux.1-dev: distilled guidance, no negative pass
+            kwargs.pop("negative_prompt_embeds"), kwargs.pop("negative_pooled_prompt_embeds")
+        else:  # classifier-free guidance against the negative conditioning (`true_cfg_scale`)
+            kwargs["true_cfg_scale"] = guidance
     return kwargs
 
 
@@ -286,6 +370,9 @@ def denoise_to_step(
     """
     if not 0 <= stop_after < steps:
         raise ValueError(f"stop_after must be in [0, {steps}), got {stop_after}")
+    if is_mmdit(sampler):
+        raise ValueError("fresh sampling at every step (trajectories=0) runs on UNet pipelines; on SD3/Flux keep the "
+                         "default trajectories (> 0)")
     captured = {}
 
     def stop(pipe, i, t, callback_kwargs):
@@ -325,6 +412,13 @@ def sample_latents(
 
 
 def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) -> torch.Tensor:
+    if is_mmdit(sampler):  # the pipeline's own noise (Flux: packed), drawn from the same generators
+        h, w = image_size(sampler)
+        channels = sampler.transformer.config.in_channels
+        flux = hasattr(sampler.transformer, "single_transformer_blocks")
+        device = sampler.transformer.device
+        out = sampler.prepare_latents(n, channels // 4 if flux else channels, h, w, dtype, device, generators)
+        return out[0] if flux else out
     h, w = latent_size(sampler)
     channels = sampler.unet.config.in_channels
     noise = [torch.randn((1, channels, h, w), generator=g, dtype=dtype) for g in generators]
@@ -367,5 +461,7 @@ def sample_trajectories(
         kwargs = _sampler_kwargs(sampler, cond.select(index), uncond.select(index), steps, guidance, gens)
         sampler(**kwargs, callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
         chunks.append(torch.stack(states, dim=1))
+    if is_mmdit(sampler):  # flow matching: the call's own timesteps (1000 s, float; dynamic shifting included)
+        return torch.cat(chunks), sampler.scheduler.timesteps.clone().float()
     sampler.scheduler.set_timesteps(steps)
     return torch.cat(chunks), sampler.scheduler.timesteps.clone().long()

@@ -65,16 +65,20 @@ def load_pipeline(
     Returns:
         `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` or `FluxPipeline`.
     """
-    from pipelines.shapes.registry import mark_pipeline, marker_world, shipped_pipeline
+    from pipelines.shapes.registry import mark_pipeline, marker_world, names_world, shipped_pipeline
 
     shipped = shipped_pipeline(model)  # a world's name means its shipped file; a local folder of that name is "./x"
     if shipped is not None:
-        return mark_pipeline(_load_shipped(shipped, dtype, str(model)), str(model))
+        return mark_pipeline(_load_shipped(shipped, dtype, str(model)), names_world(model))
     path = check_model(model)
     if path.is_dir():
         if config is not None:
             raise ValueError(f"{path}: config= applies to single checkpoint files only; drop it for a folder")
         pipe, world = _load_folder(path, dtype), marker_world(path)  # an exported world folder carries a marker
+        if world and getattr(pipe, "transformer", None) is not None:  # the Shapes Flux: the world's image size
+            from pipelines.shapes.flux import RESOLUTION
+
+            pipe.default_sample_size = RESOLUTION // pipe.vae_scale_factor
         return mark_pipeline(pipe, world) if world else pipe
     return _load_single_file(path, dtype, trust_remote_code, config)
 
@@ -91,9 +95,7 @@ def check_model(model: str | os.PathLike) -> Path:
     path = shipped_pipeline(model)
     if path is not None:
         if not path.is_file():
-            raise FileNotFoundError(
-                f"the shipped {model} pipeline {path} is missing: run 'erase world train --world {model} --only sd'"
-            )
+            raise FileNotFoundError(f"the shipped {model} pipeline {path} is missing: run {_train_command(model)}")
         return path
     path = Path(model).expanduser()
     if not str(model).strip() or not (path.is_dir() or path.is_file()):
@@ -228,12 +230,19 @@ def _load_single_file(path: Path, dtype: torch.dtype, trust_remote_code: bool, c
         return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
 
 
-def _load_shipped(path: Path, dtype: torch.dtype, world: str = "shapes"):
-    from pipelines.shapes.diffusion import load_pipeline_file
+def _load_shipped(path: Path, dtype: torch.dtype, name: str = "shapes"):
+    from pipelines.shapes.registry import load_shipped_file
 
     if not path.is_file():
-        raise FileNotFoundError(
-            f"the shipped {world} pipeline {path} is missing: run 'erase world train --world {world} --only sd'"
-        )
-    pipe = load_pipeline_file(path, world)  # float32, as trained
+        raise FileNotFoundError(f"the shipped {name} pipeline {path} is missing: run {_train_command(name)}")
+    pipe = load_shipped_file(name, path)  # float32, as trained
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def _train_command(name) -> str:
+    """The command that trains a shipped pipeline again."""
+    from pipelines.shapes.registry import FLUX, names_world
+
+    if str(name) == FLUX:
+        return f"'erase world train --world {names_world(name)} --only flux'"
+    return f"'erase world train --world {names_world(name) or name} --only sd'"

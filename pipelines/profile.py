@@ -20,8 +20,9 @@ class ModelProfile:
 
     Attributes:
         key (`str`): the row of a defaults table: an embedded world's name (``"shapes"``; its GAN:
-            ``"shapes-gan"``), else ``"sd"`` for a diffusion pipeline or ``"gan"`` for a GAN generator. A table
-            without the key's row uses the general row of the model's kind (``"sd"`` or ``"gan"``).
+            ``"shapes-gan"``; its Flux: ``"shapes-flux"``), else ``"sd"`` for a diffusion pipeline or ``"gan"`` for a
+            GAN generator. A table without the key's row uses the world's row (a world's Flux), else the general
+            row of the model's kind (``"sd"`` or ``"gan"``).
         world (`str | None`): the embedded world the model belongs to, or ``None``.
         architecture (`str`): ``"sd"`` (SD 1.x/2.x class), ``"sdxl"``, ``"sd3"`` (an SD3-class MMDiT: three text
             encoders), ``"flux"`` (a Flux-class MMDiT: double and single blocks) or ``"gan"``.
@@ -55,7 +56,9 @@ def model_profile(model) -> ModelProfile:
         world = pipeline_world(model)
         size = getattr(model, "default_sample_size", None)
         side = int(size) * model.vae_scale_factor if isinstance(size, int) else None
-        return ModelProfile(world or GENERAL_DIFFUSION, world, mmdit, side)
+        if world:  # a world's MMDiT (the Shapes Flux: "shapes-flux") has its own row, else its world's
+            return ModelProfile(f"{world}-{mmdit}", world, mmdit, side)
+        return ModelProfile(GENERAL_DIFFUSION, None, mmdit, side)
     if hasattr(model, "unet"):
         from pipelines.shapes.registry import pipeline_world
 
@@ -80,9 +83,12 @@ def peek_profile(model) -> ModelProfile:
 
 
 def table_row(table: dict, profile: ModelProfile, what: str = "defaults") -> dict:
-    """The row of ``table`` for ``profile`` (its key, else the general row of its kind)."""
+    """The row of ``table`` for ``profile`` (its key, else its world's diffusion row, else the general row of its
+    kind)."""
     if profile.key in table:
         return table[profile.key]
+    if profile.world and profile.architecture != "gan" and profile.world in table:
+        return table[profile.world]
     general = GENERAL_GAN if profile.architecture == "gan" else GENERAL_DIFFUSION
     if general in table:
         return table[general]

@@ -57,6 +57,7 @@ def generate_images(
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         generators = [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds[i : i + batch_size]]
+        extra = {**mmdit_call_kwargs(pipe, guidance, len(generators)), **call_kwargs}
         with quiet_loggers(*quiet):
             out = pipe(
                 prompts[i : i + batch_size],
@@ -64,10 +65,27 @@ def generate_images(
                 guidance_scale=guidance,
                 generator=generators,
                 output_type="np",
-                **call_kwargs,
+                **extra,
             ).images
         chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(chunks)
+
+
+def mmdit_call_kwargs(pipe, guidance: float, n: int) -> dict:
+    """What an SD3/Flux pipeline call needs beyond a UNet pipeline's: the T5 length the model is sampled at
+    (`pipelines.denoise.text_length`) and, for a Flux transformer without a guidance embedding (Flux.1-schnell's
+    layout, the Shapes Flux), classifier-free guidance through ``true_cfg_scale`` against ``n`` empty negative
+    prompts (its ``guidance_scale`` is ignored). Empty for UNet pipelines."""
+    from pipelines.denoise import is_mmdit, text_length
+
+    if not is_mmdit(pipe):
+        return {}
+    kwargs = {"max_sequence_length": text_length(pipe)}
+    transformer = pipe.transformer
+    flux = hasattr(transformer, "single_transformer_blocks")
+    if flux and not transformer.config.guidance_embeds and guidance > 1:
+        kwargs.update(true_cfg_scale=guidance, negative_prompt=[""] * n)
+    return kwargs
 
 
 @torch.no_grad()

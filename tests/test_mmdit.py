@@ -5,6 +5,7 @@ erase's strength by a plain ``pipe.load_lora_weights`` (in a clean process) and 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -314,7 +315,7 @@ def test_uce_on_sd3_and_flux_edits_the_text_embedders_and_its_lora_equals_its_de
     assert np.array_equal(generate(pipe, "a red circle"), before)
 
 
-@pytest.mark.parametrize("method", ["esd", "guard", "salun", "doco", "speed", "rece"])
+@pytest.mark.parametrize("method", ["guard", "salun", "doco", "speed", "rece"])
 def test_methods_that_do_not_train_on_flux_say_so_and_name_the_one_that_does(method):
     from erase.registry import get_config
     from erase.training.run import train_patch
@@ -348,3 +349,88 @@ def test_erase_train_uce_on_a_flux_folder_from_the_command_line(saved, tmp_path,
     assert type(baked) is FluxPipeline and not torch.equal(
         edited, tiny_pipeline("flux").transformer.context_embedder.weight
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow matching: trajectories, the transformer's velocity and ESD on MMDiT
+
+
+@pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
+def test_trajectories_and_denoiser_output_follow_the_pipelines_own_sampler(arch):
+    from pipelines.denoise import denoiser_output, encode_prompts, sample_trajectories, sampling_pipeline
+
+    pipe, guidance = tiny_pipeline(arch), 3.0
+    sampler = sampling_pipeline(pipe, steps=4)
+    cond = encode_prompts(pipe, ["a red circle", "a blue square"], T5_LENGTH)
+    uncond = encode_prompts(pipe, ["", ""], T5_LENGTH)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    latents, timesteps = sample_trajectories(sampler, cond, uncond, 4, guidance, gens)
+    assert latents.shape[:2] == (2, 4) and timesteps.dtype == torch.float32 and timesteps[0] == 1000
+    sigmas = sampler.scheduler.sigmas
+    with torch.no_grad():
+        for k in range(3):  # one Euler step of classifier-free guided velocity from state k gives state k + 1
+            x = latents[:, k]
+            v_c = denoiser_output(pipe.transformer, x, timesteps[k], cond)
+            v_u = denoiser_output(pipe.transformer, x, timesteps[k], uncond)
+            stepped = x + (sigmas[k + 1] - sigmas[k]) * (v_u + guidance * (v_c - v_u))
+            torch.testing.assert_close(stepped, latents[:, k + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
+def test_esd_trains_the_text_stream_of_sd3_and_flux_and_its_patch_applies_and_removes_exactly(arch, tmp_path):
+    from erase.methods.esd_config import ESDConfig
+    from erase.training.run import train_patch
+
+    pipe = tiny_pipeline(arch)
+    before, state = generate(pipe, "a red circle"), weights(pipe, arch)
+    config = ESDConfig(
+        model="tiny",
+        concepts=["red"],
+        prompts="shapes",
+        steps=6,
+        lr=1e-2,
+        sample_steps=3,
+        trajectories=4,
+        sample_batch=2,
+        batch_size=2,
+        kind="lora",
+        rank=2,
+        lora_alpha=4,
+    )
+    train_patch("esd", config, tmp_path / "esd.safetensors", pipe=pipe, progress=False)
+    patch = load_patch(tmp_path / "esd.safetensors")
+    assert all(torch.equal(v, state[k]) for k, v in weights(pipe, arch).items())  # the base is untouched
+    names = patch.target_names("transformer")
+    assert names and all(re.fullmatch(r"transformer_blocks\.\d+\.attn\.add_[kv]_proj\.weight", n) for n in names)
+    assert patch.config["preset"] == "esd-x-strict" and patch.notes["model_profile"]["architecture"] == arch
+    handle = apply_patch(pipe, patch)
+    assert np.abs(generate(pipe, "a red circle") - before).max() > 1e-4  # trained: the concept's images change
+    remove_patch(handle)
+    assert np.array_equal(generate(pipe, "a red circle"), before)
+
+
+def test_fresh_sampling_at_every_step_is_refused_on_mmdit_with_the_fix():
+    from erase.methods.esd_config import ESDConfig
+    from erase.training.run import train_patch
+
+    config = ESDConfig(model="tiny", concepts=["red"], prompts="shapes", steps=1, trajectories=0, sample_steps=2)
+    with pytest.raises(ValueError, match=r"on SD3/Flux keep the default trajectories \(> 0\)"):
+        train_patch("esd", config, pipe=tiny_pipeline("flux"), progress=False)
+
+
+def test_flow_matching_primitives_invert_each_other():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.denoise import add_noise, is_flow_matching, predicted_epsilon, predicted_x0, training_target
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    assert is_flow_matching(scheduler) and not is_flow_matching(tiny_pipeline("sd1").scheduler)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    x_t = add_noise(scheduler, x0, noise, t)
+    torch.testing.assert_close(x_t[1], 0.5 * x0[1] + 0.5 * noise[1])
+    v = training_target(scheduler, x0, noise, t)
+    torch.testing.assert_close(v, noise - x0)
+    torch.testing.assert_close(predicted_x0(scheduler, x_t, v, t), x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predicted_epsilon(scheduler, x_t, v, t), noise, rtol=1e-5, atol=1e-5)

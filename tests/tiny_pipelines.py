@@ -296,7 +296,7 @@ def tiny_flux() -> FluxPipeline:
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
     )
-    return FluxPipeline(
+    pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_flow_vae(),
         text_encoder=_text_encoder(32),
@@ -305,6 +305,8 @@ def tiny_flux() -> FluxPipeline:
         tokenizer_2=t5_tokenizer(),
         transformer=transformer,
     )
+    pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor  # 16x16 by default (Flux's own: 128 latents)
+    return pipe
 
 
 def tiny_pipeline(arch: str):

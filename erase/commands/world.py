@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from erase.commands._args import SEED_MAX, _integer, _Parser, status
 
-WORLD_MODELS = ("guide", "judge", "classifier", "sd", "gan")
+WORLD_MODELS = ("guide", "judge", "classifier", "sd", "gan", "flux")
 WORLDS = ("shapes", "canvas")
+EXPORTS = ("shapes", "canvas", "shapes-flux")  # the shipped pipelines `erase world export` writes
 
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
@@ -26,7 +27,8 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         "--only",
         choices=list(WORLD_MODELS),
         action="append",
-        help="train only these (repeatable; shapes: guide judge sd gan, canvas: guide judge classifier sd)",
+        help="train only these (repeatable; shapes: guide judge sd gan, and flux (the Shapes world's Flux) only when "
+        "named; canvas: guide judge classifier sd)",
     )
     train.add_argument(
         "--steps", type=_integer("--steps", 1), default=None, help="optimizer steps of each CLIP, the UNet and the GAN"
@@ -66,7 +68,12 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     export_world = world_commands.add_parser("export", help="write the Shapes pipeline as a standard diffusers folder")
     export_world.add_argument("out", metavar="DIR", help="a new (or empty) folder")
-    export_world.add_argument("--world", choices=list(WORLDS), default="shapes", help="which world's pipeline")
+    export_world.add_argument(
+        "--world",
+        choices=list(EXPORTS),
+        default="shapes",
+        help="which world's pipeline (shapes-flux: the Shapes world's Flux)",
+    )
     export_world.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote")
 
 

@@ -26,6 +26,11 @@ on real models, where 200 steps of batch 1 draw 200 states). ``trajectories=0`` 
 Presets (official ``esd_sd.py``): ``esd-x`` every ``attn2`` layer, ``esd-x-strict`` ``attn2.to_k/to_v``, ``esd-u``
 everything but ``attn2``, ``esd-all`` every layer. Several concepts: one concept per step, in turn.
 
+SD3 and Flux: the same objective on the transformer's flow-matching velocity ``v = e - x_0`` (guidance is linear in
+``v`` as in ``eps``), from trajectories of the pipeline's own flow-matching sampler; the presets split the joint
+blocks' text stream, MMDiT's counterpart of cross-attention (`erase.targets`: ``esd-x`` ``text-stream``,
+``esd-x-strict`` ``text-kv``, ``esd-u`` ``no-text-stream``, ``esd-all`` ``transformer``).
+
 Defaults: eta 2 and guidance 3 as the official SD code; 200 steps at lr 5e-5 there. Per model (`DEFAULTS`, chosen by
 the loaded model's `pipelines.profile.ModelProfile`): ``lr`` 1e-3, ``sample_steps`` 25, 64 trajectories sampled 32 at
 a time on the Shapes world, whose tiny UNet and 25-step sampling these were measured on; 5e-5, 50, 16 and 4 on
@@ -45,12 +50,16 @@ from erase.training.trajectories import TrajectorySampler
 from pipelines.denoise import (
     Conditioning,
     PromptEncoder,
+    denoiser,
+    denoiser_output,
+    is_mmdit,
     sampling_pipeline,
-    unet_output,
 )
 from prompts.training import shared_retain
 
 PRESETS = {"esd-x": "xattn", "esd-x-strict": "xattn-kv", "esd-u": "no-xattn", "esd-all": "unet"}
+# SD3/Flux: the same split over the joint blocks' text stream, the MMDiT counterpart of cross-attention
+MMDIT_PRESETS = {"esd-x": "text-stream", "esd-x-strict": "text-kv", "esd-u": "no-text-stream", "esd-all": "transformer"}
 
 
 CONFIG = ESDConfig
@@ -74,13 +83,14 @@ def train(ctx) -> Patch:
     retain = shared_retain(concepts) if config.preserve_weight > 0 else []
     if config.preserve_weight > 0 and not retain:
         raise ValueError("preserve_weight > 0 needs retain prompts, and the prompt set has none for these concepts")
+    teacher = denoiser(pipe)
+    component, presets = ("transformer", MMDIT_PRESETS) if is_mmdit(pipe) else ("unet", PRESETS)
     student = Student(
-        pipe.unet, resolve(PRESETS[config.preset], "unet", pipe.unet), config.kind, config.rank, config.lora_alpha
+        teacher, resolve(presets[config.preset], component, teacher), config.kind, config.rank, config.lora_alpha
     )
     optimizer = torch.optim.Adam(student.trainable(), lr=config.lr)
-    loop = ctx.loop({"student": student.module}, {"adam": optimizer}, frozen=[pipe.unet])
+    loop = ctx.loop({"student": student.module}, {"adam": optimizer}, frozen=[teacher])
     trained = loop.modules["student"]
-    teacher = pipe.unet
     sampler = sampling_pipeline(pipe, teacher, config.sample_steps)
     encode = PromptEncoder(pipe)
     draw = TrajectorySampler(config, sampler, encode, ctx.progress and loop.accelerator.is_local_main_process)
@@ -96,11 +106,11 @@ def train(ctx) -> Patch:
         x_t, t, cond = torch.cat([x_c, x_r]), torch.cat([t_c, t_r]), encode(prompts + kept)
         neutral = encode([neutral_of(concept, p, anchor) for p in prompts])
         with torch.no_grad():  # one batched frozen pass: neutral, concept (and retain) predictions
-            frozen = unet_output(
+            frozen = denoiser_output(
                 teacher, torch.cat([x_c, x_t]), torch.cat([t_c, t]), Conditioning.cat([neutral, cond])
             )
         e_n, e_c, e_r = frozen[:b], frozen[b : 2 * b], frozen[2 * b :]
-        out = unet_output(trained, x_t, t, cond)
+        out = denoiser_output(trained, x_t, t, cond)
         loss_esd = F.mse_loss(out[:b], esd_target(e_c, e_n, config.eta))
         loss = loss_esd
         logs = {"loss": loss_esd.item()}

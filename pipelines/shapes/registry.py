@@ -17,7 +17,10 @@ from pipelines.shapes import WEIGHTS_DIR
 WORLD = "shapes"  # the world's name: its profile key, its prompt set, the --model / --gan name of its shipped files
 CANVAS = "canvas"  # the Shapes Canvas world (`pipelines.canvas`): styles x objects, a diffusion pipeline, no GAN
 WORLDS = (WORLD, CANVAS)
+FLUX = "shapes-flux"  # the Shapes world's Flux (`pipelines.shapes.flux`): --model name of its shipped file
+SHIPPED_MODELS = {WORLD: WORLD, CANVAS: CANVAS, FLUX: WORLD}  # --model name -> the world its weights draw
 PIPELINE_FILE = WEIGHTS_DIR / "sd_shapes.safetensors"
+FLUX_FILE = WEIGHTS_DIR / "flux_shapes.safetensors"
 GAN_FILE = WEIGHTS_DIR / "gan_shapes.safetensors"
 JUDGE = "judge"  # the world's default evaluation judge (eval.clip.load_judge spec)
 # an exported pipeline folder carries this file: ``{"world": "shapes", ...}`` (diffusers ignores unknown files)
@@ -27,30 +30,43 @@ PIPELINE_ATTRIBUTE = "erase_world"  # set by the loaders on a pipeline they reco
 
 
 def names_world(spec) -> str | None:
-    """The world ``spec`` (a ``--model``/``--gan``/``--prompts`` value) names, i.e. whose shipped files it means
-    (``"shapes"`` or ``"canvas"``), else ``None``."""
-    return str(spec) if str(spec) in WORLDS else None
+    """The world whose shipped weights ``spec`` (a ``--model``/``--gan``/``--prompts`` value) names (``"shapes"`` for
+    ``shapes`` and ``shapes-flux``, ``"canvas"``), else ``None``."""
+    return SHIPPED_MODELS.get(str(spec))
 
 
 def pipeline_file(world: str) -> Path:
-    """A world's shipped pipeline file."""
+    """A world's shipped pipeline file (``shapes-flux``: the Shapes world's Flux)."""
     if world == CANVAS:
         from pipelines.canvas import WEIGHTS_DIR as canvas_weights
 
         return canvas_weights / "sd_canvas.safetensors"
+    if world == FLUX:
+        return FLUX_FILE
     return PIPELINE_FILE
 
 
 def shipped_pipeline(spec) -> Path | None:
-    """The shipped pipeline file when ``spec`` names a world (``"shapes"``, ``"canvas"``; a local folder of that
-    name is ``./shapes``), else ``None``."""
-    world = names_world(spec)
-    return pipeline_file(world) if world else None
+    """The shipped pipeline file when ``spec`` names one (``"shapes"``, ``"canvas"``, ``"shapes-flux"``; a local
+    folder of that name is ``./shapes``), else ``None``."""
+    return pipeline_file(str(spec)) if names_world(spec) else None
+
+
+def load_shipped_file(spec, path: Path):
+    """The pipeline in a shipped file: the world's `StableDiffusionPipeline`, or for ``shapes-flux`` its
+    `FluxPipeline`."""
+    if str(spec) == FLUX:
+        from pipelines.shapes.flux import load_flux_pipeline_file
+
+        return load_flux_pipeline_file(path)
+    from pipelines.shapes.diffusion import load_pipeline_file
+
+    return load_pipeline_file(path, names_world(spec))
 
 
 def shipped_gan(spec) -> Path | None:
     """The shipped GAN file when ``spec`` names the Shapes world (the only world with a GAN), else ``None``."""
-    return GAN_FILE if names_world(spec) == WORLD else None
+    return GAN_FILE if str(spec) == WORLD else None
 
 
 def write_marker(folder: str | Path, world: str = WORLD) -> Path:
