@@ -371,8 +371,10 @@ def denoise_to_step(
     if not 0 <= stop_after < steps:
         raise ValueError(f"stop_after must be in [0, {steps}), got {stop_after}")
     if is_mmdit(sampler):
-        raise ValueError("fresh sampling at every step (trajectories=0) runs on UNet pipelines; on SD3/Flux keep the "
-                         "default trajectories (> 0)")
+        raise ValueError(
+            "fresh sampling at every step (trajectories=0) runs on UNet pipelines; on SD3/Flux keep the "
+            "default trajectories (> 0)"
+        )
     captured = {}
 
     def stop(pipe, i, t, callback_kwargs):

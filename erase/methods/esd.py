@@ -59,7 +59,12 @@ from prompts.training import shared_retain
 
 PRESETS = {"esd-x": "xattn", "esd-x-strict": "xattn-kv", "esd-u": "no-xattn", "esd-all": "unet"}
 # SD3/Flux: the same split over the joint blocks' text stream, the MMDiT counterpart of cross-attention
-MMDIT_PRESETS = {"esd-x": "text-stream", "esd-x-strict": "text-kv", "esd-u": "no-text-stream", "esd-all": "transformer"}
+MMDIT_PRESETS = {
+    "esd-x": "text-stream",
+    "esd-x-strict": "text-kv",
+    "esd-u": "no-text-stream",
+    "esd-all": "transformer",
+}
 
 
 CONFIG = ESDConfig
