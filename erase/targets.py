@@ -21,7 +21,7 @@ Flux's single blocks (``single_transformer_blocks.*``) share their projections b
 
 | preset | modules | used by |
 |---|---|---|
-| ``text-kv`` | ``attn.add_k_proj``, ``attn.add_v_proj`` of every joint block (where the image reads text) | ESD-x-strict |
+| ``text-kv`` | ``attn.add_k_proj`` and ``attn.add_v_proj`` of every joint block | ESD-x-strict |
 | ``text-stream`` | every Linear of the joint blocks' text stream (those, ``add_q_proj``, ``to_add_out``, | ESD-x |
 | | ``ff_context``, ``norm1_context``) | |
 | ``no-text-stream`` | every other Linear (the image stream, the single blocks, the embedders) | ESD-u |
