@@ -81,3 +81,50 @@ def test_the_exported_flux_folder_samples_the_same_in_plain_diffusers(tmp_path):
     ours = generate_images(pipelines.load(str(out)), ["a red circle"], [0], steps=4, guidance=5.0)
     assert np.abs((theirs * 255).round() - ours).max() <= 1
     assert model_profile(pipelines.load(str(out))).key == "shapes-flux"  # the marker says what the weights are
+
+
+PLAIN_FLUX = """
+import json, sys
+import numpy as np, torch
+from diffusers import FluxPipeline
+torch.set_num_threads(1)
+job = json.loads(sys.argv[1])
+pipe = FluxPipeline.from_pretrained(job["base"], local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+if job.get("lora"):
+    pipe.load_lora_weights(job["lora"])
+n = len(job["prompts"])
+images = pipe(job["prompts"], num_inference_steps=25, height=32, width=32, max_sequence_length=32,
+              true_cfg_scale=5.0, negative_prompt=[""] * n, output_type="np",
+              generator=[torch.Generator().manual_seed(s) for s in range(n)]).images
+np.save(job["out"], (images * 255).round().astype(np.uint8))
+assert not any(m.split(".")[0] in ("erase", "pipelines") for m in sys.modules)
+"""
+
+
+@shipped
+def test_a_uce_lora_erases_red_in_a_plain_diffusers_flux_pipeline(tmp_path):
+    import subprocess
+    import sys
+
+    from eval.clip import ShapesClipScorer
+    from eval.shapes import attribute_classifiers
+
+    folder, lora = tmp_path / "shapes-flux", tmp_path / "uce-red.safetensors"
+    assert main(["world", "export", str(folder), "--world", "shapes-flux"]) == 0
+    train = ["train", "--method", "uce", "--model", "shapes-flux", "--concept", "red", "--kind", "lora"]
+    assert main([*train, "--out", str(lora), "--quiet"]) == 0
+    prompts = [f"a red {shape}" for shape in ("circle", "square", "triangle", "cross")] * 3
+    judge = ShapesClipScorer("judge")
+    colour = attribute_classifiers(judge)["colour"]
+    red = {}
+    for name, patch in (("base", None), ("erased", lora)):
+        job = {"base": str(folder), "lora": str(patch) if patch else None, "prompts": prompts}
+        job["out"] = str(tmp_path / f"{name}.npy")
+        done = subprocess.run(
+            [sys.executable, "-c", PLAIN_FLUX, json.dumps(job)], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        images = np.load(tmp_path / f"{name}.npy")
+        red[name] = float(np.mean([c == "red" for c in colour.predict(judge.encode_image(images))]))
+    assert red["base"] >= 0.75 and red["erased"] <= 0.25, red  # plain diffusers + the LoRA file: red is gone
