@@ -89,7 +89,10 @@ def train_world(
         elif kind == "gan":
             results[kind] = _train_gan(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
         elif kind == "flux":
-            results[kind] = _train_flux(out, {**given, **({"steps": steps} if steps else {})}, eval_n, progress)
+            stage = {"continue_from": str(continue_from)} if continue_from else {}
+            results[kind] = _train_flux(
+                out, {**given, **stage, **({"steps": steps} if steps else {})}, eval_n, progress
+            )
         else:
             raise ValueError(f"unknown Shapes world model {kind!r}: use guide, judge, sd or gan")
         print(json.dumps({kind: {k: v for k, v in results[kind].items() if k != "config"}}, indent=1))
@@ -199,8 +202,14 @@ def _pipeline_accuracy(pipe, judge, eval_n: int, progress: bool) -> dict:
 def _train_flux(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict:
     from pipelines.shapes.flux import FluxTrainConfig, load_flux_pipeline_file, save_flux_pipeline, train_flux
 
+    if overrides.get("continue_from") and not Path(overrides["continue_from"]).is_file():
+        raise FileNotFoundError(f"--continue-from {overrides['continue_from']}: no such Shapes Flux file")
     config = FluxTrainConfig(**overrides)
     pipe, facts = train_flux(config, progress=progress)
+    if config.continue_from:  # the stage it continued, by content
+        from eval.common import sha256_prefix
+
+        facts["continued_sha256"] = sha256_prefix(config.continue_from)
     path = out / FLUX_FILE
     measure = (
         (lambda: _pipeline_accuracy(load_flux_pipeline_file(path), _judge_for(out), eval_n, progress))

@@ -55,7 +55,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         "--continue-from",
         default=None,
         metavar="FILE",
-        help="sd only: continue this pipeline file of the same world (its VAE kept; --steps more UNet steps)",
+        help="sd and flux: continue this pipeline file of the same world (its VAE kept; --steps more steps)",
     )
     train.add_argument("--unet-lr", type=float, default=None, help="sd only: peak learning rate of the UNet stage")
     train.add_argument(

@@ -145,6 +145,13 @@ class FluxTrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine, linear warm-up)"})
     warmup: int = field(default=300, metadata={"help": "warm-up steps"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"})
+    continue_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a Shapes Flux file to continue: its VAE, CLIP and latent scaling are kept, its transformer "
+            "and T5 train `steps` more steps (a second stage with its own schedule)"
+        },
+    )
     threads: int = field(default=1, metadata={"help": "torch threads while training"})
 
     def __post_init__(self):
@@ -190,11 +197,17 @@ def train_flux(config: FluxTrainConfig, progress: bool = True) -> tuple[FluxPipe
         world = make_world("shapes")
         rng = np.random.default_rng(config.seed)
         attrs, images = world.draw_pool(config.pool_size, rng)
-        sd = load_pipeline_file(PIPELINE_FILE, "shapes")
-        parts = build_flux_components(config.seed, sd.vae, sd.text_encoder)
-        raw = encode_latents(parts["vae"], to_vae_input(images))
-        shift, scale = float(raw.mean()), float(1.0 / raw.std())
-        parts["vae"].register_to_config(shift_factor=shift, scaling_factor=scale)
+        if config.continue_from:
+            parent = load_flux_pipeline_file(config.continue_from)
+            parts = {n: getattr(parent, n) for n in ("vae", "text_encoder", "text_encoder_2", "transformer")}
+            raw = encode_latents(parts["vae"], to_vae_input(images))
+            shift, scale = float(parts["vae"].config.shift_factor), float(parts["vae"].config.scaling_factor)
+        else:
+            sd = load_pipeline_file(PIPELINE_FILE, "shapes")
+            parts = build_flux_components(config.seed, sd.vae, sd.text_encoder)
+            raw = encode_latents(parts["vae"], to_vae_input(images))
+            shift, scale = float(raw.mean()), float(1.0 / raw.std())
+            parts["vae"].register_to_config(shift_factor=shift, scaling_factor=scale)
         latents = (raw - shift) * scale
         t0 = time.perf_counter()
         losses = _train(parts, latents, attrs, world, config, rng, progress)
