@@ -99,6 +99,38 @@ _WARNED: set[tuple[str, int, str]] = set()  # (prompt, limit, who) already warne
 _SHOWN = 3
 
 
+def t5_style_tokenizer(words: list[str], max_length: int | None = None):
+    """A T5-style tokenizer for a closed vocabulary, built offline: SentencePiece's Unigram model over a fixed table
+    (lower-cased, ``▁`` marking a word's start), ``</s>`` appended as T5 does.
+
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's own), then ``▁``, every letter alone and word-initial, then each
+    of ``words`` (two letters or more) as one piece, so any lower-case English word tokenizes: as one piece when
+    listed, by letters otherwise, never as ``<unk>``. Every build from the same words is the same tokenizer.
+
+    Args:
+        words (`list[str]`): the whole-word pieces, in table order.
+        max_length (`int`, *optional*): the tokenizer's ``model_max_length`` (the T5 tokens a model is trained at).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    table = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    table += [(c, -3.0) for c in letters] + [("\u2581" + c, -3.0) for c in letters]
+    table += [("\u2581" + w, -1.0) for w in words if len(w) > 1]
+    tokenizer = Tokenizer(models.Unigram(table, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    if max_length is not None:
+        fast.model_max_length = max_length
+    return fast
+
+
 @contextlib.contextmanager
 def quiet_loggers(*names: str):
     """Raise the given loggers to ERROR while the block runs (restored after), to drop warnings said better here."""

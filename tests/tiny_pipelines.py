@@ -49,7 +49,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from pipelines.tokenizer import clip_tokenizer
+from pipelines.tokenizer import clip_tokenizer, t5_style_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 MMDIT_ARCHITECTURES = ("sd3", "flux")
@@ -74,7 +74,7 @@ def _text_config(hidden: int, projection_dim: int | None = None, layers: int = 2
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(**extra) -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=(8, 16),
@@ -85,6 +85,7 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=IMAGE_SIZE,
+        **extra,
     )
 
 
@@ -195,26 +196,8 @@ T5_WORDS = (
 
 
 def t5_tokenizer():
-    """A T5-style tokenizer (SentencePiece Unigram over a fixed table; lower-cased) built offline.
-
-    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's own), then ``▁``, the letters alone and word-initial, and the words
-    of ``T5_WORDS`` as whole pieces, so any lower-case English word tokenizes (by letters when not a whole piece).
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    table = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    table += [(c, -3.0) for c in letters] + [("\u2581" + c, -3.0) for c in letters]
-    table += [("\u2581" + w, -1.0) for w in T5_WORDS]
-    tokenizer = Tokenizer(models.Unigram(table, unk_id=2, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    """A T5-style tokenizer over ``T5_WORDS`` (`pipelines.tokenizer.t5_style_tokenizer`), built offline."""
+    return t5_style_tokenizer(T5_WORDS)
 
 
 def _t5(width: int) -> T5EncoderModel:
@@ -233,21 +216,7 @@ def _t5(width: int) -> T5EncoderModel:
 
 def _flow_vae() -> AutoencoderKL:
     """The tiny VAE without quant convs and with a shift factor, as SD3's and Flux's."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=IMAGE_SIZE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    return _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
 def tiny_sd3() -> StableDiffusion3Pipeline:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from pipelines.shapes.training import cosine_with_warmup, tail_mean, torch_threads
-from pipelines.tokenizer import clip_tokenizer
+from pipelines.tokenizer import clip_tokenizer, t5_style_tokenizer
 
 TEXT_LENGTH = 32  # T5 tokens per prompt, in training and sampling
 RESOLUTION = 32  # the world's image side
@@ -81,25 +81,9 @@ def world_words() -> list[str]:
 
 
 def world_t5_tokenizer():
-    """The Shapes Flux's T5 tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's ids), ``▁``, the letters alone and
-    word-initial, then every world word as one piece; lower-cased; ``</s>`` appended."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    table = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    table += [(c, -3.0) for c in letters] + [("\u2581" + c, -3.0) for c in letters]
-    table += [("\u2581" + w, -1.0) for w in world_words() if len(w) > 1]
-    tokenizer = Tokenizer(models.Unigram(table, unk_id=2, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    fast.model_max_length = TEXT_LENGTH
-    return fast
+    """The Shapes Flux's T5 tokenizer (`pipelines.tokenizer.t5_style_tokenizer`): every world word one piece,
+    ``model_max_length`` the T5 length it is trained at."""
+    return t5_style_tokenizer(world_words(), TEXT_LENGTH)
 
 
 # ------------------------------------------------------------------------------------------------ components
