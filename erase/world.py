@@ -158,10 +158,7 @@ def _train_sd(
         overrides["vae_steps"] = vae_steps
     config = default_diffusion_config(world, **overrides)
     pipe, facts = train_pipeline(config, progress=progress)
-    if config.continue_from:  # the stage it continued, by content
-        from eval.common import sha256_prefix
-
-        facts["continued_sha256"] = sha256_prefix(config.continue_from)
+    _record_parent(config, facts)
     seen = facts.pop("seen_token_ids")
     path = out / SD_FILES[world]
     if world == "canvas":
@@ -174,6 +171,14 @@ def _train_sd(
         )
     save = lambda meta: save_pipeline(pipe, path, seen, meta, world)  # noqa: E731
     return _save_measured(path, config, facts, save, measure)
+
+
+def _record_parent(config, facts: dict) -> None:
+    """A second stage records the file it continued, by content."""
+    if config.continue_from:
+        from eval.common import sha256_prefix
+
+        facts["continued_sha256"] = sha256_prefix(config.continue_from)
 
 
 def _canvas_pipeline_fidelity(pipe, out: Path, eval_n: int) -> dict:
@@ -206,10 +211,7 @@ def _train_flux(out: Path, overrides: dict, eval_n: int, progress: bool) -> dict
         raise FileNotFoundError(f"--continue-from {overrides['continue_from']}: no such Shapes Flux file")
     config = FluxTrainConfig(**overrides)
     pipe, facts = train_flux(config, progress=progress)
-    if config.continue_from:  # the stage it continued, by content
-        from eval.common import sha256_prefix
-
-        facts["continued_sha256"] = sha256_prefix(config.continue_from)
+    _record_parent(config, facts)
     path = out / FLUX_FILE
     measure = (
         (lambda: _pipeline_accuracy(load_flux_pipeline_file(path), _judge_for(out), eval_n, progress))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from pipelines.profile import is_flux_transformer
+
 
 @dataclass
 class Conditioning:
@@ -174,7 +176,7 @@ def denoiser_output(model, x_t: torch.Tensor, t: torch.Tensor, cond: Conditionin
     flow-matching velocity ``v = e - x_0`` at ``t = 1000 s`` (the pipelines' timesteps; Flux's transformer takes
     ``s``, SD3's ``t``). Flux latents are packed (``[N, tokens, 4 C]``, a square grid); a Flux transformer with a
     guidance embedding gets guidance 3.5 (Flux.1-dev's default)."""
-    if hasattr(model, "single_transformer_blocks"):  # Flux
+    if is_flux_transformer(model):
         n, tokens = x_t.shape[:2]
         side = int(round(tokens**0.5))
         image_ids = _flux_image_ids(side, x_t.device, x_t.dtype)
@@ -340,7 +342,7 @@ def _sampler_kwargs(
     if cond.pooled is not None:
         kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
     transformer = getattr(sampler, "transformer", None) if is_mmdit(sampler) else None
-    if transformer is not None and hasattr(transformer, "single_transformer_blocks"):
+    if transformer is not None and is_flux_transformer(transformer):
         if transformer.config.guidance_embeds:  # Flux.1-dev: distilled guidance, no negative pass
             kwargs.pop("negative_prompt_embeds"), kwargs.pop("negative_pooled_prompt_embeds")
         else:  # classifier-free guidance against the negative conditioning (`true_cfg_scale`)
@@ -417,7 +419,7 @@ def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) 
     if is_mmdit(sampler):  # the pipeline's own noise (Flux: packed), drawn from the same generators
         h, w = image_size(sampler)
         channels = sampler.transformer.config.in_channels
-        flux = hasattr(sampler.transformer, "single_transformer_blocks")
+        flux = is_flux_transformer(sampler.transformer)
         device = sampler.transformer.device
         out = sampler.prepare_latents(n, channels // 4 if flux else channels, h, w, dtype, device, generators)
         return out[0] if flux else out

@@ -38,13 +38,19 @@ class ModelProfile:
         return asdict(self)
 
 
+def is_flux_transformer(module) -> bool:
+    """Whether ``module`` is a Flux transformer (double- and single-stream blocks) rather than SD3's (joint blocks
+    only) or a UNet: the one place that tells them apart."""
+    return hasattr(module, "single_transformer_blocks")
+
+
 def mmdit_architecture(model) -> str | None:
-    """``"flux"`` or ``"sd3"`` for a pipeline whose denoiser is an MMDiT ``transformer``, from the transformer itself
-    (Flux's has ``single_transformer_blocks``), else ``None``."""
+    """``"flux"`` or ``"sd3"`` for a pipeline whose denoiser is an MMDiT ``transformer``, from the transformer itself,
+    else ``None``."""
     transformer = getattr(model, "transformer", None)
     if transformer is None:
         return None
-    return "flux" if hasattr(transformer, "single_transformer_blocks") else "sd3"
+    return "flux" if is_flux_transformer(transformer) else "sd3"
 
 
 def model_profile(model) -> ModelProfile:

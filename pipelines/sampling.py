@@ -77,13 +77,13 @@ def mmdit_call_kwargs(pipe, guidance: float, n: int) -> dict:
     layout, the Shapes Flux), classifier-free guidance through ``true_cfg_scale`` against ``n`` empty negative
     prompts (its ``guidance_scale`` is ignored). Empty for UNet pipelines."""
     from pipelines.denoise import is_mmdit, text_length
+    from pipelines.profile import is_flux_transformer
 
     if not is_mmdit(pipe):
         return {}
     kwargs = {"max_sequence_length": text_length(pipe)}
     transformer = pipe.transformer
-    flux = hasattr(transformer, "single_transformer_blocks")
-    if flux and not transformer.config.guidance_embeds and guidance > 1:
+    if is_flux_transformer(transformer) and not transformer.config.guidance_embeds and guidance > 1:
         kwargs.update(true_cfg_scale=guidance, negative_prompt=[""] * n)
     return kwargs
 
