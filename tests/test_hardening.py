@@ -685,7 +685,7 @@ def test_a_real_signal_during_eval_is_one_line_and_keeps_the_earlier_evaluation(
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "erase", "eval", "--concept", "red", "--out", str(out)]  # ~2 min if not stopped
     with unchanged(tmp_path):  # bytes and times: no temporaries left, the earlier evaluation as it was
-        run = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+        run = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         stderr = bytearray()
         reader = threading.Thread(target=pump, args=(run.stderr.fileno(), stderr), daemon=True)
         reader.start()
@@ -1198,6 +1198,13 @@ def test_real_patches_stay_far_below_the_magnitude_bounds(tmp_path):
 # Issue 18, section 5 (helper `inputs`): what --resume and --overwrite may replace, devices and FIFOs, generate and
 # world export --overwrite, SIGTERM, temporaries of killed runs, seeds, attack --cases / --out, bad inputs found by
 # trying every command as a new user would
+
+
+def default_sigint() -> None:
+    """Start a child with Ctrl-C at its default action, as a terminal's foreground process has it. A shell starts
+    background jobs (CI runners, ``make test &``) with SIGINT ignored and children inherit that, so without this the
+    signal these tests send would be ignored and the run would finish normally."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:

@@ -60,12 +60,21 @@ for argv in {LIGHT_COMMANDS!r}:
     assert all(line.endswith("-> -") for line in lines), f"heavy imports on the way to the parser:\n{result.stdout}"
 
 
+def default_sigint() -> None:
+    """Start a child with Ctrl-C at its default action, as a terminal's foreground process has it. A shell starts
+    background jobs (CI runners, ``make test &``) with SIGINT ignored and children inherit that, so without this the
+    signal these tests send would be ignored and the run would finish normally."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when torch is loading")
 def test_ctrl_c_while_torch_loads_prints_one_line(tmp_path):
     out = tmp_path / "red.safetensors"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "erase", "train", "--method", "uce", "--concept", "red", "--out", str(out)]
-    run = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint
+    )
     maps = Path(f"/proc/{run.pid}/maps")
     deadline = time.monotonic() + 120
     loading = False
