@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from pipelines.profile import is_flux_transformer
+from pipelines.profile import is_flux_transformer, takes_true_cfg
 
 
 @dataclass
@@ -342,11 +342,10 @@ def _sampler_kwargs(
     if cond.pooled is not None:
         kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
     transformer = getattr(sampler, "transformer", None) if is_mmdit(sampler) else None
-    if transformer is not None and is_flux_transformer(transformer):
-        if transformer.config.guidance_embeds:  # Flux.1-dev: distilled guidance, no negative pass
-            kwargs.pop("negative_prompt_embeds"), kwargs.pop("negative_pooled_prompt_embeds")
-        else:  # classifier-free guidance against the negative conditioning (`true_cfg_scale`)
-            kwargs["true_cfg_scale"] = guidance
+    if transformer is not None and takes_true_cfg(transformer):  # guidance against the negative conditioning
+        kwargs["true_cfg_scale"] = guidance
+    elif transformer is not None and is_flux_transformer(transformer):  # Flux.1-dev: distilled guidance only
+        kwargs.pop("negative_prompt_embeds"), kwargs.pop("negative_pooled_prompt_embeds")
     return kwargs
 
 

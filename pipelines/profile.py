@@ -44,6 +44,12 @@ def is_flux_transformer(module) -> bool:
     return hasattr(module, "single_transformer_blocks")
 
 
+def takes_true_cfg(module) -> bool:
+    """Whether a Flux transformer has no guidance embedding (Flux.1-schnell's layout, the Shapes Flux): its pipeline
+    ignores ``guidance_scale`` and guides only through ``true_cfg_scale`` against a negative prompt."""
+    return is_flux_transformer(module) and not module.config.guidance_embeds
+
+
 def mmdit_architecture(model) -> str | None:
     """``"flux"`` or ``"sd3"`` for a pipeline whose denoiser is an MMDiT ``transformer``, from the transformer itself,
     else ``None``."""

@@ -77,13 +77,12 @@ def mmdit_call_kwargs(pipe, guidance: float, n: int) -> dict:
     layout, the Shapes Flux), classifier-free guidance through ``true_cfg_scale`` against ``n`` empty negative
     prompts (its ``guidance_scale`` is ignored). Empty for UNet pipelines."""
     from pipelines.denoise import is_mmdit, text_length
-    from pipelines.profile import is_flux_transformer
+    from pipelines.profile import takes_true_cfg
 
     if not is_mmdit(pipe):
         return {}
     kwargs = {"max_sequence_length": text_length(pipe)}
-    transformer = pipe.transformer
-    if is_flux_transformer(transformer) and not transformer.config.guidance_embeds and guidance > 1:
+    if takes_true_cfg(pipe.transformer) and guidance > 1:
         kwargs.update(true_cfg_scale=guidance, negative_prompt=[""] * n)
     return kwargs
 

@@ -147,27 +147,21 @@ class FluxTrainConfig:
 
 
 class _TextCache:
-    """T5 token ids and frozen CLIP pooled vectors of captions, memoised (captions repeat a lot)."""
+    """T5 token ids (`pipelines.shapes.diffusion._PromptCache`, padded to the tokenizer's ``TEXT_LENGTH``) and the
+    frozen CLIP's pooled vectors of captions, memoised (captions repeat a lot)."""
 
     def __init__(self, t5_tokenizer, clip: CLIPTextModel):
-        self.t5_tokenizer, self.clip, self.clip_tokenizer = t5_tokenizer, clip, clip_tokenizer()
-        self.ids: dict[str, torch.Tensor] = {}
+        from pipelines.shapes.diffusion import _PromptCache
+
+        self.t5_ids, self.clip_ids, self.clip = _PromptCache(t5_tokenizer), _PromptCache(clip_tokenizer()), clip
         self.pooled: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = [c for c in dict.fromkeys(captions) if c not in self.ids]
+        missing = [c for c in dict.fromkeys(captions) if c not in self.pooled]
         if missing:
-            ids = self.t5_tokenizer(
-                missing, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
-            ).input_ids
-            clip_ids = self.clip_tokenizer(
-                missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-            ).input_ids
-            pooled = self.clip(clip_ids).pooler_output
-            self.ids.update(zip(missing, ids))
-            self.pooled.update(zip(missing, pooled))
-        return torch.stack([self.ids[c] for c in captions]), torch.stack([self.pooled[c] for c in captions])
+            self.pooled.update(zip(missing, self.clip(self.clip_ids(missing)).pooler_output))
+        return self.t5_ids(captions), torch.stack([self.pooled[c] for c in captions])
 
 
 def train_flux(config: FluxTrainConfig, progress: bool = True) -> tuple[FluxPipeline, dict]:
