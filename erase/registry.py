@@ -146,12 +146,14 @@ register_method(
     "erase.methods.salun",
     "SalUn (Fan et al. 2024): remap the concept onto an anchor, moving only the most salient weights (sparse patch)",
     config_module="erase.methods.salun_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "doco",
     "erase.methods.doco",
     "DoCo (Wu et al. 2025): adversarially align the concept's outputs with an anchor's, with preserving gradients",
     config_module="erase.methods.doco_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "text2unlearn",

@@ -26,6 +26,10 @@ Flux's single blocks (``single_transformer_blocks.*``) share their projections b
 | | ``ff_context``, ``norm1_context``) | |
 | ``no-text-stream`` | every other Linear (the image stream, the single blocks, the embedders) | ESD-u |
 | ``transformer`` | every Linear | ESD-all |
+
+A method written with the UNet presets trains the same roles on SD3/Flux through `denoiser_target`:
+``xattn-kv`` -> ``text-kv``, ``xattn`` -> ``text-stream``, ``no-xattn`` -> ``no-text-stream``, ``unet`` ->
+``transformer``, ``unet-full`` -> every parameter of the transformer.
 """
 
 from __future__ import annotations
@@ -36,8 +40,19 @@ from dataclasses import dataclass
 from torch import nn
 
 PRESETS = ("xattn-kv", "xattn", "no-xattn", "unet", "unet-full", "text-encoder")
-MMDIT_PRESETS = ("text-kv", "text-stream", "no-text-stream", "transformer")
+MMDIT_PRESETS = ("text-kv", "text-in", "text-stream", "no-text-stream", "transformer")
+# the UNet presets' roles on an MMDiT (text K/V, the text side, everything else, every layer, every parameter)
+MMDIT_EQUIVALENT = {
+    "xattn-kv": "text-kv",
+    "xattn": "text-stream",
+    "no-xattn": "no-text-stream",
+    "unet": "transformer",
+    "unet-full": "unet-full",
+}
 _TEXT_KV = re.compile(r"^transformer_blocks\.\d+\.attn\.add_[kv]_proj$")
+_TEXT_IN = re.compile(
+    r"^(context_embedder|time_text_embed\.text_embedder\..*|transformer_blocks\.\d+\.attn\.add_[kv]_proj)$"
+)
 _TEXT_STREAM = re.compile(
     r"^transformer_blocks\.\d+\.(attn\.(add_[qkv]_proj|to_add_out)|ff_context\..*|norm1_context\..*)$"
 )
@@ -90,6 +105,7 @@ def resolve(preset: str, component: str, module: nn.Module) -> Target:
             "unet": True,
             "text-encoder": isinstance(sub, nn.Linear) and ".layers." in f".{name}",
             "text-kv": bool(_TEXT_KV.match(name)),
+            "text-in": bool(_TEXT_IN.match(name)),
             "text-stream": in_text,
             "no-text-stream": not in_text,
             "transformer": True,
@@ -101,3 +117,14 @@ def resolve(preset: str, component: str, module: nn.Module) -> Target:
     chosen_layers = set(layers)
     parameters = [n for n, _ in module.named_parameters() if n.rsplit(".", 1)[0] in chosen_layers]
     return Target(component, layers, parameters)
+
+
+def denoiser_target(preset: str, pipe) -> Target:
+    """`resolve` a UNet preset on the pipeline's denoiser: its ``unet``, or on SD3/Flux its ``transformer`` with the
+    preset of the same role (`MMDIT_EQUIVALENT`)."""
+    transformer = getattr(pipe, "transformer", None) if getattr(pipe, "unet", None) is None else None
+    if transformer is None:
+        return resolve(preset, "unet", pipe.unet)
+    if preset not in MMDIT_EQUIVALENT:
+        raise ValueError(f"preset {preset!r} has no SD3/Flux equivalent: use one of {', '.join(MMDIT_EQUIVALENT)}")
+    return resolve(MMDIT_EQUIVALENT[preset], "transformer", transformer)

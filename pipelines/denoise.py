@@ -385,7 +385,7 @@ def denoise_to_step(
         return callback_kwargs
 
     if stop_after == 0:
-        latents = _initial_latents(sampler, len(cond), generators, cond.hidden.dtype)
+        latents = initial_latents(sampler, len(cond), generators, cond.hidden.dtype)
     else:
         kwargs = _sampler_kwargs(sampler, cond, uncond, steps, guidance, generators)
         sampler(**kwargs, callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents"])
@@ -414,9 +414,13 @@ def sample_latents(
     return sampler(**_sampler_kwargs(sampler, cond, uncond, steps, guidance, generators)).images
 
 
-def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) -> torch.Tensor:
+def initial_latents(
+    sampler, n: int, generators: list[torch.Generator], dtype, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The initial noise the pipeline's own call draws from ``generators`` (one per sample) for images of ``size``
+    (height, width; default: the pipeline's), Flux's packed."""
     if is_mmdit(sampler):  # the pipeline's own noise (Flux: packed), drawn from the same generators
-        h, w = image_size(sampler)
+        h, w = size or image_size(sampler)
         channels = sampler.transformer.config.in_channels
         flux = is_flux_transformer(sampler.transformer)
         device = sampler.transformer.device
@@ -426,6 +430,42 @@ def _initial_latents(sampler, n: int, generators: list[torch.Generator], dtype) 
     channels = sampler.unet.config.in_channels
     noise = [torch.randn((1, channels, h, w), generator=g, dtype=dtype) for g in generators]
     return torch.cat(noise).to(sampler.unet.device) * sampler.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def flow_schedule(sampler, steps: int, guidance: float = 1.0, size: tuple[int, int] | None = None):
+    """A copy of an SD3/Flux ``sampler``'s flow-matching scheduler set for ``steps`` steps exactly as the pipeline's
+    own call sets it for images of ``size`` (its shift, dynamic shifting for the image's length, Flux's explicit
+    sigmas): one call of the pipeline on the empty prompt, interrupted after its first step (``callback_on_step_end``
+    on step 0).
+    ``timesteps`` are ``1000 s`` and ``sigmas`` the ``s`` of each step, with the final 0."""
+    import copy
+
+    cond = encode_prompts(sampler, [""])
+
+    def stop(pipe, i, t, callback_kwargs):
+        pipe._interrupt = True
+        return callback_kwargs
+
+    kwargs = _sampler_kwargs(sampler, cond, cond, steps, guidance, [torch.Generator().manual_seed(0)])
+    if size is not None:
+        kwargs.update(height=size[0], width=size[1])
+    sampler(**kwargs, callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents"])
+    return copy.deepcopy(sampler.scheduler)
+
+
+def unpack_latents(sampler, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Flux's packed latents ``[N, tokens, 4 C]`` as the VAE's ``[N, C, H, W]`` for images of ``size`` (height,
+    width; default: the pipeline's), as its call unpacks them before decoding (each token a 2x2 patch of the latent,
+    channels first); other latents as they are."""
+    if latents.ndim != 3:
+        return latents
+    height, width = (2 * (side // (sampler.vae_scale_factor * 2)) for side in (size or image_size(sampler)))
+    n, tokens, packed = latents.shape
+    if tokens != (height // 2) * (width // 2):
+        raise ValueError(f"{tokens} packed latent tokens do not fit a {height}x{width} latent")
+    grid = latents.reshape(n, height // 2, width // 2, packed // 4, 2, 2)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(n, packed // 4, height, width)
 
 
 @torch.no_grad()
@@ -454,7 +494,7 @@ def sample_trajectories(
         index = slice(start, start + batch_size)
         gens = generators[index]
         copies = [torch.Generator().set_state(g.get_state()) for g in gens]  # the pipeline draws the same noise
-        states = [_initial_latents(sampler, len(gens), copies, cond.hidden.dtype)]
+        states = [initial_latents(sampler, len(gens), copies, cond.hidden.dtype)]
 
         def keep(pipe, i, t, callback_kwargs):
             if i < steps - 1:

@@ -77,12 +77,12 @@ from torch import nn
 from erase.grad import clip_gradients, surgery
 from erase.methods.doco_config import DEFAULTS, DoCoConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch
-from erase.targets import resolve
+from erase.targets import denoiser_target
 from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.data import SEED_OFFSETS, retain_prompts, spread, with_anchors
 from erase.training.loop import adam
 from erase.training.student import Student, seeded
-from pipelines.denoise import PromptEncoder, add_noise, predicted_x0, training_target, unet_output
+from pipelines.denoise import PromptEncoder, add_noise, denoiser, denoiser_output, predicted_x0, training_target
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
@@ -113,6 +113,19 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def spatial(latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the discriminator's ``[N, C, H, W]`` maps: a UNet's as they are; Flux's packed ``[N, tokens, 4 C]``
+    (each token a 2x2 patch of the latent grid, a square grid of tokens) as ``[N, 4 C, side, side]``, the patch's
+    four pixels as channels."""
+    if latents.ndim == 4:
+        return latents
+    n, tokens, channels = latents.shape
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(f"packed latents of {tokens} tokens are not a square grid")
+    return latents.transpose(1, 2).reshape(n, channels, side, side)
 
 
 def discriminator_layers(height: int, width: int) -> int:
@@ -167,20 +180,20 @@ def train(ctx) -> Patch:
     config: DoCoConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
     anchors = _anchors(ctx)
-    check_token(ctx.pipe, config)
-    scheduler, teacher = pipe.scheduler, pipe.unet
+    check_token(ctx.pipe, config, [p for c in concepts for p in c.targets])
+    scheduler, teacher = pipe.scheduler, denoiser(pipe)
     encode = PromptEncoder(pipe)
     anchor_sets, concept_prompts, concept_sets, retain = _data(ctx, config, anchors, encode)
 
-    student = Student(teacher, resolve(config.preset, "unet", teacher), config.kind, config.rank, config.lora_alpha)
+    student = Student(teacher, denoiser_target(config.preset, pipe), config.kind, config.rank, config.lora_alpha)
     params = student.named_trainable()
-    h, w = anchor_sets[0].latents.shape[-2:]
+    channels, h, w = spatial(anchor_sets[0].latents).shape[1:]
     n_disc = len(concepts) if config.discriminator == "per-concept" else 1
     with seeded(config.seed):  # D's initial weights (the caller's global RNG is left alone)
         discs = [
-            PatchDiscriminator(
-                anchor_sets[0].latents.shape[1], config.disc_width, config.disc_layers or discriminator_layers(h, w)
-            ).to(teacher.device)
+            PatchDiscriminator(channels, config.disc_width, config.disc_layers or discriminator_layers(h, w)).to(
+                teacher.device
+            )
             for _ in range(n_disc)
         ]
     disc_names = ["discriminator"] + [f"discriminator_{k}" for k in range(1, n_disc)]
@@ -252,12 +265,14 @@ def train(ctx) -> Patch:
         else:
             cond = encode(target_prompts + prior_prompts)
         with torch.set_grad_enabled(adversarial):
-            out = unet_output(trained, x_t, t, cond)
+            out = denoiser_output(trained, x_t, t, cond)
         with torch.no_grad():
             frozen_prompts = anchor_prompts + (prior_prompts if config.prior_target == "frozen" else [])
-            frozen = unet_output(teacher, x_t[: len(frozen_prompts)], t[: len(frozen_prompts)], encode(frozen_prompts))
-        x0_tgt = predicted_x0(scheduler, x_t[:b], out[:b], t[:b])
-        x0_anc = predicted_x0(scheduler, x_t[:b], frozen[:b], t[:b])
+            frozen = denoiser_output(
+                teacher, x_t[: len(frozen_prompts)], t[: len(frozen_prompts)], encode(frozen_prompts)
+            )
+        x0_tgt = spatial(predicted_x0(scheduler, x_t[:b], out[:b], t[:b]))
+        x0_anc = spatial(predicted_x0(scheduler, x_t[:b], frozen[:b], t[:b]))
         d = k if n_disc > 1 else 0
         if adversarial:
             loss_adv = adversarial_loss(discs[d], x0_tgt)  # raw D; autograd.grad below gives its weights no gradient

@@ -66,12 +66,12 @@ from erase.config_args import seed_for_torch
 from erase.grad import mask_share, saliency_mask
 from erase.methods.salun_config import DEFAULTS, SalUnConfig  # noqa: F401  (re-exported)
 from erase.patch import Patch
-from erase.targets import resolve
+from erase.targets import denoiser_target
 from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.data import SEED_OFFSETS, LatentSet, retain_prompts, spread, with_anchors
 from erase.training.loop import adam
 from erase.training.student import Student
-from pipelines.denoise import Conditioning, PromptEncoder, add_noise, training_target, unet_output
+from pipelines.denoise import Conditioning, PromptEncoder, add_noise, denoiser, denoiser_output, training_target
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain
 
@@ -87,7 +87,7 @@ def _anchors(ctx) -> list[str]:
 
 def guided_prediction(unet, x_t, t, cond: Conditioning, uncond: Conditioning, w: float) -> torch.Tensor:
     """The saliency loss's prediction ``(1 + w) eps(x_t, c) - w eps(x_t, "")`` (one batched UNet pass)."""
-    out = unet_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
+    out = denoiser_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
     cond_out, uncond_out = out.chunk(2)
     return (1 + w) * cond_out - w * uncond_out
 
@@ -146,10 +146,11 @@ def prepare(ctx) -> Prepared:
     """Resolve the config, generate D_f and D_r, and compute the saliency mask (step 1)."""
     config: SalUnConfig = ctx.config
     anchors = _anchors(ctx)
-    check_token(ctx.pipe, config)
+    check_token(ctx.pipe, config, [p for c in ctx.concepts for p in c.targets])
     encode = PromptEncoder(ctx.pipe)
     forget, remap, retain = _data(ctx, config, anchors, encode)
-    student = Student(ctx.pipe.unet, resolve(config.preset, "unet", ctx.pipe.unet), config.kind)
+    teacher = denoiser(ctx.pipe)
+    student = Student(teacher, denoiser_target(config.preset, ctx.pipe), config.kind)
     saliency = compute_saliency(
         student.module,
         student.named_trainable(),
@@ -169,7 +170,7 @@ def prepare(ctx) -> Prepared:
 def train(ctx) -> Patch:
     config: SalUnConfig = ctx.config
     prep = prepare(ctx)
-    concepts, scheduler, teacher = ctx.concepts, ctx.pipe.scheduler, ctx.pipe.unet
+    concepts, scheduler, teacher = ctx.concepts, ctx.pipe.scheduler, denoiser(ctx.pipe)
     encode, forget, remap, retain = prep.encode, prep.forget, prep.remap, prep.retain
     student, mask = prep.student, prep.mask
     params = student.named_trainable()
@@ -199,15 +200,15 @@ def train(ctx) -> Patch:
             cond = adv.condition(k, prompts_f, prompts_r, encode)
         else:
             cond = encode(prompts_f + prompts_r)
-        out = unet_output(trained, x_t, t, cond)
+        out = denoiser_output(trained, x_t, t, cond)
         with torch.no_grad():  # sg[eps_anchor(x_t, c_p)] on the forget half (and the original on retain, if asked)
             if config.retain_target == "frozen" and anchor_model is teacher:
-                ref = unet_output(teacher, x_t, t, encode(remapped + prompts_r))
+                ref = denoiser_output(teacher, x_t, t, encode(remapped + prompts_r))
                 target_f, target_r = ref[:b], ref[b:]
             else:
-                target_f = unet_output(anchor_model, x_t[:b], t[:b], encode(remapped))
+                target_f = denoiser_output(anchor_model, x_t[:b], t[:b], encode(remapped))
                 target_r = (
-                    unet_output(teacher, x_t[b:], t[b:], encode(prompts_r))
+                    denoiser_output(teacher, x_t[b:], t[b:], encode(prompts_r))
                     if config.retain_target == "frozen"
                     else training_target(scheduler, x0_r, noise[b:], t[b:])
                 )

@@ -26,23 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erase.training.config import AdversarialTrainConfig
 from pipelines.denoise import (
     Conditioning,
     PromptEncoder,
     add_noise,
+    denoiser_output,
     encode_prompts,
     training_target,
-    unet_output,
 )
-from pipelines.tokens import TokenInjection, token_id_of, word_embedding
+from pipelines.tokens import TokenInjection, one_token_word, placeholder_ids, word_embeddings
 
 TOKEN_FLAG = "--adversarial-token"
+DEFAULT_TOKEN = AdversarialTrainConfig.adversarial_token
 
 
-def check_token(pipe, config) -> None:
-    """Refuse a multi-token ``adversarial_token`` before any image is generated (one-line error)."""
-    if config.adversarial_every:
-        token_id_of(pipe.tokenizer, config.adversarial_token, TOKEN_FLAG)
+def check_token(pipe, config, prompts: list[str] = ()) -> None:
+    """Refuse an ``adversarial_token`` that is not one token for every text encoder before any image is generated
+    (one-line error). Left at its default (``sks``) on a model whose tokenizers do not all keep it whole (a T5 beside
+    CLIP), it becomes the first word that they do and that ``prompts`` do not use (`pipelines.tokens
+    .one_token_word`), written into the config (saved in the patch)."""
+    if not config.adversarial_every:
+        return
+    if config.adversarial_token == DEFAULT_TOKEN:
+        config.adversarial_token = one_token_word(pipe, DEFAULT_TOKEN, list(prompts))
+    placeholder_ids(pipe, config.adversarial_token, TOKEN_FLAG)
 
 
 class AdversarialToken(nn.Module):
@@ -57,11 +65,8 @@ class AdversarialToken(nn.Module):
     def __init__(self, pipe, word: str, token: str):
         super().__init__()
         self.pipe, self.token = pipe, token
-        self.injection = TokenInjection(pipe, token_id_of(pipe.tokenizer, token, TOKEN_FLAG))
-        tables = self.injection.tables()
-        self.vectors = nn.ParameterList(
-            [nn.Parameter(word_embedding(pipe.tokenizer, t, word).clone()) for t in tables]
-        )
+        self.injection = TokenInjection(pipe, placeholder_ids(pipe, token, TOKEN_FLAG))
+        self.vectors = nn.ParameterList([nn.Parameter(v.clone()) for v in word_embeddings(pipe, self.injection, word)])
         self._encoder = PromptEncoder(pipe, self.injection)  # encodings with the current v; emptied by every search
 
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -98,7 +103,7 @@ class AdversarialToken(nn.Module):
                 injection.values = params
                 with torch.enable_grad():
                     cond = encode_prompts(self.pipe, [prompts[i] for i in idx.tolist()])
-                    out = unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
+                    out = denoiser_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
                     loss = F.mse_loss(out, training_target(scheduler, x0, noise, t))
                     grads = loop.gradients(loss, params) if loop else torch.autograd.grad(loss, params)
                 if loop is not None and loop.accelerator.num_processes > 1:

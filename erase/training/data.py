@@ -117,7 +117,7 @@ def generate_latents(
         encoder (`PromptEncoder`, *optional*): a shared encoding cache.
     """
     encoder = encoder or PromptEncoder(pipe)
-    sampler = sampling_pipeline(pipe, pipe.unet, steps)
+    sampler = sampling_pipeline(pipe, steps=steps)
     seeds = training_seeds(seed, len(prompts))
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):

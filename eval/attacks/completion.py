@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from eval.attacks.core import AttackResult, AttackSession, ddim_sample, start_index
-from pipelines.denoise import add_noise
+from eval.attacks.core import AttackResult, AttackSession, ddim_sample, start_index, timestep_batch
+from pipelines.denoise import add_noise, denoiser
 
 
 def run(session: AttackSession) -> list[AttackResult]:
@@ -25,7 +25,7 @@ def run(session: AttackSession) -> list[AttackResult]:
     gens = [session.generator(4, c.seed) for c in cases]
     noise = torch.cat([torch.randn((1, *session.base_latents.shape[1:]), generator=g) for g in gens])
     x0 = session.base_latents
-    x_t = add_noise(scheduler, x0, noise, torch.full((len(x0),), int(t)))
+    x_t = add_noise(scheduler, x0, noise, timestep_batch(t, len(x0)))
     variants = {
         "with_word": [c.prompt for c in cases],
         "without_word": [session.with_word(c.prompt, "") for c in cases],
@@ -40,7 +40,7 @@ def run(session: AttackSession) -> list[AttackResult]:
             with session.clock("model"):
                 outs.append(
                     ddim_sample(
-                        session.pipe.unet,
+                        denoiser(session.pipe),
                         scheduler,
                         x_t[part].to(session.device),
                         start,

@@ -2,6 +2,11 @@
 judgement of success, learned token embeddings injected into the text encoders, a DDIM sampler that can start from a
 noised image and inject extra noise, and the clock that splits time into model passes and the rest.
 
+SD3 and Flux: the same attacks on the flow-matching model. Training losses are the velocity loss (`pipelines.denoise
+.training_target`), the sampler is DDIM's update written in the flow's coordinates (`ddim_sample`), the schedule is
+the one the pipeline's own call sets (`pipelines.denoise.flow_schedule`), and the placeholder is a word that every
+tokenizer (CLIP and T5) keeps as one token (`pipelines.tokens.placeholder_ids`).
+
 An attack module has one function, ``run(session) -> list[AttackResult]`` (one result per variant). It reads the
 session's cases and base-model material (latents of each case's base image, training images of the concept), uses the
 patched pipeline, and returns per case whether the concept came back, with the images that show it.
@@ -22,14 +27,27 @@ from erase.config_args import seed_for_torch
 from eval.attacks.config import AttackConfig
 from pipelines.denoise import (
     Conditioning,
+    denoiser,
+    denoiser_output,
     encode_prompts,
+    flow_schedule,
+    initial_latents,
+    is_flow_matching,
+    is_mmdit,
     predicted_epsilon,
     predicted_x0,
     sampling_pipeline,
-    unet_output,
+    unpack_latents,
 )
-from pipelines.sampling import generate_images, to_uint8
-from pipelines.tokens import TokenInjection, text_encoders, token_id_of  # noqa: F401 (re-exported)
+from pipelines.profile import is_flux_transformer, takes_true_cfg
+from pipelines.sampling import generate_images, mmdit_call_kwargs, to_uint8
+from pipelines.tokens import (  # noqa: F401 (re-exported)
+    TokenInjection,
+    one_token_word,
+    placeholder_ids,
+    text_encoders,
+    token_id_of,
+)
 
 
 @dataclass(frozen=True)
@@ -123,27 +141,61 @@ def ddim_sample(
     DDPM-like, and ``eta > 1`` injects more noise than the schedule removes (the noising probe). Works for epsilon and
     v-prediction through `predicted_x0` / `predicted_epsilon`. ``generators`` (one per sample) draw the injected noise,
     so a sample does not depend on the batch it is in.
+
+    Flow matching (SD3, Flux; ``unet`` is the transformer, ``scheduler`` from `pipelines.denoise.flow_schedule`):
+    ``x_s = (1 - s) x0 + s eps`` is the DDPM state ``sqrt(a) x0 + sqrt(1 - a) eps`` scaled by ``n_s = sqrt((1 - s)^2
+    + s^2)``, with ``a = (1 - s)^2 / n_s^2``; the same update in those coordinates is
+
+        x_next = (1 - s') x0 + sqrt(max(s'^2 - n_s'^2 sd^2, 0)) eps + noise_scale * n_s' sd z
+
+    (``x0 = x - s v``, ``eps = x + (1 - s) v`` from the guided velocity ``v``; ``sd`` DDIM's with those ``a``). With
+    ``eta = 0`` it is the pipelines' Euler step ``x + (s' - s) v``. A guidance-distilled Flux (no true CFG) takes
+    the conditional velocity alone, as its pipeline does.
     """
-    alphas = scheduler.alphas_cumprod.to(x.device)
+    flow = is_flow_matching(scheduler)
+    if flow:
+        sigmas = scheduler.sigmas.to(x.device, torch.float64)
+        alphas = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
+        distilled = is_flux_transformer(unet) and not takes_true_cfg(unet)
+    else:
+        alphas = scheduler.alphas_cumprod.to(x.device)
     timesteps = scheduler.timesteps
     both = Conditioning.cat([uncond, cond])
     for i in range(start, len(timesteps)):
         t = timesteps[i]
-        out = unet_output(unet, torch.cat([x, x]), t, both)
-        u, c = out.chunk(2)
-        guided = u + guidance * (c - u)
-        tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-        x0, eps = predicted_x0(scheduler, x, guided, tt), predicted_epsilon(scheduler, x, guided, tt)
-        a_t = alphas[int(t)]
-        a_prev = (
-            alphas[int(timesteps[i + 1])] if i + 1 < len(timesteps) else scheduler.final_alpha_cumprod.to(x.device)
-        )
-        s = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp_min(0).sqrt() * eps
+        if flow and distilled:
+            guided = denoiser_output(unet, x, t, cond)
+        else:
+            out = denoiser_output(unet, torch.cat([x, x]), t, both)
+            u, c = out.chunk(2)
+            guided = u + guidance * (c - u)
+        if flow:
+            s, s_next = sigmas[i], sigmas[i + 1]
+            a_t, a_prev = alphas[i], alphas[i + 1]
+            x0, eps = x - s.to(x.dtype) * guided, x + (1 - s).to(x.dtype) * guided
+            sd = eta * ((1 - a_prev) / (1 - a_t).clamp_min(1e-12)).sqrt() * (1 - a_t / a_prev).clamp_min(0).sqrt()
+            scale = ((1 - s_next) ** 2 + s_next**2).sqrt()
+            x = (1 - s_next).to(x.dtype) * x0 + (s_next**2 - (scale * sd) ** 2).clamp_min(0).sqrt().to(x.dtype) * eps
+            s = scale * sd
+        else:
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+            x0, eps = predicted_x0(scheduler, x, guided, tt), predicted_epsilon(scheduler, x, guided, tt)
+            a_t = alphas[int(t)]
+            a_prev = (
+                alphas[int(timesteps[i + 1])] if i + 1 < len(timesteps) else scheduler.final_alpha_cumprod.to(x.device)
+            )
+            s = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp_min(0).sqrt() * eps
         if eta > 0 and noise_scale > 0:
             z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in generators])
-            x = x + noise_scale * s * z.to(x.device)
+            x = x + noise_scale * s.to(x.dtype) * z.to(x.device)
     return x
+
+
+def timestep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A scheduler timestep for ``n`` samples: DDPM's as integers, a flow-matching one (``1000 s``) as it is."""
+    t = torch.as_tensor(t)
+    return t.expand(n).clone() if t.is_floating_point() else torch.full((n,), int(t), dtype=torch.long)
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -195,7 +247,9 @@ class AttackSession:
         task = prompt_set.tasks[prompt_set.task]
         self.classifier = ZeroShotClassifier(judge.encode_text, task.classes, task.templates)
         self.cases = select_cases(prompt_set.by_role("target"), config.cases)
-        self.placeholder_id = token_id_of(pipe.tokenizer, config.placeholder)
+        if config.placeholder == AttackConfig.placeholder:  # left at its default: one token for every tokenizer
+            config.placeholder = one_token_word(pipe, config.placeholder, [c.prompt for c in self.cases])
+        self.placeholder_ids = placeholder_ids(pipe, config.placeholder)  # one per text encoder (`TokenInjection`)
         if any(config.placeholder.lower() in c.prompt.lower().split() for c in self.cases):
             raise ValueError(
                 f"placeholder {config.placeholder!r} occurs in a target prompt: pass another --placeholder"
@@ -205,7 +259,7 @@ class AttackSession:
         # every image of a run comes from DDIM with `steps` steps (the sampler `ddim_sample` continues), sharing the
         # pipeline's modules, so a patch applied to the pipeline is on the sampler too
         self.sampler = sampling_pipeline(pipe, steps=config.steps)
-        self._frozen = freeze([pipe.unet, pipe.vae, *text_encoders(pipe)])
+        self._frozen = freeze([denoiser(pipe), pipe.vae, *text_encoders(pipe)])
         self.base_latents: torch.Tensor | None = None  # x0 of each case's base image
         self.base_images: np.ndarray | None = None
         self._train_set: tuple[torch.Tensor, list[str]] | None = None
@@ -213,7 +267,7 @@ class AttackSession:
     # ------------------------------------------------------------------------------------------------ the models
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return denoiser(self.pipe).device
 
     def apply(self) -> None:
         """Put the patch (at the configured scale) on the pipeline; a no-op without a patch."""
@@ -221,7 +275,7 @@ class AttackSession:
             from pipelines.apply import apply_patch
 
             self._handle = apply_patch(self.pipe, self.patch, self.config.patch_scale, force=self.config.force)
-            self._frozen += freeze([self.pipe.unet, *text_encoders(self.pipe)])  # LoRA adds parameters
+            self._frozen += freeze([denoiser(self.pipe), *text_encoders(self.pipe)])  # LoRA adds parameters
 
     def unapply(self) -> None:
         if self._handle is not None:
@@ -282,14 +336,16 @@ class AttackSession:
         out = []
         bs = self.config.batch_size
         for i in range(0, len(prompts), bs):
+            gens = [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds[i : i + bs]]
             with self.clock("model"):
                 result = self.sampler(
                     prompts[i : i + bs],
                     num_inference_steps=self.config.steps,
                     guidance_scale=self.config.guidance,
-                    generator=[torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds[i : i + bs]],
+                    generator=gens,
                     output_type="latent",
                     **self.size,
+                    **mmdit_call_kwargs(self.sampler, self.config.guidance, len(gens)),
                 )
             out.append(result.images)
         return torch.cat(out)
@@ -297,6 +353,8 @@ class AttackSession:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
+        if latents.ndim == 3:  # Flux's packed latents
+            latents = unpack_latents(self.sampler, latents, self.image_size)
         z = latents / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
         if shift:
@@ -308,15 +366,30 @@ class AttackSession:
         return to_uint8(torch.cat(images))
 
     def scheduler(self):
-        """A DDIM scheduler from the pipeline's config, set to the run's number of steps."""
+        """A DDIM scheduler from the pipeline's config, set to the run's number of steps (SD3/Flux: the pipeline's
+        flow-matching scheduler as its own call sets it, `pipelines.denoise.flow_schedule`)."""
         from diffusers import DDIMScheduler
+
+        if is_mmdit(self.pipe):
+            return flow_schedule(self.sampler, self.config.steps, self.config.guidance, self.image_size)
 
         scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(self.config.steps)
         return scheduler
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The run's image height and width (``--height``/``--width``, else the pipeline's own)."""
+        from pipelines.denoise import image_size
+
+        h, w = image_size(self.sampler)
+        return self.size.get("height", h), self.size.get("width", w)
+
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """The pipeline's initial latent noise for each seed (as ``generate`` draws it)."""
+        if is_mmdit(self.pipe):
+            gens = [torch.Generator().manual_seed(seed_for_torch(s)) for s in seeds]
+            return initial_latents(self.sampler, len(seeds), gens, torch.float32, self.image_size).cpu()
         channels = self.pipe.unet.config.in_channels
         h = self.size.get("height", self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
         w = self.size.get("width", self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)

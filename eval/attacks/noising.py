@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from eval.attacks.core import AttackResult, AttackSession, ddim_sample
+from pipelines.denoise import denoiser
 
 
 def run(session: AttackSession) -> list[AttackResult]:
@@ -35,12 +36,14 @@ def run(session: AttackSession) -> list[AttackResult]:
         for start in range(0, len(pending), config.batch_size):
             part = pending[start : start + config.batch_size]
             seeds = [cases[i].seed for i in part]
-            x = session.initial_noise(seeds).to(session.device) * scheduler.init_noise_sigma
+            x = session.initial_noise(seeds).to(session.device) * getattr(
+                scheduler, "init_noise_sigma", 1.0
+            )  # flow matching: 1
             gens = [session.generator(5, s, k) for s in seeds]
             with session.clock("model"):
                 outs.append(
                     ddim_sample(
-                        session.pipe.unet,
+                        denoiser(session.pipe),
                         scheduler,
                         x,
                         0,

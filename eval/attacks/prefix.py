@@ -36,32 +36,38 @@ from eval.attacks.core import (
     loss_per_sample,
     simplex_projection,
 )
-from pipelines.denoise import add_noise, encode_prompts, training_target, unet_output
+from pipelines.denoise import add_noise, denoiser, denoiser_output, encode_prompts, training_target
 
 
-def candidate_tokens(pipe) -> torch.Tensor:
-    """Token ids a prefix may use: whole words of letters that tokenize back to the same single token and whose
-    embedding row is not all zeros in every text encoder (the Shapes world ships only the rows it trained)."""
-    from eval.attacks.core import text_encoders
+def candidate_tokens(pipe) -> tuple[list[str], list[torch.Tensor]]:
+    """The words a prefix may use and their token id in each text encoder's tokenizer: whole words of letters that
+    every tokenizer reads back as one token of its own (CLIP's ``word</w>``; on SD3/Flux also one T5 piece) and whose
+    embedding row is not all zeros in any text encoder (the Shapes world ships only the rows it trained)."""
+    from pipelines.tokens import encoders_and_tokenizers, token_embedding
 
-    tokenizer = pipe.tokenizer
-    tables = [e.get_input_embeddings().weight for e in text_encoders(pipe)]
-    trained = torch.stack([t.detach().abs().sum(1) > 0 for t in tables]).all(0)
+    pairs = encoders_and_tokenizers(pipe)
+    tokenizer = pairs[0][1]
     special = set(tokenizer.all_special_ids)
-    words, ids = [], []
+    words, own = [], []  # whole-word tokens of the first tokenizer, with their ids
     for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         word = token[: -len("</w>")]
-        if token.endswith("</w>") and i not in special and i < len(trained) and trained[i] and word.isalpha():
-            if word.isascii():
-                words.append(word)
-                ids.append(i)
-    encoded = tokenizer(words, add_special_tokens=False).input_ids if words else []  # one batched call
-    keep = [i for i, e in zip(ids, encoded) if e == [i]]
+        if token.endswith("</w>") and i not in special and word.isalpha() and word.isascii():
+            words.append(word)
+            own.append(i)
+    per_encoder = []
+    for k, (encoder, tok) in enumerate(pairs):
+        rows = token_embedding(encoder).weight.detach().abs().sum(1) > 0
+        encoded = tok(words, add_special_tokens=False).input_ids if words else []  # one batched call
+        ids = [e[0] if len(e) == 1 and e[0] < len(rows) and bool(rows[e[0]]) else None for e in encoded]
+        if k == 0:  # read back as the very token it came from
+            ids = [i if i == j else None for i, j in zip(ids, own)]
+        per_encoder.append(ids)
+    keep = [j for j in range(len(words)) if all(ids[j] is not None for ids in per_encoder)]
     if not keep:
         raise ValueError(
-            "the tokenizer has no whole-word tokens with trained embeddings: the prefix attack needs some"
+            "the tokenizers have no whole-word tokens with trained embeddings in common: the prefix attack needs some"
         )
-    return torch.tensor(keep)
+    return [words[j] for j in keep], [torch.tensor([ids[j] for j in keep]) for ids in per_encoder]
 
 
 def _prefix_prompts(session: AttackSession, k: int) -> list[str]:
@@ -87,7 +93,7 @@ def _loss(session: AttackSession, injection: TokenInjection, rows: list[torch.Te
         with session.clock("model"):
             cond = encode_prompts(session.pipe, [p for p in prompts[part] for _ in range(copies)])
             x_t = add_noise(scheduler, x0.to(session.device), noise.to(session.device), t)
-            out = unet_output(session.pipe.unet, x_t, t, cond)
+            out = denoiser_output(denoiser(session.pipe), x_t, t, cond)
             target = training_target(scheduler, x0.to(session.device), noise.to(session.device), t)
             loss = loss_per_sample(out, target).sum() / copies
             loss.backward(retain_graph=part.stop < n)  # the prefix rows' graph is shared by every chunk
@@ -106,13 +112,16 @@ def _check(session, pending: list[int], prompts: list[str], injection=None, rows
     return images, session.verdicts(images)
 
 
-def _run_variant(session: AttackSession, continuous: bool, candidates: torch.Tensor) -> AttackResult:
+def _run_variant(
+    session: AttackSession, continuous: bool, candidates: tuple[list[str], list[torch.Tensor]]
+) -> AttackResult:
     config = session.config
     n, k = len(session.cases), config.prefix_tokens
     gen = session.generator(2 if continuous else 1)
-    injection = TokenInjection(session.pipe, session.placeholder_id)
-    tables = [t.detach()[candidates].float() for t in injection.tables()]  # [V', D] per encoder
-    vocab = len(candidates)
+    injection = TokenInjection(session.pipe, session.placeholder_ids)
+    words, ids = candidates
+    tables = [t.detach()[i].float() for t, i in zip(injection.tables(), ids)]  # [V', D] per encoder
+    vocab = len(words)
     if continuous:
         init = torch.randint(vocab, (n, k), generator=gen)
         params = [t[init].clone().requires_grad_(True) for t in tables]
@@ -122,7 +131,6 @@ def _run_variant(session: AttackSession, continuous: bool, candidates: torch.Ten
         params = [weights]
         optimizer = torch.optim.Adam(params, lr=config.prefix_lr, weight_decay=config.prefix_weight_decay)
     checks = check_steps(config.prefix_steps, config.prefix_checks)
-    tokenizer = session.pipe.tokenizer
     success = [False] * n
     records: list[dict | None] = [None] * n
     shown = [None] * n
@@ -156,8 +164,8 @@ def _run_variant(session: AttackSession, continuous: bool, candidates: torch.Ten
                 current = [p.detach() for p in params]
                 images, verdicts = _check(session, pending, prompts, injection, current)
             else:
-                tokens = candidates[weights.detach().argmax(-1)]  # [n, k]
-                texts = [" ".join(tokenizer.convert_ids_to_tokens(row.tolist())).replace("</w>", "") for row in tokens]
+                chosen = weights.detach().argmax(-1)  # [n, k] indices into the candidate words
+                texts = [" ".join(words[j] for j in row.tolist()) for row in chosen]
                 prompts = [f"{texts[i]} {c.prompt}" for i, c in enumerate(session.cases)]
                 injection.values = None
                 images, verdicts = _check(session, pending, prompts)

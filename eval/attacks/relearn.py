@@ -21,18 +21,25 @@ import copy
 import torch
 
 from eval.attacks.core import AttackResult, AttackSession, loss_per_sample
-from pipelines.denoise import add_noise, sampling_pipeline, training_target, unet_output
+from pipelines.denoise import add_noise, denoiser, denoiser_output, sampling_pipeline, training_target
 
 
 def _trainable(unet, which: str) -> list[torch.nn.Parameter]:
+    """The weights fine-tuned: every one (``unet``), or the text side's (``xattn``: a UNet's cross-attention
+    ``attn2``; on SD3/Flux the joint blocks' text stream, `erase.targets` ``text-stream``)."""
+    from erase.targets import resolve
+
+    text_side = None
+    if which != "unet" and hasattr(unet, "context_embedder"):
+        text_side = set(resolve("text-stream", "transformer", unet).parameters)
     params = []
     for name, p in unet.named_parameters():
-        chosen = which == "unet" or ".attn2." in name
+        chosen = which == "unet" or (name in text_side if text_side is not None else ".attn2." in name)
         p.requires_grad_(chosen)
         if chosen:
             params.append(p)
     if not params:
-        raise ValueError(f"relearn_params {which!r} selects no UNet weight; use 'unet'")
+        raise ValueError(f"relearn_params {which!r} selects no weight of the denoiser; use 'unet'")
     return params
 
 
@@ -42,7 +49,7 @@ def finetune(session: AttackSession, train_prompts: list[str], eval_prompts: lis
     config = session.config
     pipe = session.pipe
     latents, _ = session.train_set
-    unet = copy.deepcopy(pipe.unet)
+    unet = copy.deepcopy(denoiser(pipe))
     unet.train(False)
     params = _trainable(unet, config.relearn_params)
     optimizer = torch.optim.Adam(params, lr=config.relearn_lr)
@@ -70,7 +77,7 @@ def finetune(session: AttackSession, train_prompts: list[str], eval_prompts: lis
         optimizer.zero_grad(set_to_none=True)
         with session.clock("model"):
             x0, noise = x0.to(session.device), noise.to(session.device)
-            out = unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond_all.select(idx))
+            out = denoiser_output(unet, add_noise(scheduler, x0, noise, t), t, cond_all.select(idx))
             loss = loss_per_sample(out, training_target(scheduler, x0, noise, t)).mean()
             loss.backward()
         optimizer.step()

@@ -114,11 +114,8 @@ def run_attacks(config: AttackConfig, out: str | Path, progress: bool = True, pi
     if pipe is None:
         pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
         pipe.set_progress_bar_config(disable=True)
-    if getattr(pipe, "unet", None) is None:
-        raise ValueError(
-            f"{config.model}: the attacks run on UNet pipelines (SD 1.x/2.x, SDXL); SD3 and Flux are not supported "
-            "yet (issue 21): measure with erase eval"
-        )
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
+        raise ValueError(f"{config.model}: the attacks run on diffusion pipelines (a UNet, or SD3/Flux's transformer)")
     patch = None
     if config.patch:
         from erase.patch import load_patch

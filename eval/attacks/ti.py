@@ -17,12 +17,8 @@ from __future__ import annotations
 import torch
 
 from eval.attacks.core import AttackResult, AttackSession, TokenInjection, loss_per_sample
-from pipelines.denoise import add_noise, encode_prompts, training_target, unet_output
-from pipelines.tokens import word_embedding
-
-
-def initial_embedding(session: AttackSession, table: torch.Tensor) -> torch.Tensor:
-    return word_embedding(session.pipe.tokenizer, table, session.word)
+from pipelines.denoise import add_noise, denoiser, denoiser_output, encode_prompts, training_target
+from pipelines.tokens import word_embeddings
 
 
 def run(session: AttackSession) -> list[AttackResult]:
@@ -32,11 +28,11 @@ def run(session: AttackSession) -> list[AttackResult]:
     train_prompts = [session.with_word(p, placeholder) for p in prompts]
     scheduler = session.scheduler()
     gen = session.generator(3)
-    injection = TokenInjection(session.pipe, session.placeholder_id)
-    vectors = [initial_embedding(session, t).clone().requires_grad_(True) for t in injection.tables()]
+    injection = TokenInjection(session.pipe, session.placeholder_ids)
+    vectors = [v.clone().requires_grad_(True) for v in word_embeddings(session.pipe, injection, session.word)]
     optimizer = torch.optim.Adam(vectors, lr=config.ti_lr)
     losses = []
-    unet = session.pipe.unet
+    unet = denoiser(session.pipe)
     with injection:
         for _ in session.steps(config.ti_steps, "ti"):
             idx = torch.randint(len(latents), (config.ti_batch_size,), generator=gen)
@@ -48,7 +44,7 @@ def run(session: AttackSession) -> list[AttackResult]:
             with session.clock("model"):
                 cond = encode_prompts(session.pipe, [train_prompts[j] for j in idx.tolist()])
                 x0, noise = x0.to(session.device), noise.to(session.device)
-                out = unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
+                out = denoiser_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
                 loss = loss_per_sample(out, training_target(scheduler, x0, noise, t)).mean()
                 loss.backward()
             optimizer.step()
