@@ -14,9 +14,13 @@ with one ``d x d`` matrix shared by all layers,
     K = (lam I + sum_e s_e c*_e c_e^T + sum_p s_p c_p c_p^T) M^-1,
     dW = W (K - I) = W (C*_e - C_e)^T S_e C_e M^-1,
 
-built once in float64; each layer then costs one matmul. ``dW`` has rank at most the number of erased context vectors,
-which is what the exact ``lora`` export uses (``K - I = U S V^T`` at its numerical rank r: ``A = S^1/2 V^T``,
-``B = W U S^1/2``, one A per context width; the reconstruction error is measured and stored).
+built once in float64 (the Gram matrices, the Cholesky factor of ``M`` and the solve: what is solved against is
+amplified by ``cond(M)``, 3e4 to 5e4 on the Shapes Flux's text states, so a float32 ``M`` left 4e-5 to 3e-4 relative
+error in ``dW``; the product after the solve is float32, `EDIT_PRODUCT_DTYPE`); each layer then costs one matmul,
+``W + W (K - I)`` in float32. ``dW`` has rank at most the number of erased context vectors, which is what the exact
+``lora`` export uses (``K - I = U S V^T`` at its numerical rank r: ``A = S^1/2 V^T``, ``B = W U S^1/2``, one A per
+context width; the reconstruction error is measured and stored). Costs and measured times at SD3.5's and Flux's
+shapes: `benchmarks/mmdit.py`.
 
 Which contexts are erased (``positions``):
 
@@ -135,7 +139,8 @@ def preserve_contexts(pipe, prompts: list[str], batch: int = 64) -> torch.Tensor
 def preserve_grams(pipe, prompts: list[str], length: int | None = None, batch: int = 16) -> dict[str, torch.Tensor]:
     """``sum_p c_p c_p^T`` over every position of every preserved prompt (``"tokens"``) and, on SD3/Flux, over their
     pooled vectors (``"pooled"``), float64, accumulated batch by batch (Flux's 512 T5 rows of width 4096 per prompt
-    would not fit as rows), with the row counts (``"tokens_rows"``, ``"pooled_rows"``)."""
+    would not fit as rows) on the upper triangle (`add_upper_gram`) and mirrored once at the end, with the row
+    counts (``"tokens_rows"``, ``"pooled_rows"``)."""
     grams: dict[str, torch.Tensor] = {}
     counts = {"tokens_rows": 0, "pooled_rows": 0}
     with torch.no_grad():
@@ -146,9 +151,45 @@ def preserve_grams(pipe, prompts: list[str], length: int | None = None, batch: i
             if is_mmdit(pipe):
                 parts["pooled"] = cond.pooled.to(torch.float64)
             for name, x in parts.items():
-                grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
+                if name not in grams:
+                    grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                add_upper_gram(grams[name], x)
                 counts[f"{name}_rows"] += int(x.shape[0])
-    return {**grams, **{k: torch.tensor(v) for k, v in counts.items()}}
+    return {**{k: mirror_upper(g) for k, g in grams.items()}, **{k: torch.tensor(v) for k, v in counts.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ Gram matrices
+# torch has no syrk (the BLAS product ``x^T x`` that computes one triangle): a Gram matrix is summed strip by strip
+# of GRAM_STRIP columns, each strip against the columns from its own on (``x[:, a:a+w]^T x[:, a:]``), which is the
+# upper triangle and the diagonal blocks: ~(1/2 + w/2d) of the full product's work. Float64 throughout: ``M`` is
+# solved against, and a float32 Gram (relative error ~3e-8 to 1e-7) came out of the solve amplified by ``cond(M)``
+# (3e4 to 5e4 on the Shapes Flux's states): 4e-5 to 3e-4 relative error in ``W (K - I)`` for "red".
+GRAM_STRIP = 256  # 1 thread, d = 4096: 3.1 s for 8192 rows against 5.7 s for x.T @ x (w = 512: 3.5 s, 1024: 3.6 s)
+
+
+def add_upper_gram(out: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``out += scale x^T x`` on the upper triangle of ``out`` (``[d, d]``; ``x``: ``[n, d]``, same dtype) and its
+    diagonal blocks; the strict lower triangle off those blocks is left as it was (`mirror_upper` completes it)."""
+    d = x.shape[1]
+    for a in range(0, d, GRAM_STRIP):
+        out[a : a + GRAM_STRIP, a:].addmm_(x[:, a : a + GRAM_STRIP].T, x[:, a:], alpha=scale)
+    return out
+
+
+def mirror_upper(out: torch.Tensor) -> torch.Tensor:
+    """``out``'s upper triangle copied onto its lower one, in place: the symmetric matrix `add_upper_gram` sums."""
+    d = out.shape[0]
+    for a in range(0, d, GRAM_STRIP):
+        b = min(a + GRAM_STRIP, d)
+        out[b:, a:b] = out[a:b, b:].T
+        block = out[a:b, a:b]
+        block.copy_(block.triu() + block.triu(1).T)
+    return out
+
+
+def gram(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale x^T x``, symmetric (`add_upper_gram`, `mirror_upper`)."""
+    return mirror_upper(add_upper_gram(torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype), x, scale))
 
 
 # ------------------------------------------------------------------------------------------------ the solve
@@ -161,23 +202,43 @@ def shared_edit(
     lamb: float,
 ) -> torch.Tensor:
     """``K`` with ``W_new = W K`` for every layer (module docstring), float64 ``[d, d]``."""
-    return gram_edit(erase, guide, preserve_scale * preserve.T @ preserve, erase_scale, lamb)
+    return gram_edit(erase, guide, gram(preserve, preserve_scale), erase_scale, lamb)
 
 
-def gram_edit(erase: torch.Tensor, guide: torch.Tensor, preserved: torch.Tensor, erase_scale: float, lamb: float):
+# The product after the solve, ``(C*_e - C_e)^T (M^-1 C_e^T)^T`` (``d x d`` from ``n`` erased vectors), in float32 in
+# `uce_edits`: it is not solved against, so its rounding is not amplified. Relative error of ``W (K - I)`` against
+# float64: 2.5e-7 on random states at Flux's and SD3.5's shapes, 8e-8 on the Shapes Flux's pooled states for "red"
+# (the float32 patch itself stores 4e-7 and 2e-7; `tests/test_uce_speed.py` holds it to 1e-5). Time at Flux's shapes,
+# 1 thread: 1.9 s -> 1.0 s. ``M``, its factor and the solve stay float64.
+EDIT_PRODUCT_DTYPE = torch.float32
+
+
+def gram_edit(
+    erase: torch.Tensor,
+    guide: torch.Tensor,
+    preserved: torch.Tensor,
+    erase_scale: float,
+    lamb: float,
+    product: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """`shared_edit` with the preserved term given as its (scaled) Gram matrix ``s_p sum_p c_p c_p^T``.
 
     ``rhs - M = s_e (C*_e - C_e)^T C_e``, so ``K = I + s_e (C*_e - C_e)^T (M^-1 C_e^T)^T``: one Cholesky factor of the
-    symmetric positive definite ``M`` and a solve against the ``n`` erased vectors, cheaper than solving for all ``d``
-    columns of ``K`` when ``n < d`` (SD3/Flux: d = 4096). ``M`` not numerically positive definite: a general solve.
+    symmetric positive definite ``M = lam I + s_e C_e^T C_e + preserved`` (float64; ``C_e^T C_e`` by `add_upper_gram`)
+    and a solve against the ``n`` erased vectors, cheaper than solving for all ``d`` columns of ``K`` when ``n < d``
+    (SD3/Flux: d = 4096); the final ``d x d`` product in ``product`` (`EDIT_PRODUCT_DTYPE` in `uce_edits`), ``K``
+    float64. ``M`` not numerically positive definite, or ``n >= d``: a general float64 solve for ``K``.
     """
     d = erase.shape[1]
-    eye = torch.eye(d, dtype=torch.float64)
-    m = lamb * eye + erase_scale * erase.T @ erase + preserved
+    m = mirror_upper(add_upper_gram(preserved.clone(), erase, erase_scale))
+    m.diagonal().add_(lamb)
     factor, info = torch.linalg.cholesky_ex(m)
     if erase.shape[0] < d and int(info) == 0:
         solved = torch.cholesky_solve(erase.T.contiguous(), factor)  # M^-1 C_e^T  [d, n]
-        return eye + erase_scale * (guide - erase).T @ solved.T
+        k = ((guide - erase).T.to(product) @ solved.T.to(product)).to(torch.float64).mul_(erase_scale)
+        k.diagonal().add_(1.0)
+        return k
+    eye = torch.eye(d, dtype=torch.float64)
     rhs = lamb * eye + erase_scale * guide.T @ erase + preserved
     # K = rhs M^-1; M is symmetric: solve M K^T = rhs^T
     return torch.linalg.solve(m, rhs.T).T
@@ -233,12 +294,13 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
             pooled_guides.append(encoded[1].pooled.to(torch.float64))
     grams = preserve_grams(pipe, preserve_prompts, length)
     erase, guide = torch.cat(erase_rows), torch.cat(guide_rows)
-    ks = {"tokens": gram_edit(erase, guide, config.preserve_scale * grams["tokens"], config.erase_scale, config.lamb)}
+    settings = (config.erase_scale, config.lamb, EDIT_PRODUCT_DTYPE)
+    ks = {"tokens": gram_edit(erase, guide, config.preserve_scale * grams["tokens"], *settings)}
     notes = {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(grams["tokens_rows"])}
     if is_mmdit(pipe):
         pooled, pooled_guide = torch.cat(pooled_rows), torch.cat(pooled_guides)
         preserved = config.preserve_scale * grams["pooled"]
-        ks["pooled"] = gram_edit(pooled, pooled_guide, preserved, config.erase_scale, config.lamb)
+        ks["pooled"] = gram_edit(pooled, pooled_guide, preserved, *settings)
         notes.update(erased_pooled_vectors=int(pooled.shape[0]), text_length=text_length(pipe, length))
     return ks, notes
 
@@ -279,10 +341,14 @@ def groups_patch(component: str, module, groups: list[tuple[list[str], torch.Ten
     if config.kind == "delta":
         tuned = {}
         for names, k in groups:
-            k_layer = k.to(torch.float32)  # K is solved in float64; applying it is a float32 product (fp32 weights)
+            # K is solved in float64; applying it is a float32 product (fp32 weights): W + W (K - I), so that the edit
+            # K - I keeps its own float32 precision (in float32 K it would be rounded against the 1s of I)
+            step = k.to(torch.float32)  # K - I: off the diagonal K's own entries, on it K_ii - 1 before rounding
+            step.diagonal().copy_(k.diagonal() - 1)
             for name in names:
                 w = modules[name].weight
-                tuned[f"{name}.weight"] = (w.detach().to(torch.float32) @ k_layer).to(w.dtype)
+                w32 = w.detach().to(torch.float32)
+                tuned[f"{name}.weight"] = torch.addmm(w32, w32, step).to(w.dtype)
         patch = make_delta_patch(base, {component: tuned}, dtype=config.dtype, method=method, concepts=config.concepts)
         patch.notes.update(notes)
         return patch
