@@ -113,6 +113,7 @@ register_method(
     "recommended: a short negatively guided stage on cross-attention K/V that takes the concept away from any nearby "
     "embedding, then UCE's closed form for its words",
     config_module="erase.methods.guard_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "esd",

@@ -42,30 +42,56 @@ back (in-domain 0.983x, preservation 0.978) and depth gone (textual inversion 62
 of the concept's family away from it (``implicit_weight``: their target is the original's prediction minus
 ``implicit_eta`` times the concept's own guidance direction at their ``x_t``).
 
+SD3 and Flux (MMDiT): no cross-attention, so no layer reads fixed text states but the text entry points (UCE's
+`erase.methods.uce.MMDIT_TARGETS`): the ``context_embedder`` (the T5 rows; SD3's CLIP rows too) and the pooled-text
+embedder's ``time_text_embed.text_embedder.linear_1``. The closed form edits those two, each with its own ``K``
+(`erase.methods.uce.uce_edits`: context rows from the word on, pooled vectors towards the guided prompt's; ``W_new =
+W_trained K_group``, applied as ``W + W (K - I)`` in float32 as UCE's patch), so the trained stage trains them, with
+the same objective on the transformer's flow-matching velocity (`pipelines.denoise.denoiser_output`) from trajectories
+of the pipeline's own flow-matching sampler. It trains the joint blocks' text keys and values (``add_k_proj``,
+``add_v_proj``) too: ``preset`` maps to its MMDiT role (`erase.targets.MMDIT_EQUIVALENT`; the default ``xattn-kv`` ->
+``text-kv``, so the default trains ``text-in`` less ``text_embedder.linear_2``). Those are where the image reads the
+text in every joint block, as ``attn2.to_k``/``to_v`` on a UNet, and where ESD's ``esd-x-strict`` trains on MMDiT;
+the entry points alone are one linear map before every block, so a change that pushes the concept's text states
+away moves the retain prompts' nearby states along the same directions, leaving the stage little room for the depth
+it is for. The closed form leaves the block projections as trained (its ``K`` acts before them: the word's rows
+become the guide's, which the trained blocks draw as the guide). This split is chosen by that analogy, not yet
+measured on a trained MMDiT (issue 21). ``repair`` (a UNet measurement, off by default) is refused there.
+
 Defaults: ``eta`` 2 and ``guidance`` 3 as ESD's official code; ``preserve_weight`` 2 (1 lost orange to yellow) and
 ``retain_closest_share`` 0, except on the Canvas world: 4 and 0.5, without which erasing Maren Quillfeather took her
 near neighbour Teodor Vashkel with her (0 of his 12 images kept, against 8 of 12 with them; README, "Erasing styles on
 the Canvas world"); 300 steps of 8 concept and 8 retain states per concept; ``retain_far_share`` 0.25; ``lam`` 0.5
 as UCE. Per model (`DEFAULTS`, from the loaded model's profile): lr 1e-3, 25 sampling steps and 64 cached
-trajectories per concept on the Shapes and Canvas worlds; 5e-5, 50 and 16 on Stable Diffusion models, as ESD.
+trajectories per concept on the Shapes and Canvas worlds; 5e-5, 50 and 16 on Stable Diffusion models (SD3 and Flux
+included), as ESD.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from erase.methods.esd import esd_target
 from erase.methods.guard_config import DEFAULTS, GuardConfig  # noqa: F401  (re-exported)
-from erase.methods.uce import erase_contexts, preserve_contexts, shared_edit
+from erase.methods.uce import MMDIT_TARGETS, erase_contexts, preserve_contexts, shared_edit, uce_edits
 from erase.patch import Patch
-from erase.targets import Target, resolve
+from erase.targets import MMDIT_EQUIVALENT, Target, resolve
 from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.data import SEED_OFFSETS, LatentSet, split_retain, spread
 from erase.training.loop import adam
 from erase.training.student import Student
 from erase.training.trajectories import TrajectorySampler
-from pipelines.denoise import PromptEncoder, encode_prompts, sampling_pipeline, unet_output
+from pipelines.denoise import (
+    PromptEncoder,
+    denoiser,
+    denoiser_output,
+    encode_prompts,
+    is_mmdit,
+    sampling_pipeline,
+)
 from pipelines.tokens import text_encoders
 from prompts.training import default_guide, shared_retain, word_pattern
 
@@ -109,6 +135,36 @@ def _target(unet, preset: str) -> Target:
     return Target("unet", modules, parameters)
 
 
+def _mmdit_target(transformer, preset: str) -> Target:
+    """SD3/Flux: the preset's role on the transformer (`erase.targets.MMDIT_EQUIVALENT`) plus the text entry points
+    the closed form moves (`erase.methods.uce.MMDIT_TARGETS`), weights and biases."""
+    chosen = resolve(MMDIT_EQUIVALENT[preset], "transformer", transformer)
+    modules = list(dict.fromkeys([m for names in MMDIT_TARGETS.values() for m in names] + chosen.modules))
+    wanted = set(modules)
+    parameters = [n for n, _ in transformer.named_parameters() if n.rsplit(".", 1)[0] in wanted]
+    return Target("transformer", modules, parameters)
+
+
+def mmdit_edits(pipe, concepts, guides: list[str], lamb: float) -> tuple[list[tuple[list[str], torch.Tensor]], dict]:
+    """SD3/Flux: UCE's two closed-form edits (`erase.methods.uce.uce_edits`: the context rows and the pooled vector,
+    float64 ``K`` each) with guard's settings (the word to the end of the context, unit scales, the retain prompts),
+    as ``(parameter names, K)`` per group of the transformer, and UCE's vector counts."""
+    settings = SimpleNamespace(
+        positions="expanded", erase_scale=1.0, preserve_scale=1.0, lamb=lamb, preserve=(), text_length=None
+    )
+    ks, notes = uce_edits(pipe, concepts, guides, settings)
+    return [([f"{m}.weight" for m in MMDIT_TARGETS[name]], k) for name, k in ks.items()], notes
+
+
+def times_k(w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``W K`` as ``W + W (K - I)`` in float32 (``K`` float64), as `erase.methods.uce.groups_patch` applies it: the
+    edit ``K - I`` keeps its own float32 precision instead of being rounded against the 1s of ``I``."""
+    step = k.to(torch.float32)
+    step.diagonal().copy_(k.diagonal() - 1)
+    w32 = w.to(torch.float32)
+    return torch.addmm(w32, w32, step).to(w.dtype)
+
+
 def _images(ctx, config: GuardConfig, encode: PromptEncoder) -> list[LatentSet]:
     """Per concept, the frozen original's images of it (what the adversarial token learns from)."""
     out = []
@@ -137,11 +193,11 @@ def _closest_class(pipe, concept, erased: set[str], probe) -> tuple[str, list[st
     if not keep or not candidates:
         return None
     prompts, x_t, t = [prompts[i] for i in keep], x_t[keep], t[keep]
-    unet = pipe.unet
-    neutral = unet_output(unet, x_t, t, encode_prompts(pipe, [concept.neutral(p) for p in prompts]))
+    model = denoiser(pipe)
+    neutral = denoiser_output(model, x_t, t, encode_prompts(pipe, [concept.neutral(p) for p in prompts]))
 
     def direction(texts: list[str]) -> torch.Tensor:
-        return (unet_output(unet, x_t, t, encode_prompts(pipe, texts)) - neutral).flatten(1).double()
+        return (denoiser_output(model, x_t, t, encode_prompts(pipe, texts)) - neutral).flatten(1).double()
 
     own = direction(prompts).flatten()
     scores = [
@@ -182,22 +238,33 @@ def _retain_pool(pipe, concepts, n: int, far_share: float, closest_share: float 
 def train(ctx) -> Patch:
     config: GuardConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
-    teacher, scheduler = pipe.unet, pipe.scheduler
-    check_token(pipe, config)
+    teacher, scheduler, mmdit = denoiser(pipe), pipe.scheduler, is_mmdit(pipe)
+    if mmdit and config.closed_form == "after" and config.repair > 0:
+        raise ValueError("repair is measured on UNet models only; on SD3/Flux leave it at 0")
+    check_token(pipe, config, [p for c in concepts for p in c.targets])
     if not config.guide:
         config.guide = ctx.per_concept([], lambda i: default_guide(concepts, i))  # saved in the patch as resolved
     guides = ctx.per_concept(config.guide)
     encode = PromptEncoder(pipe)
-    student = Student(teacher, _target(teacher, config.preset), "delta")
-    rows = contexts(pipe, concepts, guides) if config.closed_form != "off" else None
-    k = shared_edit(*rows, 1.0, 1.0, config.lamb).to(torch.float32) if rows else None
-    kv = resolve("xattn-kv", "unet", teacher).parameters
+    if mmdit:  # the text entry points, each with its own K (module docstring, "SD3 and Flux")
+        student = Student(teacher, _mmdit_target(teacher, config.preset), "delta")
+        rows, groups = None, []
+        if config.closed_form != "off":
+            groups, notes = mmdit_edits(pipe, concepts, guides, config.lamb)
+            ctx.stats.update(notes)
+    else:
+        student = Student(teacher, _target(teacher, config.preset), "delta")
+        rows = contexts(pipe, concepts, guides) if config.closed_form != "off" else None
+        k = shared_edit(*rows, 1.0, 1.0, config.lamb).to(torch.float32) if rows else None
+        kv = resolve("xattn-kv", "unet", teacher).parameters
+        groups = [(kv, k)] if rows else []
 
-    def edit(module) -> None:  # W <- W K on every cross-attention key/value projection
+    def edit(module) -> None:  # W <- W K on every cross-attention key/value projection (SD3/Flux: text entry points)
         with torch.no_grad():
-            for name in kv:
-                p = module.get_parameter(name)
-                p.copy_(p @ k)
+            for names, k in groups:
+                for name in names:
+                    p = module.get_parameter(name)
+                    p.copy_(times_k(p, k) if mmdit else p @ k)
 
     if config.closed_form == "before":
         edit(student.module)
@@ -255,14 +322,15 @@ def train(ctx) -> Patch:
             xs, ts, texts = [x_c, x_t], [t_c, t], neutral + prompts_c + prompts_r
             if steer:
                 xs, ts, texts = xs + [x_r, x_r], ts + [t_r, t_r], texts + prompts_c + neutral
-            ref = unet_output(teacher, torch.cat(xs), torch.cat(ts), encode(texts))
+            ref = denoiser_output(teacher, torch.cat(xs), torch.cat(ts), encode(texts))
             parts = ref.split(b)
             e_n, e_c, e_r = parts[0], parts[1], parts[2]
         target_c = esd_target(e_c, e_n, config.eta)
         target_r = e_r
         if steer:
-            target_r = torch.where(is_far[:, None, None, None], e_r - config.implicit_eta * (parts[3] - parts[4]), e_r)
-        out = unet_output(trained, x_t, t, cond)
+            rows_far = is_far.reshape(-1, *[1] * (e_r.ndim - 1))  # UNet latents 4-d, Flux's packed 3-d
+            target_r = torch.where(rows_far, e_r - config.implicit_eta * (parts[3] - parts[4]), e_r)
+        out = denoiser_output(trained, x_t, t, cond)
         loss_c = F.mse_loss(out[:b], target_c)
         per_row = (out[b:] - target_r).pow(2).flatten(1).mean(1)
         weight = torch.where(
