@@ -22,14 +22,21 @@ Flux's single blocks (``single_transformer_blocks.*``) share their projections b
 | preset | modules | used by |
 |---|---|---|
 | ``text-kv`` | ``attn.add_k_proj`` and ``attn.add_v_proj`` of every joint block | ESD-x-strict |
+| ``text-in`` | the maps that read text: ``context_embedder`` (the text encoders' token rows), the pooled-text | SalUn, DoCo, guard |
+| | embedder ``time_text_embed.text_embedder.*`` (the pooled CLIP vector, which modulates every block) and the | |
+| | joint blocks' ``add_k_proj``/``add_v_proj`` | |
 | ``text-stream`` | every Linear of the joint blocks' text stream (those, ``add_q_proj``, ``to_add_out``, | ESD-x |
 | | ``ff_context``, ``norm1_context``) | |
 | ``no-text-stream`` | every other Linear (the image stream, the single blocks, the embedders) | ESD-u |
 | ``transformer`` | every Linear | ESD-all |
 
 A method written with the UNet presets trains the same roles on SD3/Flux through `denoiser_target`:
-``xattn-kv`` -> ``text-kv``, ``xattn`` -> ``text-stream``, ``no-xattn`` -> ``no-text-stream``, ``unet`` ->
-``transformer``, ``unet-full`` -> every parameter of the transformer.
+``xattn-kv`` -> ``text-in``, ``xattn`` -> ``text-stream``, ``no-xattn`` -> ``no-text-stream``, ``unet`` ->
+``transformer``, ``unet-full`` -> every parameter of the transformer. A UNet's cross-attention K/V are the only
+layers that read the text states; an MMDiT reads them first in its two text embedders, and the pooled vector
+reaches every block through the modulation, so ``xattn-kv``'s role there is ``text-in``, not ``text-kv`` alone
+(measured with SalUn on the Shapes world's Flux, "red" / "circle" left at 8.6% / 41.9% with ``text-kv``, 0.0% /
+0.7% with ``text-in``).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ PRESETS = ("xattn-kv", "xattn", "no-xattn", "unet", "unet-full", "text-encoder")
 MMDIT_PRESETS = ("text-kv", "text-in", "text-stream", "no-text-stream", "transformer")
 # the UNet presets' roles on an MMDiT (text K/V, the text side, everything else, every layer, every parameter)
 MMDIT_EQUIVALENT = {
-    "xattn-kv": "text-kv",
+    "xattn-kv": "text-in",
     "xattn": "text-stream",
     "no-xattn": "no-text-stream",
     "unet": "transformer",

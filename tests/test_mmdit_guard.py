@@ -50,7 +50,8 @@ def test_guard_trains_the_text_entry_points_and_joint_text_kv_and_its_patch_appl
     assert patch.notes["model_profile"]["architecture"] == arch and patch.config["guide"] == ["blue"]
     modules = {n.rsplit(".", 1)[0] for n in patch.target_names("transformer")}
     joint = {n for n, _ in pipe.transformer.named_modules() if JOINT_KV.fullmatch(n)}
-    assert joint and modules == set(ENTRY) | joint  # weights and biases of each
+    pooled_out = {"time_text_embed.text_embedder.linear_2"}  # the rest of the pooled-text embedder (`text-in`)
+    assert joint and modules == set(ENTRY) | joint | pooled_out  # weights and biases of each
     handle = apply_patch(pipe, patch)
     assert np.abs(generate(pipe, "a red circle") - before).max() > 1e-4  # the concept's images change
     remove_patch(handle)

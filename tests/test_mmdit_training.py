@@ -13,6 +13,7 @@ import torch
 from tiny_pipelines import MMDIT_ARCHITECTURES, T5_LENGTH, generate, tiny_pipeline
 
 from erase.patch import load_patch
+from erase.targets import resolve
 from pipelines.apply import apply_patch, remove_patch
 from pipelines.denoise import (
     encode_prompts,
@@ -90,7 +91,7 @@ def test_unpacking_flux_latents_is_what_the_flux_pipeline_does():
 
 @pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
 @pytest.mark.parametrize("method", ["salun", "doco"])
-def test_salun_and_doco_train_the_text_stream_of_sd3_and_flux_with_their_adversarial_token(arch, method, tmp_path):
+def test_salun_and_doco_train_the_text_entry_points_of_sd3_and_flux_with_their_adversarial_token(arch, method, tmp_path):
     from erase.registry import get_config
     from erase.training.run import train_patch
 
@@ -115,8 +116,9 @@ def test_salun_and_doco_train_the_text_stream_of_sd3_and_flux_with_their_adversa
     train_patch(method, config, tmp_path / "p.safetensors", pipe=pipe, progress=False)
     patch = load_patch(tmp_path / "p.safetensors")
     assert all(torch.equal(v, state[k]) for k, v in pipe.transformer.state_dict().items())  # the base is untouched
-    names = patch.target_names("transformer")
-    assert names and all(n.split(".")[-2] in ("add_k_proj", "add_v_proj") for n in names)  # xattn-kv -> text-kv
+    modules = {n.rsplit(".", 1)[0] for n in patch.target_names("transformer")}
+    text_in = set(resolve("text-in", "transformer", pipe.transformer).modules)  # xattn-kv's role on MMDiT
+    assert "context_embedder" in modules and modules <= text_in
     saved_token = patch.config["adversarial_token"]
     assert saved_token != "sks" and len(placeholder_ids(pipe, saved_token)) == len(text_encoders(pipe))
     handle = apply_patch(pipe, patch)

@@ -50,7 +50,7 @@ W_trained K_group``, applied as ``W + W (K - I)`` in float32 as UCE's patch), so
 the same objective on the transformer's flow-matching velocity (`pipelines.denoise.denoiser_output`) from trajectories
 of the pipeline's own flow-matching sampler. It trains the joint blocks' text keys and values (``add_k_proj``,
 ``add_v_proj``) too: ``preset`` maps to its MMDiT role (`erase.targets.MMDIT_EQUIVALENT`; the default ``xattn-kv`` ->
-``text-kv``, so the default trains ``text-in`` less ``text_embedder.linear_2``). Those are where the image reads the
+``text-in``: the two text embedders whole and the joint K/V). The joint K/V are where the image reads the
 text in every joint block, as ``attn2.to_k``/``to_v`` on a UNet, and where ESD's ``esd-x-strict`` trains on MMDiT;
 the entry points alone are one linear map before every block, so a change that pushes the concept's text states
 away moves the retain prompts' nearby states along the same directions, leaving the stage little room for the depth

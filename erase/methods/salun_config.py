@@ -33,7 +33,11 @@ class SalUnConfig(AdversarialTrainConfig):
     )
     mask_ratio: float = field(default=0.5, metadata={"help": "share of the preset's weights kept by the mask"})
     mask_guidance: float = field(default=7.5, metadata={"help": "guidance w of the saliency loss's prediction"})
-    alpha: float = field(default=4.0, metadata={"help": "weight of the retain loss (paper: 0.5)"})
+    alpha: float | None = field(default=None, metadata={"help": "weight of the retain loss (4; paper: 0.5)"})
+    adversarial_share: float | None = field(
+        default=None,
+        metadata={"help": "share of each step's concept prompts given the adversarial token (0.5; Flux 0.25)"},
+    )
     anchor: list[str] = field(
         default_factory=list,
         metadata={
@@ -73,12 +77,17 @@ class SalUnConfig(AdversarialTrainConfig):
 CONFIG = SalUnConfig
 
 # per-model defaults, by `pipelines.profile.ModelProfile.key` (resolved into the config before `train`)
+_UNET = {"alpha": 4.0, "adversarial_share": 0.5}
 DEFAULTS = {
-    "shapes": {"lr": 2e-3, "sample_steps": 25, "sample_guidance": 5.0},
+    "shapes": {"lr": 2e-3, "sample_steps": 25, "sample_guidance": 5.0, **_UNET},
     "canvas": {
         "lr": 2e-3,
         "sample_steps": 25,
         "sample_guidance": 5.0,
+        **_UNET,
     },  # the Canvas world's pipeline: the same tiny 32 px class
-    "sd": {"lr": 1e-5, "sample_steps": 50, "sample_guidance": 7.5},
+    # the Shapes world's Flux: a heavier retain term and a quarter of the prompts with the adversarial token (the
+    # preset's text entry points are shared by every word; measured in `erase.methods.salun`)
+    "shapes-flux": {"lr": 2e-3, "sample_steps": 25, "sample_guidance": 5.0, "alpha": 16.0, "adversarial_share": 0.25},
+    "sd": {"lr": 1e-5, "sample_steps": 50, "sample_guidance": 7.5, **_UNET},
 }

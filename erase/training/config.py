@@ -124,7 +124,7 @@ class AdversarialTrainConfig(TrainConfig):
         super().__post_init__()
         self.check_at_least(0, "adversarial_every")
         self.check_at_least(1, "adversarial_steps")
-        if not 0.0 < self.adversarial_share <= 1.0:
+        if self.adversarial_share is not None and not 0.0 < self.adversarial_share <= 1.0:
             raise ValueError(f"adversarial_share must be in (0, 1], got {self.adversarial_share}")
         if not (math.isfinite(self.adversarial_lr) and self.adversarial_lr > 0):
             raise ValueError(f"adversarial_lr must be a finite number above 0, got {self.adversarial_lr}")
