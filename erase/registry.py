@@ -135,12 +135,14 @@ register_method(
     "erase.methods.speed",
     "SPEED (Li et al. 2026): closed-form edit of cross-attention values inside the retained prompts' null space",
     config_module="erase.methods.speed_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "rece",
     "erase.methods.rece",
     "RECE (Gong et al. 2024): UCE, then erase the closed-form adversarial embeddings that still reach the concept",
     config_module="erase.methods.rece_config",
+    architectures=UNET_ARCHITECTURES + MMDIT_ARCHITECTURES,
 )
 register_method(
     "salun",

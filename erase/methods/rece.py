@@ -37,6 +37,23 @@ number of epochs ``W'_l = W0_l K`` and both sums collapse to one Gram matrix ``S
 computed once): ``G = K^T S K + gamma I``, ``B = K^T S``. An epoch costs a few ``d x d`` solves. ``K - I`` has rank at
 most UCE's plus ``L`` (77) per epoch and concept (and at most ``d``), which the exact ``lora`` export uses.
 
+SD3 and Flux (MMDiT). The UCE start and every epoch edit the two maps UCE edits there
+(`erase.methods.uce.MMDIT_TARGETS`; why: UCE's SD3/Flux paragraph), each a group with its own ``K`` and its own
+``S = W0^T W0`` of its one module, solved on its own input:
+
+- context rows: ``context_embedder``; ``c`` the concept word's context rows (Flux: its T5 rows; SD3: its 77
+  CLIP-L||CLIP-G rows then its T5 rows), mapped onto the rows of ``" "`` at the same position;
+- pooled vector: ``time_text_embed.text_embedder.linear_1``; ``c`` the word's pooled vector (one row), mapped onto
+  the pooled vector of ``" "``.
+
+With one module per group the adversarial embedding is the ridge solve ``argmin_x |W0 K x - W0 c|^2 +
+gamma |x|^2``: the context (pooled vector) whose edited projection best reaches the concept's original one. The
+preserved rows (the empty prompt's; with ``retain`` also the retain prompts') enter as Gram matrices
+(`erase.methods.uce.preserve_grams`: Flux has 512 T5 rows of width 4096 per prompt), text at ``text_length`` T5
+tokens. ``K - I`` grows by at most the context's rows (SD3 77 + T5's, Flux T5's) per epoch and concept for the
+tokens, by 1 for the pooled vector. Validation sets the edited weights on the pipeline's own transformer for the
+call and restores them bitwise afterwards (no copy of a 12B transformer), images sampled at ``text_length``.
+
 Defaults: ``rece_lamb 0.1``, ``rece_preserve_scale 0.1``, ``rece_erase_scale 1`` and the preserved empty prompt from
 the official code's edit (``train_object.py``, ``erase_methods/uce.py``; gamma's default 1e-3 and the closed-form
 ``regzero`` solve there too); ``regular_scale`` 1e-3 (art, objects) and 0.1 (nudity), epochs 1 (art, objects) and 3
@@ -65,15 +82,14 @@ prompts, 40 of other-colour prompts):
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from erase.methods.rece_config import DEFAULTS, RECEConfig  # noqa: F401  (re-exported)
-from erase.methods.uce import edit_patch, preserve_contexts, shared_edit, uce_edit
+from erase.methods.uce import edit_targets, gram_edit, pipeline_patch, preserve_contexts, preserve_grams, uce_edits
+from erase.methods.uce import gram as gram_matrix
 from erase.patch import Patch
 from erase.targets import resolve
-from pipelines.denoise import encode_prompts
+from pipelines.denoise import denoiser, encode_prompts, is_mmdit, text_length
 from prompts.training import default_guide, shared_retain, training_seeds
 
 CONFIG = RECEConfig
@@ -83,10 +99,12 @@ VALIDATION_SEED_OFFSET = 104_729  # validation images never share a seed stream 
 
 
 # ------------------------------------------------------------------------------------------------ the equations
-def weight_gram(unet) -> torch.Tensor:
-    """``S = sum_l W0_l^T W0_l`` over every cross-attention ``to_k``/``to_v`` of ``unet``, float64 ``[d, d]``."""
-    modules = dict(unet.named_modules())
-    weights = [modules[name].weight.detach().to(torch.float64) for name in resolve("xattn-kv", "unet", unet).modules]
+def weight_gram(model, names: list[str] | None = None) -> torch.Tensor:
+    """``S = sum_l W0_l^T W0_l`` over the modules ``names`` of ``model`` (default: every cross-attention
+    ``to_k``/``to_v`` of a UNet), float64 ``[d, d]``."""
+    modules = dict(model.named_modules())
+    names = resolve("xattn-kv", "unet", model).modules if names is None else names
+    weights = [modules[name].weight.detach().to(torch.float64) for name in names]
     widths = {w.shape[1] for w in weights}
     if len(widths) != 1:
         raise ValueError(f"RECE needs one context width for every cross-attention layer, got {sorted(widths)}")
@@ -108,20 +126,26 @@ def residual(x: torch.Tensor, c: torch.Tensor, k: torch.Tensor, gram: torch.Tens
 
 
 def rece_epoch(k, gram, concept_rows, guide_rows, preserve_rows, config: RECEConfig) -> torch.Tensor:
-    """One epoch over every concept (in order): ``K <- K K_c`` with ``K_c`` the replace edit of ``c_adv``."""
+    """One epoch over every concept (in order): ``K <- K K_c`` with ``K_c`` the replace edit of ``c_adv``; the
+    preserved term from its rows (`epoch_edit` takes its Gram matrix)."""
+    preserved = gram_matrix(preserve_rows, config.rece_preserve_scale)
+    return epoch_edit(k, gram, concept_rows, guide_rows, preserved, config)
+
+
+def epoch_edit(k, gram, concept_rows, guide_rows, preserved, config: RECEConfig) -> torch.Tensor:
+    """`rece_epoch` with the preserved term given as ``s_p sum_p c_p c_p^T`` (`erase.methods.uce.gram_edit`)."""
     for c in concept_rows:
         c_adv = adversarial_embedding(c, k, gram, config.regular_scale)
-        k_c = shared_edit(
-            c_adv, guide_rows, preserve_rows, config.rece_erase_scale, config.rece_preserve_scale, config.rece_lamb
-        )
+        k_c = gram_edit(c_adv, guide_rows, preserved, config.rece_erase_scale, config.rece_lamb)
         k = k @ k_c
     return k
 
 
 # ------------------------------------------------------------------------------------------------ validation
 class Validator:
-    """Generates each concept's validation images with the edited cross-attention and scores the share its CLIP
-    puts in the concept's class."""
+    """Generates each concept's validation images with the edit applied to the pipeline's own denoiser (its
+    edited modules' weights set to ``W0 K`` for the call, then restored bitwise: no copy of an SD3/Flux
+    transformer) and scores the share its CLIP puts in the concept's class."""
 
     def __init__(self, pipe, concepts, config: RECEConfig, world: str | None, progress: bool):
         from erase.training.data import spread
@@ -129,11 +153,13 @@ class Validator:
         from pipelines.denoise import sampling_pipeline
 
         self.clip = GuideClip(config.judge)
-        self.unet = copy.deepcopy(pipe.unet).requires_grad_(False)
-        self.sampler = sampling_pipeline(pipe, self.unet, config.sample_steps)
-        self.modules = dict(self.unet.named_modules())
-        self.names = resolve("xattn-kv", "unet", self.unet).modules
-        self.base = {n: self.modules[n].weight.detach().clone() for n in self.names}
+        self.sampler = sampling_pipeline(pipe, None, config.sample_steps)
+        model = denoiser(pipe)
+        self.modules = dict(model.named_modules())
+        self.groups = edit_targets(pipe)[1]
+        self.base = {n: self.modules[n].weight.detach().clone() for names in self.groups.values() for n in names}
+        length = text_length(pipe, config.text_length)
+        self.call = {"max_sequence_length": length} if length is not None else {}
         self.config, self.progress, self.sets = config, progress, []
         for i, concept in enumerate(concepts):
             task, canonical = concept_task(concept.concept, config.prompts or concept.set_name, world)
@@ -142,13 +168,23 @@ class Validator:
             self.sets.append((prompts, seeds, self.clip.classes(task), list(task.classes).index(canonical)))
 
     @torch.no_grad()
-    def score(self, k: torch.Tensor) -> float:
-        """Mean over the concepts of the share of validation images classified as the concept, with ``W0 K``."""
+    def score(self, ks: dict[str, torch.Tensor]) -> float:
+        """Mean over the concepts of the share of validation images classified as the concept, with ``W0 K`` in
+        each group's modules (``ks``: one ``K`` per text input, as `erase.methods.uce.uce_edits`)."""
+        try:
+            for group, k in ks.items():
+                for name in self.groups[group]:
+                    weight, base = self.modules[name].weight, self.base[name]
+                    k32 = k.to(device=base.device, dtype=torch.float32)
+                    weight.copy_((base.to(torch.float32) @ k32).to(weight.dtype))
+            return self._shares()
+        finally:
+            for name, base in self.base.items():
+                self.modules[name].weight.copy_(base)
+
+    def _shares(self) -> float:
         from pipelines.sampling import generate_images
 
-        k32 = k.to(torch.float32)
-        for name in self.names:
-            self.modules[name].weight.copy_(self.base[name] @ k32)
         shares = []
         for prompts, seeds, classes, index in self.sets:
             images = generate_images(
@@ -159,6 +195,7 @@ class Validator:
                 guidance=self.config.sample_guidance,
                 progress=self.progress,
                 desc="rece: validation",
+                **self.call,
             )
             pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
             predicted = (self.clip.image(pixels) @ classes.T).argmax(-1)
@@ -189,36 +226,62 @@ def resolve_paper_defaults(config: RECEConfig, concepts) -> None:
         config.regular_scale = 0.1 if nudity else 1e-3
 
 
+def epoch_inputs(pipe, concepts, preserve_prompts: list[str], config: RECEConfig) -> dict[str, tuple]:
+    """Per text input (``"tokens"``; on SD3/Flux also ``"pooled"``): ``(concept rows, guide rows, preserved Gram,
+    preserved vectors)`` of the epochs' edits: each concept word's context rows (its pooled vector), the prompt
+    ``" "``'s, and ``s_p sum_p c_p c_p^T`` over the preserved prompts' rows (pooled vectors)."""
+    length = config.text_length
+    with torch.no_grad():
+        words = [encode_prompts(pipe, [c.word], length) for c in concepts]
+        blank = encode_prompts(pipe, [" "], length)
+    concept_rows = {"tokens": [w.hidden[0].to(torch.float64) for w in words]}
+    guide_rows = {"tokens": blank.hidden[0].to(torch.float64)}
+    if not is_mmdit(pipe):
+        rows = preserve_contexts(pipe, preserve_prompts)
+        preserved = gram_matrix(rows, config.rece_preserve_scale)
+        return {"tokens": (concept_rows["tokens"], guide_rows["tokens"], preserved, int(rows.shape[0]))}
+    concept_rows["pooled"] = [w.pooled.to(torch.float64) for w in words]  # [1, d]: one row per concept
+    guide_rows["pooled"] = blank.pooled.to(torch.float64)
+    grams = preserve_grams(pipe, preserve_prompts, length)
+    return {
+        name: (
+            concept_rows[name],
+            guide_rows[name],
+            config.rece_preserve_scale * grams[name],
+            int(grams[f"{name}_rows"]),
+        )
+        for name in ("tokens", "pooled")
+    }
+
+
 def train(ctx) -> Patch:
     config: RECEConfig = ctx.config
     pipe, concepts = ctx.pipe, ctx.concepts
     resolve_paper_defaults(config, concepts)
     guides = ctx.per_concept(config.guide, lambda i: default_guide(concepts, i))
     config.guide = guides  # saved in the patch as resolved
-    k, notes = uce_edit(pipe, concepts, guides, config)
-    gram = weight_gram(pipe.unet)
-    with torch.no_grad():
-        concept_rows = [encode_prompts(pipe, [c.word]).hidden[0].to(torch.float64) for c in concepts]
-        guide_rows = encode_prompts(pipe, [" "]).hidden[0].to(torch.float64)
+    ks, notes = uce_edits(pipe, concepts, guides, config)
+    component, targets = edit_targets(pipe)
+    grams = {name: weight_gram(pipe.components[component], targets[name]) for name in ks}
     preserve_prompts = [""]  # the official code's retain_texts (" " tokenises the same)
     if config.rece_preserve == "retain":
         preserve_prompts += list(dict.fromkeys(shared_retain(concepts) + list(config.preserve)))
-    preserve_rows = preserve_contexts(pipe, preserve_prompts)
+    inputs = epoch_inputs(pipe, concepts, preserve_prompts, config)
 
     if config.judge != "none":
         check_judge_world(config.judge, ctx.profile.world)
     validator = Validator(pipe, concepts, config, ctx.profile.world, ctx.progress) if config.judge != "none" else None
-    kept, kept_epoch, scores = k, config.epochs, []
+    kept, kept_epoch, scores = ks, config.epochs, []
     for epoch in range(1, config.epochs + 1):
-        k = rece_epoch(k, gram, concept_rows, guide_rows, preserve_rows, config)
+        ks = {name: epoch_edit(k, grams[name], *inputs[name][:3], config) for name, k in ks.items()}
         if validator is not None:
-            scores.append(validator.score(k))
+            scores.append(validator.score(ks))
             if scores[-1] < min(scores[:-1], default=float("inf")):  # ties keep the earlier epoch (less drift)
-                kept, kept_epoch = k, epoch
+                kept, kept_epoch = ks, epoch
             if scores[-1] == 0:  # nothing left to improve: the official script stops here
                 break
         else:
-            kept = k
+            kept = ks
     notes.update(
         {
             "rece_epochs": config.epochs,
@@ -227,8 +290,10 @@ def train(ctx) -> Patch:
             if validator
             else "last epoch (no judge)",
             "rece_validation_shares": [round(s, 4) for s in scores],
-            "rece_preserved_vectors": int(preserve_rows.shape[0]),
+            "rece_preserved_vectors": inputs["tokens"][3],
         }
     )
+    if "pooled" in inputs:
+        notes["rece_preserved_pooled_vectors"] = inputs["pooled"][3]
     ctx.stats.update(notes)
-    return edit_patch(pipe.unet, kept, config, "rece", notes)
+    return pipeline_patch(pipe, kept, config, "rece", notes)

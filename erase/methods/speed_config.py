@@ -30,7 +30,10 @@ class SPEEDConfig(MethodConfig):
     )
     params: Literal["V", "KV"] = field(
         default="V",
-        metadata={"help": "edited cross-attention projections: values (official default), or keys and values"},
+        metadata={
+            "help": "edited cross-attention projections: values (official default), or keys and values (UNet "
+            "families; SD3/Flux: the text embedders)"
+        },
     )
     positions: Literal["last", "expanded"] | None = field(
         default=None,
@@ -55,6 +58,13 @@ class SPEEDConfig(MethodConfig):
     preserve: list[str] = field(
         default_factory=list, metadata={"help": "extra retain prompts (added to the prompt set's retain prompts)"}
     )
+    text_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "SD3/Flux: T5 tokens per prompt the edit is solved at (default: the pipeline's "
+            "max_sequence_length)"
+        },
+    )
 
     WORD_FIELDS = ("anchor",)
 
@@ -67,6 +77,8 @@ class SPEEDConfig(MethodConfig):
             raise ValueError(f"rho must be > 0 (T P is singular, so M = (T P + rho I)^-1 needs it), got {self.rho}")
         self.check_at_least(0, "aug")
         self.check_at_most(MAX_AUG, "aug")
+        if self.text_length is not None and (isinstance(self.text_length, bool) or self.text_length < 1):
+            raise ValueError(f"text_length must be a positive number of T5 tokens, got {self.text_length!r}")
 
 
 CONFIG = SPEEDConfig
