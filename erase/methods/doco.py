@@ -63,6 +63,12 @@ whose colour the model picks itself (0.966 -> 0.922 over all retain images). ``a
 per concept (``discriminator="per-concept"``), each separating its concept's outputs from its own anchor's. With one
 discriminator for red, green and blue (``"shared"``, 2400 steps, no adversarial token) blue was left at 9.5% (3200
 steps: 8.6%); with one each, 0.9% (with the token, the default: 4.3%).
+
+**SD3 and Flux** (MMDiT): the same losses on the transformer's flow-matching velocity (`pipelines.denoise
+.denoiser_output`; ``x0_hat = x_t - s v``, `pipelines.denoise.predicted_x0`), the preset's role there
+(`erase.targets.denoiser_target`: ``xattn-kv`` is ``text-in``, the two text embedders and the joint blocks'
+``add_k_proj``/``add_v_proj``), the adversarial token one token for CLIP and T5 alike, and the discriminator on Flux's
+packed latents read as a ``4C``-channel map of the token grid (`spatial`).
 """
 
 from __future__ import annotations

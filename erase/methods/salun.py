@@ -52,6 +52,16 @@ and fill in 0.87-0.92 of cases over every setting tried, against 0.93-0.95 and 0
 400 steps and lr 2e-3 on the Shapes world, a quarter of the retain images from prompts outside the concept's family
 (`erase.training.data.retain_prompts`). Several concepts: one concept sampled per step; the mask is taken over all
 their forget sets.
+
+SD3 and Flux (MMDiT): both steps on the transformer's flow-matching velocity (`pipelines.denoise.denoiser_output`;
+``x_t = (1 - s) x_0 + s e`` with ``s = t / 1000``, ``t`` uniform; ``D_f``/``D_r`` drawn by the pipeline's own
+flow-matching sampler). The preset's role there (`erase.targets.denoiser_target`): ``xattn-kv`` is ``text-in``, the
+two text embedders (``context_embedder``, ``time_text_embed.text_embedder``) and the joint blocks' ``add_k_proj``/
+``add_v_proj``; the adversarial token is a word every tokenizer keeps as one token (CLIP and T5), injected into each
+encoder's table. The embedders are shared by every word of the prompt, so on the Shapes world's Flux the retain term
+weighs more (``alpha`` 16) and a quarter of the concept prompts carry the token (searched on red and circle: alpha 4,
+half: preservation 0.896 / 0.935, in-domain 0.98x / 0.78x; alpha 16, a quarter: 0.958 / 0.979, 1.00x / 0.90x; the
+README has the table).
 """
 
 from __future__ import annotations
