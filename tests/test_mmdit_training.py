@@ -91,7 +91,9 @@ def test_unpacking_flux_latents_is_what_the_flux_pipeline_does():
 
 @pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
 @pytest.mark.parametrize("method", ["salun", "doco"])
-def test_salun_and_doco_train_the_text_entry_points_of_sd3_and_flux_with_their_adversarial_token(arch, method, tmp_path):
+def test_salun_and_doco_train_the_text_entry_points_of_sd3_and_flux_with_their_adversarial_token(
+    arch, method, tmp_path
+):
     from erase.registry import get_config
     from erase.training.run import train_patch
 
