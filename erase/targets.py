@@ -22,7 +22,7 @@ Flux's single blocks (``single_transformer_blocks.*``) share their projections b
 | preset | modules | used by |
 |---|---|---|
 | ``text-kv`` | ``attn.add_k_proj`` and ``attn.add_v_proj`` of every joint block | ESD-x-strict |
-| ``text-in`` | the maps that read text: ``context_embedder`` (the text encoders' token rows), the | SalUn, DoCo, guard |
+| ``text-in`` | the maps that read text: ``context_embedder`` (the text encoders' rows), the | SalUn, DoCo, guard |
 | | pooled-text embedder ``time_text_embed.text_embedder.*`` (the pooled CLIP vector, which modulates | |
 | | every block) and the joint blocks' ``add_k_proj``/``add_v_proj`` | |
 | ``text-stream`` | every Linear of the joint blocks' text stream (those, ``add_q_proj``, ``to_add_out``, | ESD-x |
