@@ -218,10 +218,12 @@ def test_cli_attack_writes_outputs_and_help_names_every_attack(tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------------------ other architectures
-@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
-def test_every_attack_runs_on_v_prediction_and_sdxl_with_a_lora_patch(arch):
-    """Tiny random SD 2.x (v-prediction) and SDXL (two text encoders) pipelines with an exact-LoRA UCE patch: every
-    attack runs end to end, and the pipeline is left exactly as it was (weights, no adapter, gradient flags)."""
+@pytest.mark.parametrize("arch", ["sd2", "sdxl", "sd3", "flux"])
+def test_every_attack_runs_on_v_prediction_sdxl_sd3_and_flux_with_a_lora_patch(arch):
+    """Tiny random SD 2.x (v-prediction), SDXL (two text encoders), SD3 and Flux (CLIP and T5, flow matching)
+    pipelines with an exact-LoRA UCE patch: every attack runs end to end, and the pipeline is left exactly as it was
+    (weights, no adapter, gradient flags). On SD3/Flux the default placeholder becomes a word every tokenizer keeps
+    as one token, and relearning trains the joint blocks' text stream."""
     import importlib
 
     from tiny_pipelines import tiny_pipeline
@@ -231,13 +233,16 @@ def test_every_attack_runs_on_v_prediction_and_sdxl_with_a_lora_patch(arch):
     from eval.attacks import ATTACKS
     from eval.attacks.core import AttackSession
     from eval.clip import ShapesClipScorer
+    from pipelines.denoise import denoiser
     from prompts.sets import load_prompt_set
 
     pipe = tiny_pipeline(arch)
+    mmdit = arch in ("sd3", "flux")
     patch = train_patch(
         "uce", UCEConfig(model=f"tiny-{arch}", concepts=["red"], kind="lora"), pipe=pipe, progress=False
     )
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    model = denoiser(pipe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     config = AttackConfig(
         model=f"tiny-{arch}",
         prompts="shapes",
@@ -253,6 +258,7 @@ def test_every_attack_runs_on_v_prediction_and_sdxl_with_a_lora_patch(arch):
         relearn_steps=2,
         relearn_every=1,
         relearn_batch_size=2,
+        relearn_params="xattn" if mmdit else "unet",
         noising_etas=[1.5],
         noising_scales=[1.0],
     )
@@ -264,10 +270,11 @@ def test_every_attack_runs_on_v_prediction_and_sdxl_with_a_lora_patch(arch):
     finally:
         session.close()
     assert [r.name for r in results] == ["prefix", "prefix_continuous", "ti", "completion", "noising", "relearn"]
+    assert (session.config.placeholder != "sks") == mmdit  # "sks" is three pieces for the T5
     for result in results:
         assert len(result.success) == 2 and result.budget and all(r["pixels"] is None for r in result.records)
         assert all(images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 for images in result.images.values())
     assert all(np.isfinite(v) for v in results[2].extra["embedding_norms"])
-    assert not any(".lora_" in k for k in pipe.unet.state_dict())
-    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
-    assert all(p.requires_grad for p in pipe.unet.parameters())
+    assert not any(".lora_" in k for k in model.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
