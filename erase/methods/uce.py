@@ -45,8 +45,8 @@ context rows from the word on in each tokenizer's span of the context (`pipeline
 pooled vector of each training prompt towards the guided prompt's. Targets are the layer outputs without the bias
 (``W c*``), so the unchanged bias is not added twice. Contexts are encoded at the pipeline's own
 ``max_sequence_length`` (``text_length``), and the preserved prompts' Gram matrices are summed in batches (512 T5 rows
-of width 4096 per Flux prompt). T5 is bidirectional: the rows before the word carry some of it too; which rows to edit
-is to be measured on a trained MMDiT (issue 21).
+of width 4096 per Flux prompt). T5 is bidirectional: the rows before the word carry some of it too; on the Shapes
+world's Flux editing every T5 row instead changed nothing measurable (README), so the rows from the word on stay.
 
 Defaults: ``lam = 0.5``, ``s_e = s_p = 1`` as the official ``uce_sd_erase.py``; guides per prompt set
 (`prompts.training.default_guide`: a concrete class of the same family on the Shapes world, "art" for artists as UCE's
