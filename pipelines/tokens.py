@@ -114,7 +114,7 @@ def placeholder_ids(pipe, word: str, flag: str = "--placeholder") -> list[int]:
         if len(pieces) != 1:
             raise ValueError(
                 f"{flag.lstrip('-')} {word!r} is {len(pieces)} tokens for the {type(tokenizer).__name__} of "
-                f"{type(encoder).__name__}: pass a word that is one token for every text encoder"
+                f"{type(encoder).__name__}: pass a one-token {flag} (one token for every text encoder)"
             )
         ids.append(pieces[0])
     return ids

@@ -238,10 +238,11 @@ def gram_edit(
         k = ((guide - erase).T.to(product) @ solved.T.to(product)).to(torch.float64).mul_(erase_scale)
         k.diagonal().add_(1.0)
         return k
-    eye = torch.eye(d, dtype=torch.float64)
-    rhs = lamb * eye + erase_scale * guide.T @ erase + preserved
-    # K = rhs M^-1; M is symmetric: solve M K^T = rhs^T
-    return torch.linalg.solve(m, rhs.T).T
+    # K = rhs M^-1 = I + s_e (C*_e - C_e)^T C_e M^-1 (M symmetric: solve M X = C_e^T (C*_e - C_e)): formed from the
+    # difference, not as rhs - M, so the large preserved Gram in both cancels exactly and K - I keeps its rank
+    k = torch.linalg.solve(m, erase.T @ (guide - erase)).T.mul_(erase_scale)
+    k.diagonal().add_(1.0)
+    return k
 
 
 def solve_layer(weight: torch.Tensor, erase, guide, preserve, erase_scale, preserve_scale, lamb) -> torch.Tensor:
@@ -294,7 +295,10 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
             pooled_guides.append(encoded[1].pooled.to(torch.float64))
     grams = preserve_grams(pipe, preserve_prompts, length)
     erase, guide = torch.cat(erase_rows), torch.cat(guide_rows)
-    settings = (config.erase_scale, config.lamb, EDIT_PRODUCT_DTYPE)
+    # float32 after the solve is for the dense delta only: the exact LoRA takes K - I at its numerical rank, which
+    # float32 rounding would lift to full rank
+    product = EDIT_PRODUCT_DTYPE if getattr(config, "kind", "delta") == "delta" else torch.float64
+    settings = (config.erase_scale, config.lamb, product)
     ks = {"tokens": gram_edit(erase, guide, config.preserve_scale * grams["tokens"], *settings)}
     notes = {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(grams["tokens_rows"])}
     if is_mmdit(pipe):
