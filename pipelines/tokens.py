@@ -95,16 +95,6 @@ class TokenInjection:
         return out.masked_scatter(mask[..., None].expand_as(out), value)
 
 
-def token_id_of(tokenizer, word: str, flag: str = "--placeholder") -> int:
-    """The id of a word that the tokenizer keeps as one token; a one-line error naming ``flag`` otherwise."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(
-            f"{flag.lstrip('-')} {word!r} is {len(ids)} tokens for this tokenizer: pass a one-token {flag}"
-        )
-    return ids[0]
-
-
 def placeholder_ids(pipe, word: str, flag: str = "--placeholder") -> list[int]:
     """The id of ``word`` in each encoder's tokenizer (`encoders_and_tokenizers`); a one-line error naming ``flag``
     and the tokenizer when it is not one token in one of them."""

@@ -46,7 +46,6 @@ from pipelines.tokens import (  # noqa: F401 (re-exported)
     one_token_word,
     placeholder_ids,
     text_encoders,
-    token_id_of,
 )
 
 
