@@ -48,7 +48,8 @@ from torch import nn
 
 PRESETS = ("xattn-kv", "xattn", "no-xattn", "unet", "unet-full", "text-encoder")
 MMDIT_PRESETS = ("text-kv", "text-in", "text-stream", "no-text-stream", "transformer")
-# the UNet presets' roles on an MMDiT (text K/V, the text side, everything else, every layer, every parameter)
+# the UNet presets' roles on an MMDiT (the layers that read text, the text side, everything else, every layer, every
+# parameter)
 MMDIT_EQUIVALENT = {
     "xattn-kv": "text-in",
     "xattn": "text-stream",
