@@ -33,6 +33,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -355,3 +356,19 @@ def assert_lora_equals_delta(pipe, patches: dict) -> None:
         remove_patch(handle)
     for name, value in outputs["delta"].items():
         torch.testing.assert_close(outputs["lora"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def assert_lora_and_delta_images(pipe, patches: dict, before, prompt: str = "a red circle") -> None:
+    """The ``delta`` and ``lora`` patches of a closed-form edit, each applied to ``pipe`` and removed in turn: the
+    delta changes ``prompt``'s image from ``before``, the LoRA draws the delta's image, and the pipeline draws
+    ``before`` again afterwards."""
+    from pipelines.apply import apply_patch, remove_patch
+
+    images = {}
+    for kind, patch in patches.items():
+        handle = apply_patch(pipe, patch)
+        images[kind] = generate(pipe, prompt)
+        remove_patch(handle)
+    assert np.abs(images["delta"] - before).max() > 1e-3  # the edit changes the concept's images
+    assert np.abs(images["lora"] - images["delta"]).max() <= 1e-4
+    assert np.array_equal(generate(pipe, prompt), before)
