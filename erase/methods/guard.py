@@ -79,9 +79,17 @@ import torch.nn.functional as F
 
 from erase.methods.esd import esd_target
 from erase.methods.guard_config import DEFAULTS, GuardConfig  # noqa: F401  (re-exported)
-from erase.methods.uce import MMDIT_TARGETS, erase_contexts, preserve_contexts, shared_edit, uce_edits
+from erase.methods.uce import (
+    MMDIT_TARGETS,
+    edit_step,
+    erase_contexts,
+    preserve_contexts,
+    shared_edit,
+    times_k,
+    uce_edits,
+)
 from erase.patch import Patch
-from erase.targets import MMDIT_EQUIVALENT, Target, resolve
+from erase.targets import Target, denoiser_target, resolve
 from erase.training.adversarial import AdversarialTraining, check_token
 from erase.training.data import SEED_OFFSETS, LatentSet, split_retain, spread
 from erase.training.loop import adam
@@ -138,10 +146,11 @@ def _target(unet, preset: str) -> Target:
     return Target("unet", modules, parameters)
 
 
-def _mmdit_target(transformer, preset: str) -> Target:
-    """SD3/Flux: the preset's role on the transformer (`erase.targets.MMDIT_EQUIVALENT`) plus the text entry points
+def _mmdit_target(pipe, preset: str) -> Target:
+    """SD3/Flux: the preset's role on the transformer (`erase.targets.denoiser_target`) plus the text entry points
     the closed form moves (`erase.methods.uce.MMDIT_TARGETS`), weights and biases."""
-    chosen = resolve(MMDIT_EQUIVALENT[preset], "transformer", transformer)
+    transformer = pipe.transformer
+    chosen = denoiser_target(preset, pipe)
     modules = list(dict.fromkeys([m for names in MMDIT_TARGETS.values() for m in names] + chosen.modules))
     wanted = set(modules)
     parameters = [n for n, _ in transformer.named_parameters() if n.rsplit(".", 1)[0] in wanted]
@@ -157,15 +166,6 @@ def mmdit_edits(pipe, concepts, guides: list[str], lamb: float) -> tuple[list[tu
     )
     ks, notes = uce_edits(pipe, concepts, guides, settings)
     return [([f"{m}.weight" for m in MMDIT_TARGETS[name]], k) for name, k in ks.items()], notes
-
-
-def times_k(w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``W K`` as ``W + W (K - I)`` in float32 (``K`` float64), as `erase.methods.uce.groups_patch` applies it: the
-    edit ``K - I`` keeps its own float32 precision instead of being rounded against the 1s of ``I``."""
-    step = k.to(torch.float32)
-    step.diagonal().copy_(k.diagonal() - 1)
-    w32 = w.to(torch.float32)
-    return torch.addmm(w32, w32, step).to(w.dtype)
 
 
 def _images(ctx, config: GuardConfig, encode: PromptEncoder) -> list[LatentSet]:
@@ -250,7 +250,7 @@ def train(ctx) -> Patch:
     guides = ctx.per_concept(config.guide)
     encode = PromptEncoder(pipe)
     if mmdit:  # the text entry points, each with its own K (module docstring, "SD3 and Flux")
-        student = Student(teacher, _mmdit_target(teacher, config.preset), "delta")
+        student = Student(teacher, _mmdit_target(pipe, config.preset), "delta")
         rows, groups = None, []
         if config.closed_form != "off":
             groups, notes = mmdit_edits(pipe, concepts, guides, config.lamb)
@@ -267,7 +267,7 @@ def train(ctx) -> Patch:
             for names, k in groups:
                 for name in names:
                     p = module.get_parameter(name)
-                    p.copy_(times_k(p, k) if mmdit else p @ k)
+                    p.copy_(times_k(p, edit_step(k)) if mmdit else p @ k)
 
     if config.closed_form == "before":
         edit(student.module)

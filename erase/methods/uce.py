@@ -316,6 +316,21 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
 MMDIT_TARGETS = {"tokens": ["context_embedder"], "pooled": ["time_text_embed.text_embedder.linear_1"]}
 
 
+def edit_step(k: torch.Tensor) -> torch.Tensor:
+    """``K - I`` in float32 from the float64 ``K``: off the diagonal ``K``'s own entries, on it ``K_ii - 1`` taken
+    before rounding, so the edit keeps its own float32 precision (in a float32 ``K`` it would be rounded against the
+    1s of ``I``)."""
+    step = k.to(torch.float32)
+    step.diagonal().copy_(k.diagonal() - 1)
+    return step
+
+
+def times_k(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``W K`` applied as ``W + W (K - I)`` in float32 (``step``: `edit_step`), in ``w``'s dtype."""
+    w32 = w.to(torch.float32)
+    return torch.addmm(w32, w32, step).to(w.dtype)
+
+
 def edit_targets(pipe) -> tuple[str, dict[str, list[str]]]:
     """The component the closed form edits and, per text input (`uce_edits`' keys), its modules."""
     if is_mmdit(pipe):
@@ -346,13 +361,9 @@ def groups_patch(component: str, module, groups: list[tuple[list[str], torch.Ten
         tuned = {}
         for names, k in groups:
             # K is solved in float64; applying it is a float32 product (fp32 weights): W + W (K - I), so that the edit
-            # K - I keeps its own float32 precision (in float32 K it would be rounded against the 1s of I)
-            step = k.to(torch.float32)  # K - I: off the diagonal K's own entries, on it K_ii - 1 before rounding
-            step.diagonal().copy_(k.diagonal() - 1)
+            step = edit_step(k)
             for name in names:
-                w = modules[name].weight
-                w32 = w.detach().to(torch.float32)
-                tuned[f"{name}.weight"] = torch.addmm(w32, w32, step).to(w.dtype)
+                tuned[f"{name}.weight"] = times_k(modules[name].weight.detach(), step)
         patch = make_delta_patch(base, {component: tuned}, dtype=config.dtype, method=method, concepts=config.concepts)
         patch.notes.update(notes)
         return patch
