@@ -110,12 +110,13 @@ def placeholder_ids(pipe, word: str, flag: str = "--placeholder") -> list[int]:
     return ids
 
 
-def one_token_word(pipe, preferred: str, avoid: list[str] = ()) -> str:
-    """``preferred`` when it is one token for every tokenizer of ``pipe``, else the first of `PLACEHOLDER_FALLBACKS`
-    that is (and is not a word of ``avoid``, the prompts it will be put in): what a placeholder left at its default
-    becomes on a model whose tokenizers differ (a T5 beside CLIP). ``preferred`` itself when none is."""
+def one_token_word(pipe, avoid: list[str] = ()) -> str:
+    """The first of `PLACEHOLDER_FALLBACKS` that is one token for every tokenizer of ``pipe`` and not a word of
+    ``avoid`` (the prompts it will be put in): what a placeholder left unset becomes (``sks`` on CLIP-only models;
+    on a model whose tokenizers differ, a T5 beside CLIP, the first that every one keeps whole). The first fallback
+    when none is (its use then fails with `placeholder_ids`' one-line error)."""
     words = {w.lower() for text in avoid for w in text.split()}
-    for word in (preferred, *PLACEHOLDER_FALLBACKS):
+    for word in PLACEHOLDER_FALLBACKS:
         if word.lower() in words:
             continue
         try:
@@ -123,7 +124,7 @@ def one_token_word(pipe, preferred: str, avoid: list[str] = ()) -> str:
         except ValueError:
             continue
         return word
-    return preferred
+    return PLACEHOLDER_FALLBACKS[0]
 
 
 def word_embedding(tokenizer, table: torch.Tensor, word: str) -> torch.Tensor:

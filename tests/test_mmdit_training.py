@@ -34,7 +34,8 @@ def test_a_placeholder_is_one_token_for_clip_and_t5_and_reaches_every_text_encod
     assert len(encoders) == (3 if arch == "sd3" else 2)  # SD3's T5 (text_encoder_3) included
     with pytest.raises(ValueError, match=r"'sks' is \d tokens for the T5Tokenizer(Fast)? of T5EncoderModel"):
         placeholder_ids(pipe, "sks")  # the T5's own vocabulary spells it by letters
-    word = one_token_word(pipe, "sks", ["a red circle"])
+    word = one_token_word(pipe, ["a red circle"])
+    assert word != "sks" and one_token_word(tiny_pipeline("sd1"), ["a red circle"]) == "sks"  # CLIP keeps sks whole
     ids = placeholder_ids(pipe, word)
     assert len(ids) == len(encoders) and ids[-1] != ids[0]  # T5's id is its own
     prompt = f"a {word} circle"
@@ -86,6 +87,20 @@ def test_unpacking_flux_latents_is_what_the_flux_pipeline_does():
     )
     reference = FluxPipeline._unpack_latents(packed, h, w, sampler.vae_scale_factor)
     assert torch.equal(unpack_latents(sampler, packed), reference)
+
+
+@pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
+def test_an_adversarial_token_passed_explicitly_is_used_as_given_or_refused(arch):
+    from erase.training.adversarial import check_token
+    from erase.registry import get_config
+
+    pipe = tiny_pipeline(arch)
+    given = get_config("salun")(model="tiny", concepts=["red"], prompts="shapes", adversarial_token="sks")
+    with pytest.raises(ValueError, match=r"'sks' is \d tokens .*pass a one-token --adversarial-token"):
+        check_token(pipe, given, ["a red circle"])  # never swapped for another word behind the user's back
+    unset = get_config("salun")(model="tiny", concepts=["red"], prompts="shapes")
+    check_token(pipe, unset, ["a red circle"])
+    assert unset.adversarial_token == one_token_word(pipe, ["a red circle"])  # resolved, saved in the patch
 
 
 @pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)

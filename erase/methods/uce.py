@@ -283,6 +283,12 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
     """The shared edits of every text input the patch edits: ``{"tokens": K}`` (the context rows), plus on SD3/Flux
     ``"pooled"`` (the pooled CLIP vector: erased prompt's -> guided prompt's), and the vector counts."""
     length = getattr(config, "text_length", None)
+    inputs = getattr(config, "text_inputs", "both")
+    if inputs != "both" and not is_mmdit(pipe):
+        raise ValueError(
+            f"text_inputs {inputs!r} chooses between an SD3/Flux model's context rows and pooled vector; this model "
+            "has context rows only: leave --text-inputs at both"
+        )
     preserve_prompts = list(dict.fromkeys(shared_retain(concepts) + list(config.preserve)))
     erase_rows, guide_rows, pooled_rows, pooled_guides = [], [], [], []
     for concept, guide in zip(concepts, guides):
@@ -299,13 +305,17 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
     # float32 rounding would lift to full rank
     product = EDIT_PRODUCT_DTYPE if getattr(config, "kind", "delta") == "delta" else torch.float64
     settings = (config.erase_scale, config.lamb, product)
-    ks = {"tokens": gram_edit(erase, guide, config.preserve_scale * grams["tokens"], *settings)}
+    ks = {}
+    if inputs != "pooled":
+        ks["tokens"] = gram_edit(erase, guide, config.preserve_scale * grams["tokens"], *settings)
     notes = {"erased_vectors": int(erase.shape[0]), "preserved_vectors": int(grams["tokens_rows"])}
-    if is_mmdit(pipe):
+    if is_mmdit(pipe) and inputs != "tokens":
         pooled, pooled_guide = torch.cat(pooled_rows), torch.cat(pooled_guides)
         preserved = config.preserve_scale * grams["pooled"]
         ks["pooled"] = gram_edit(pooled, pooled_guide, preserved, *settings)
-        notes.update(erased_pooled_vectors=int(pooled.shape[0]), text_length=text_length(pipe, length))
+        notes.update(erased_pooled_vectors=int(pooled.shape[0]))
+    if is_mmdit(pipe):
+        notes.update(text_length=text_length(pipe, length))
     return ks, notes
 
 

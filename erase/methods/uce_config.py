@@ -44,6 +44,14 @@ class UCEConfig(MethodConfig):
         },
     )
 
+    text_inputs: Literal["both", "tokens", "pooled"] = field(
+        default="both",
+        metadata={
+            "help": "SD3/Flux: the text inputs the closed form edits: the context rows (context_embedder), the "
+            "pooled vector (the pooled-text embedder's first layer), or both"
+        },
+    )
+
     WORD_FIELDS = ("guide",)
 
     def __post_init__(self):

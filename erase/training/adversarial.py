@@ -38,18 +38,17 @@ from pipelines.denoise import (
 from pipelines.tokens import TokenInjection, one_token_word, placeholder_ids, word_embeddings
 
 TOKEN_FLAG = "--adversarial-token"
-DEFAULT_TOKEN = AdversarialTrainConfig.adversarial_token
 
 
 def check_token(pipe, config, prompts: list[str] = ()) -> None:
     """Refuse an ``adversarial_token`` that is not one token for every text encoder before any image is generated
-    (one-line error). Left at its default (``sks``) on a model whose tokenizers do not all keep it whole (a T5 beside
-    CLIP), it becomes the first word that they do and that ``prompts`` do not use (`pipelines.tokens
-    .one_token_word`), written into the config (saved in the patch)."""
+    (one-line error). Left unset, it becomes ``sks`` or, on a model whose tokenizers do not all keep that whole (a T5
+    beside CLIP), the first word that they do and that ``prompts`` do not use (`pipelines.tokens.one_token_word`),
+    written into the config (saved in the patch)."""
     if not config.adversarial_every:
         return
-    if config.adversarial_token == DEFAULT_TOKEN:
-        config.adversarial_token = one_token_word(pipe, DEFAULT_TOKEN, list(prompts))
+    if config.adversarial_token is None:
+        config.adversarial_token = one_token_word(pipe, list(prompts))
     placeholder_ids(pipe, config.adversarial_token, TOKEN_FLAG)
 
 

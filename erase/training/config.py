@@ -116,8 +116,12 @@ class AdversarialTrainConfig(TrainConfig):
         default=0.5, metadata={"help": "share of each step's concept prompts given the adversarial token"}
     )
     adversarial_lr: float = field(default=0.02, metadata={"help": "Adam lr of the adversarial embedding"})
-    adversarial_token: str = field(
-        default="sks", metadata={"help": "a one-token word carrying the adversarial embedding (its own is unused)"}
+    adversarial_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "a word every tokenizer keeps as one token, carrying the adversarial embedding (its own is "
+            "unused); default: sks, or with a T5 the first of zzz, xyz, q, x, z, j it keeps whole"
+        },
     )
 
     def __post_init__(self):
@@ -128,5 +132,7 @@ class AdversarialTrainConfig(TrainConfig):
             raise ValueError(f"adversarial_share must be in (0, 1], got {self.adversarial_share}")
         if not (math.isfinite(self.adversarial_lr) and self.adversarial_lr > 0):
             raise ValueError(f"adversarial_lr must be a finite number above 0, got {self.adversarial_lr}")
-        if not self.adversarial_token.strip() or " " in self.adversarial_token.strip():
+        if self.adversarial_token is not None and (
+            not self.adversarial_token.strip() or " " in self.adversarial_token.strip()
+        ):
             raise ValueError(f"adversarial_token must be one word, got {self.adversarial_token!r}")

@@ -54,7 +54,13 @@ class AttackConfig:
     batch_size: int | None = field(
         default=None, metadata={"help": "images per pipeline call (default by model: shapes 32, else 4)"}
     )
-    placeholder: str = field(default="sks", metadata={"help": "a one-token word standing for learned embeddings"})
+    placeholder: str | None = field(
+        default=None,
+        metadata={
+            "help": "a word every tokenizer keeps as one token, standing for learned embeddings; default: sks, or "
+            "with a T5 the first of zzz, xyz, q, x, z, j it keeps whole"
+        },
+    )
     # prefix (UnlearnDiffAtk)
     prefix_tokens: int = field(default=5, metadata={"help": "prefix: adversarial tokens k"})
     prefix_steps: int = field(default=40, metadata={"help": "prefix: optimisation steps"})
@@ -130,7 +136,7 @@ class AttackConfig:
             )
         if not self.concept or not self.concept.strip():
             raise ValueError("empty concept: pass the concept to attack, e.g. --concept red")
-        if not self.placeholder.strip() or " " in self.placeholder.strip():
+        if self.placeholder is not None and (not self.placeholder.strip() or " " in self.placeholder.strip()):
             raise ValueError(f"placeholder must be one word, got {self.placeholder!r}")
         for name in ("model", "patch", "prompts"):
             value = getattr(self, name)

@@ -246,8 +246,8 @@ class AttackSession:
         task = prompt_set.tasks[prompt_set.task]
         self.classifier = ZeroShotClassifier(judge.encode_text, task.classes, task.templates)
         self.cases = select_cases(prompt_set.by_role("target"), config.cases)
-        if config.placeholder == AttackConfig.placeholder:  # left at its default: one token for every tokenizer
-            config.placeholder = one_token_word(pipe, config.placeholder, [c.prompt for c in self.cases])
+        if config.placeholder is None:  # left unset: a word every tokenizer keeps as one token (saved in attack.json)
+            config.placeholder = one_token_word(pipe, [c.prompt for c in self.cases])
         self.placeholder_ids = placeholder_ids(pipe, config.placeholder)  # one per text encoder (`TokenInjection`)
         if any(config.placeholder.lower() in c.prompt.lower().split() for c in self.cases):
             raise ValueError(
