@@ -4,6 +4,8 @@ erase's strength by a plain ``pipe.load_lora_weights`` (in a clean process) and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 
@@ -291,6 +293,11 @@ def test_uce_edits_equal_the_direct_least_squares_solve_of_each_edited_module(ar
         module = pipe.transformer.get_submodule(MMDIT_TARGETS[name][0])
         direct = solve_layer(module.weight.detach(), erase, guide, preserve[name], 1.0, 1.0, 0.5)
         torch.testing.assert_close(module.weight.detach().double() @ ks[name], direct, rtol=1e-7, atol=1e-7)
+    for inputs in ("tokens", "pooled"):  # one text input alone: the same edit of that input, nothing else
+        alone, _ = uce_edits(pipe, concepts, ["blue"], dataclasses.replace(config, text_inputs=inputs))
+        assert list(alone) == [inputs] and torch.equal(alone[inputs], ks[inputs])
+    with pytest.raises(ValueError, match="this model has context rows only: leave --text-inputs at both"):
+        uce_edits(tiny_pipeline("sd1"), concepts, ["blue"], dataclasses.replace(config, text_inputs="pooled"))
 
 
 @pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
