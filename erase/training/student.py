@@ -1,10 +1,11 @@
 """The trainable copy of a model component ("student") beside the frozen original ("teacher"), and the patch it
 becomes.
 
-The user's pipeline is never modified: the student is a deep copy of the trained component (``unet``, a text encoder
-or a GAN ``generator``) whose selected weights train either directly (``delta``/``sparse`` patches) or through a
-PEFT LoRA adapter (``lora`` patches, ``W + (alpha / r) B A``, the layout diffusers' ``load_lora_weights`` reads). The
-original component keeps serving as the frozen teacher, so no second copy of the model is needed.
+The user's pipeline is never modified: the student is a copy of the trained component (``unet``, ``transformer``, a
+text encoder or a GAN ``generator``) whose selected weights train either directly (``delta``/``sparse`` patches, those
+tensors copied) or through a PEFT LoRA adapter (``lora`` patches, ``W + (alpha / r) B A``, the layout diffusers'
+``load_lora_weights`` reads). Every weight the student does not train shares the original's storage (`shared_copy`),
+and the original component keeps serving as the frozen teacher, so no second copy of the model is made.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ def seeded(seed: int):
         yield
 
 
+def shared_copy(module: nn.Module, own: set[str]) -> nn.Module:
+    """A copy of ``module`` whose parameters named in ``own`` are copied and whose other parameters and buffers share
+    the original's storage (new ``Parameter`` objects over the same data, so the copy's gradient flags are its own).
+
+    A trained copy of a large model then costs the trained tensors only: on Flux.1-dev, whose transformer is 24 GB
+    in bf16, training the text entry points and the joint K/V adds under 1 GB instead of a second 24 GB. The shared
+    tensors are frozen and never written: every write goes to an ``own`` tensor or to an adapter's."""
+    memo = {}
+    for name, p in module.named_parameters():
+        if name not in own:
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(module, memo)
+
+
 class Student:
     """A trainable copy of ``module`` restricted to ``target``.
 
@@ -50,7 +67,8 @@ class Student:
         self.kind = kind
         self.rank = rank
         self.lora_alpha = float(lora_alpha if lora_alpha is not None else rank)
-        self.module = copy.deepcopy(module)
+        trained = set() if kind == "lora" else set(target.parameters)
+        self.module = shared_copy(module, trained)
         self.module.requires_grad_(False)
         if kind == "lora":
             self._add_lora()
