@@ -310,6 +310,7 @@ def generate_to_folder(
     force: bool = False,
     verify: bool = True,
     overwrite: bool = False,
+    model_dtype: str = "fp32",
 ) -> list[Path]:
     """Generate ``n`` images (seeds ``seed .. seed + n - 1``) as PNGs plus ``grid.png``; returns the paths written.
 
@@ -345,7 +346,9 @@ def generate_to_folder(
         stack_patches(generator, patches, scales, force=force)
         images = sample_gan(generator, n, seed)
     else:
-        pipe = pipelines.load(model)
+        from pipelines.loading import model_dtype as dtype_of
+
+        pipe = pipelines.load(model, dtype=dtype_of(model_dtype, model))
         stack_patches(pipe, patches, scales, force=force)
         if guidance is None:  # the model's own, as `erase eval` samples it (`eval.config.DEFAULTS`)
             from eval.config import DEFAULTS

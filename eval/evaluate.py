@@ -333,7 +333,10 @@ def run_eval(config: EvalConfig, out: str | Path, progress: bool = True) -> dict
         from eval.nudity import NudityDetector
 
         detector = NudityDetector(threshold=config.nudity_threshold)
-    pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code)
+    from pipelines.loading import model_dtype
+
+    dtype = model_dtype(config.model_dtype, config.model)
+    pipe = pipelines.load(config.model, trust_remote_code=config.trust_remote_code, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(state.device)  # a GPU when accelerate has one; seeds stay on CPU generators, so images stay comparable
     profile = model_profile(pipe)  # the loaded model's own profile (its sample size, architecture)

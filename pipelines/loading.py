@@ -37,6 +37,9 @@ SINGLE_FILE_TYPES = {
     "xl_base": "StableDiffusionXLPipeline",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# ``--model-dtype``: the dtype the model's weights are loaded in ("auto": the one its denoiser is stored in).
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 # The files diffusers itself fetches for a single-file config (diffusers.loaders.single_file).
 _CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 
@@ -81,6 +84,45 @@ def load_pipeline(
             pipe.default_sample_size = RESOLUTION // pipe.vae_scale_factor
         return mark_pipeline(pipe, world) if world else pipe
     return _load_single_file(path, dtype, trust_remote_code, config)
+
+
+def model_dtype(name: str, model: str | os.PathLike) -> torch.dtype:
+    """``--model-dtype`` ``name`` as a torch dtype; ``"auto"``: the dtype ``model``'s denoiser weights are stored in
+    (`stored_dtype`), so that a bf16 Flux folder loads in bf16 as diffusers users load it."""
+    if name == "auto":
+        name = stored_dtype(model)
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"--model-dtype {name!r}: pass one of auto, {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
+
+
+def stored_dtype(model: str | os.PathLike) -> str:
+    """The dtype (``fp32``, ``bf16``, ``fp16``) most of ``model``'s denoiser weights are stored in: the ``unet/``
+    or ``transformer/`` safetensors of a folder, or a single file; ``fp32`` for the shipped worlds and for weights
+    whose headers say nothing (``.bin``). Reads file headers only."""
+    from pipelines.shapes.registry import shipped_pipeline
+
+    if shipped_pipeline(model) is not None:
+        return "fp32"
+    path = Path(model).expanduser()
+    files = [path] if path.is_file() else []
+    for folder in ("transformer", "unet"):
+        files = files or sorted((path / folder).glob("*.safetensors"))
+    counts: dict[str, int] = {}
+    for file in files:
+        if file.suffix.lower() != ".safetensors":
+            continue
+        try:
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(min(size, 100_000_000)))
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise ValueError(f"{file}: not a readable .safetensors file; re-download it") from None
+        for entry in header.values():
+            if isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                name = _SAFETENSORS_DTYPES[entry["dtype"]]
+                counts[name] = counts.get(name, 0) + int(torch.Size(entry.get("shape", [])).numel())
+    return max(counts, key=counts.get) if counts else "fp32"
 
 
 def check_model(model: str | os.PathLike) -> Path:

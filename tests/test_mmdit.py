@@ -358,6 +358,41 @@ def test_erase_train_uce_on_a_flux_folder_from_the_command_line(saved, tmp_path)
     )
 
 
+def test_a_bf16_flux_folder_is_erased_and_baked_in_bf16_with_the_same_patch_as_fp32(tmp_path, capsys):
+    """A Flux folder stored in bf16, as Flux.1-dev ships: `--model-dtype auto` loads it in bf16 (half the memory),
+    UCE's patch from it fits the fp32 load of the same weights (fingerprints of the fp32 upcast) and erases there,
+    and `erase apply` writes the patched folder in bf16 again. Trained methods refuse half precision in one line."""
+    from erase.cli import main
+    from pipelines.loading import stored_dtype
+
+    folder = tmp_path / "flux-bf16"
+    pipe = tiny_pipeline("flux").to(dtype=torch.bfloat16)
+    pipe.save_pretrained(folder)
+    assert stored_dtype(folder) == "bf16" and stored_dtype("shapes") == "fp32"
+    out = tmp_path / "red.safetensors"
+    args = ["train", "--method", "uce", "--model", str(folder), "--concept", "red", "--prompts", "shapes"]
+    assert main([*args, "--text-length", str(T5_LENGTH), "--model-dtype", "auto", "--out", str(out)]) == 0
+    patch = load_patch(out)
+    assert patch.config["model_dtype"] == "auto"
+    fp32 = load_pipeline(folder)  # the default: fp32, every bf16 weight exactly upcast
+    assert fp32.transformer.context_embedder.weight.dtype == torch.float32
+    before = generate(fp32, "a red circle")
+    handle = apply_patch(fp32, patch)  # no --force: the fingerprint matches
+    assert np.abs(generate(fp32, "a red circle") - before).max() > 1e-4
+    remove_patch(handle)
+    baked = tmp_path / "baked"
+    assert main(["apply", "--model", str(folder), "--patch", str(out), "--out", str(baked)]) == 0
+    assert stored_dtype(baked) == "bf16"
+    edited = load_pipeline(baked, dtype=torch.bfloat16).transformer.context_embedder.weight
+    assert not torch.equal(edited, pipe.transformer.context_embedder.weight)
+    capsys.readouterr()
+    salun = ["train", "--method", "salun", "--model", str(folder), "--concept", "red", "--model-dtype", "bf16"]
+    assert main([*salun, "--out", str(tmp_path / "s.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--model-dtype bf16: this method trains the model, which needs fp32 weights" in err
+    assert "Traceback" not in err and not (tmp_path / "s.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Flow matching: trajectories, the transformer's velocity and ESD on MMDiT
 

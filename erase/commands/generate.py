@@ -49,6 +49,12 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     )
     generate.add_argument("--force", action="store_true", help="apply even if a patch's base fingerprint differs")
     generate.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
+    generate.add_argument(
+        "--model-dtype",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        default="fp32",
+        help="dtype --model is loaded in: bf16/fp16 halve its memory, auto: the dtype its weights are stored in",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.model is not None and (args.prompt is None or not args.prompt.strip()):
         raise CliError("--model needs a non-empty --prompt")
+    if args.gan is not None and args.model_dtype != "fp32":
+        raise CliError("--model-dtype applies to --model; drop it for --gan")
     if args.gan is not None and args.prompt is not None:
         raise CliError("--prompt does not apply to --gan (a GAN takes no text)")
     patches = args.patch or []
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         verify=not args.skip_hash_check,
         overwrite=args.overwrite,
+        model_dtype=args.model_dtype,
     )
     applied = f" with {', '.join(f'{p} x{s:g}' for p, s in zip(patches, scales))}" if patches else ""
     print(f"wrote {len(written) - 1} images and {written[-1]}{applied}")

@@ -35,6 +35,12 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
         "--trust-remote-code", action="store_true", help="allow a pickled .ckpt/.pt --model (unpickling can run code)"
     )
     apply.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
+    apply.add_argument(
+        "--model-dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="dtype the model is loaded and saved in (default auto: the dtype its weights are stored in)",
+    )
 
     export = commands.add_parser(
         "export", help="convert a patch to a LoRA file every client loads (diffusers, ComfyUI, A1111, InvokeAI, kohya)"
@@ -202,7 +208,10 @@ def _apply(args: argparse.Namespace) -> int:
 
     from pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(args.model, trust_remote_code=args.trust_remote_code, config=args.config)
+    from pipelines.loading import model_dtype
+
+    dtype = model_dtype(args.model_dtype, args.model)
+    pipe = load_pipeline(args.model, trust_remote_code=args.trust_remote_code, config=args.config, dtype=dtype)
     stack_patches(pipe, patches, scales, force=args.force)
     save_patched_pipeline(pipe, out, overwrite=args.overwrite, label="--out")
     applied = ", ".join(f"{p} x{s:g}" for p, s in zip(args.patch, scales))

@@ -14,6 +14,7 @@ MAX_RANK = 4096
 
 PatchKind = Literal["lora", "delta", "sparse"]
 StorageDtype = Literal["fp32", "fp16", "bf16", "int8"]
+ModelDtype = Literal["fp32", "bf16", "fp16", "auto"]
 
 
 @dataclass
@@ -29,9 +30,18 @@ class MethodConfig:
     kind: PatchKind = field(default="delta", metadata={"help": "patch kind written"})
     dtype: StorageDtype = field(default="fp32", metadata={"help": "storage dtype of delta/sparse values"})
     threads: int = field(default=1, metadata={"help": "torch threads (1 is fastest and steadiest on small CPUs)"})
+    model_dtype: ModelDtype = field(
+        default="fp32",
+        metadata={
+            "help": "dtype the model is loaded in: bf16/fp16 halve its memory (Flux.1-dev's transformer 48 -> 24 GB), "
+            "auto: the dtype its weights are stored in; the closed-form methods (uce, speed, rece) only"
+        },
+    )
 
     # which kinds a method can write; subclasses narrow it
     KINDS = ("lora", "delta", "sparse")
+    # whether the method works on a model loaded in half precision (it only reads the weights: a closed form)
+    HALF_PRECISION: ClassVar[bool] = False
 
     def check_at_least(self, minimum: int, *names: str) -> None:
         """One-line ``ValueError`` unless each named field is ``None`` or at least ``minimum``."""
@@ -66,6 +76,11 @@ class MethodConfig:
                 raise ValueError(f"--{name} is empty; pass a value or leave --{name} out")
         if self.kind not in self.KINDS:
             raise ValueError(f"kind must be {' or '.join(self.KINDS)} (what this method writes), got {self.kind!r}")
+        if self.model_dtype != "fp32" and not self.HALF_PRECISION:
+            raise ValueError(
+                f"--model-dtype {self.model_dtype}: this method trains the model, which needs fp32 weights; leave "
+                "--model-dtype at fp32, or use a closed-form method (uce, speed, rece)"
+            )
         if self.dtype == "int8" and self.kind != "sparse":
             raise ValueError("dtype int8 is for sparse patches; use fp32, fp16 or bf16 for delta")
         self.concepts = [c.strip() for c in self.concepts if c and c.strip()]

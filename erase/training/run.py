@@ -208,7 +208,11 @@ def make_context(
             from pipelines.profile import peek_profile
 
             check_words(config, ctx.concepts, peek_profile(config.model))
-        ctx.pipe = pipe if pipe is not None else load_pipeline(config.model)
+        if pipe is None:
+            from pipelines.loading import model_dtype
+
+            pipe = load_pipeline(config.model, dtype=model_dtype(getattr(config, "model_dtype", "fp32"), config.model))
+        ctx.pipe = pipe
     else:
         from pipelines.gan import load_generator
 
