@@ -385,6 +385,13 @@ def test_a_bf16_flux_folder_is_erased_and_baked_in_bf16_with_the_same_patch_as_f
     assert stored_dtype(baked) == "bf16"
     edited = load_pipeline(baked, dtype=torch.bfloat16).transformer.context_embedder.weight
     assert not torch.equal(edited, pipe.transformer.context_embedder.weight)
+    from erase.registry import get_config
+    from erase.training.run import train_patch
+
+    for method in ("speed", "rece"):  # the other closed forms read a bf16 model too
+        config = get_config(method)(model="tiny", concepts=["red"], prompts="shapes", text_length=T5_LENGTH)
+        edited = train_patch(method, config, pipe=pipe, progress=False).dense_deltas("transformer")
+        assert edited["context_embedder.weight"].abs().max() > 0, method
     capsys.readouterr()
     salun = ["train", "--method", "salun", "--model", str(folder), "--concept", "red", "--model-dtype", "bf16"]
     assert main([*salun, "--out", str(tmp_path / "s.safetensors")]) == 2
