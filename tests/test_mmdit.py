@@ -361,7 +361,7 @@ def test_erase_train_uce_on_a_flux_folder_from_the_command_line(saved, tmp_path)
 def test_a_bf16_flux_folder_is_erased_and_baked_in_bf16_with_the_same_patch_as_fp32(tmp_path, capsys):
     """A Flux folder stored in bf16, as Flux.1-dev ships: `--model-dtype auto` loads it in bf16 (half the memory),
     UCE's patch from it fits the fp32 load of the same weights (fingerprints of the fp32 upcast) and erases there,
-    and `erase apply` writes the patched folder in bf16 again. Trained methods refuse half precision in one line."""
+    and `erase apply` writes the patched folder in bf16 again. A GAN method refuses the flag in one line."""
     from erase.cli import main
     from pipelines.loading import stored_dtype
 
@@ -385,19 +385,89 @@ def test_a_bf16_flux_folder_is_erased_and_baked_in_bf16_with_the_same_patch_as_f
     assert stored_dtype(baked) == "bf16"
     edited = load_pipeline(baked, dtype=torch.bfloat16).transformer.context_embedder.weight
     assert not torch.equal(edited, pipe.transformer.context_embedder.weight)
+    capsys.readouterr()
+    gan = ["train", "--method", "text2unlearn", "--concept", "red", "--model-dtype", "bf16"]
+    assert main([*gan, "--out", str(tmp_path / "g.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "model_dtype bf16: this method loads no diffusion model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("method", ["esd", "salun", "doco", "guard"])
+def test_trained_methods_train_fp32_copies_on_a_bf16_flux_and_compute_in_fp32(method):
+    """On a model loaded in bf16 a trained method trains fp32 copies of its tensors, and every forward computes in
+    fp32 over the bf16 storage (`fp32_compute`): the patch changes the bf16 model's images and removes exactly, the
+    base is untouched, and the model's modules hold their own bf16 Parameters again afterwards."""
+    from erase.registry import get_config
+    from erase.targets import resolve
+    from erase.training.run import train_patch
+    from erase.training.student import Student
+
+    pipe = tiny_pipeline("flux").to(dtype=torch.bfloat16)
+    before = generate(pipe, "a red circle")
+    params = {k: (p, p.detach().clone()) for k, p in pipe.transformer.named_parameters()}
+    settings = {
+        "esd": {},
+        "salun": {"forget_images": 4, "retain_images": 4},
+        "doco": {"anchor_images": 4, "retain_images": 4, "warm_up": 1},
+        "guard": {"trajectories": 4, "retain_trajectories": 4, "forget_images": 4},
+    }[method]
+    if method != "esd":
+        settings.update(adversarial_every=2, adversarial_steps=2)
+    config = get_config(method)(
+        model="tiny",
+        concepts=["red"],
+        prompts="shapes",
+        model_dtype="bf16",
+        steps=4,
+        lr=1e-2,
+        batch_size=2,
+        sample_steps=2,
+        **settings,
+    )
+    patch = train_patch(method, config, pipe=pipe, progress=False)
+    for name, p in pipe.transformer.named_parameters():  # the same Parameter objects, the same bf16 values
+        assert p is params[name][0] and p.dtype == torch.bfloat16 and torch.equal(p, params[name][1])
+    handle = apply_patch(pipe, patch)
+    assert np.abs(generate(pipe, "a red circle") - before).max() > 1e-3
+    remove_patch(handle)
+    assert np.array_equal(generate(pipe, "a red circle"), before)
+    student = Student(pipe.transformer, resolve("text-in", "transformer", pipe.transformer), "delta")
+    trained = student.named_trainable()
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())  # fp32 copies
+    assert all(p.dtype == torch.bfloat16 for n, p in student.module.named_parameters() if n not in trained)
+
+
+def test_fp32_compute_gives_fp32_arithmetic_and_puts_the_bf16_weights_back_even_after_an_error():
+    from erase.training.student import fp32_compute
+
+    layer = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    weight = layer.weight
+    x = torch.randn(2, 8)
+    with fp32_compute(layer):
+        out = layer(x.to(torch.bfloat16))
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, x.to(torch.bfloat16).float() @ weight.float().T + layer.bias.float())
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 3))  # a failing forward
+        assert layer.weight is weight
+    assert layer.weight is weight and layer(x.to(torch.bfloat16)).dtype == torch.bfloat16  # hooks gone
+
+
+@pytest.mark.parametrize("method", ["speed", "rece"])
+def test_the_other_closed_forms_erase_from_a_bf16_flux(method):
+    """SPEED and RECE read a model loaded in bf16 too (UCE: above): the patch changes its images, removes exactly."""
     from erase.registry import get_config
     from erase.training.run import train_patch
 
-    for method in ("speed", "rece"):  # the other closed forms read a bf16 model too
-        config = get_config(method)(model="tiny", concepts=["red"], prompts="shapes", text_length=T5_LENGTH)
-        edited = train_patch(method, config, pipe=pipe, progress=False).dense_deltas("transformer")
-        assert edited["context_embedder.weight"].abs().max() > 0, method
-    capsys.readouterr()
-    salun = ["train", "--method", "salun", "--model", str(folder), "--concept", "red", "--model-dtype", "bf16"]
-    assert main([*salun, "--out", str(tmp_path / "s.safetensors")]) == 2
-    err = capsys.readouterr().err
-    assert "--model-dtype bf16: this method trains the model, which needs fp32 weights" in err
-    assert "Traceback" not in err and not (tmp_path / "s.safetensors").exists()
+    pipe = tiny_pipeline("flux").to(dtype=torch.bfloat16)
+    before = generate(pipe, "a red circle")
+    config = get_config(method)(
+        model="tiny", concepts=["red"], prompts="shapes", model_dtype="bf16", text_length=T5_LENGTH
+    )
+    handle = apply_patch(pipe, train_patch(method, config, pipe=pipe, progress=False))
+    assert np.abs(generate(pipe, "a red circle") - before).max() > 1e-3
+    remove_patch(handle)
+    assert np.array_equal(generate(pipe, "a red circle"), before)
 
 
 # ----------------------------------------------------------------------------------------------------------------

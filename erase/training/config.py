@@ -40,7 +40,8 @@ class MethodConfig:
 
     # which kinds a method can write; subclasses narrow it
     KINDS = ("lora", "delta", "sparse")
-    # whether the method works on a model loaded in half precision (it only reads the weights: a closed form)
+    # whether the method takes a diffusion model loaded in half precision (`--model-dtype`): the closed forms only
+    # read its weights; trained methods train fp32 copies and compute in fp32 (`erase.training.student.fp32_compute`)
     HALF_PRECISION: ClassVar[bool] = False
 
     def check_at_least(self, minimum: int, *names: str) -> None:
@@ -78,8 +79,8 @@ class MethodConfig:
             raise ValueError(f"kind must be {' or '.join(self.KINDS)} (what this method writes), got {self.kind!r}")
         if self.model_dtype != "fp32" and not self.HALF_PRECISION:
             raise ValueError(
-                f"--model-dtype {self.model_dtype}: this method trains the model, which needs fp32 weights; leave "
-                "--model-dtype at fp32, or use a closed-form method (uce, speed, rece)"
+                f"model_dtype {self.model_dtype}: this method loads no diffusion model (a GAN's generator is "
+                "loaded as stored); drop --model-dtype"
             )
         if self.dtype == "int8" and self.kind != "sparse":
             raise ValueError("dtype int8 is for sparse patches; use fp32, fp16 or bf16 for delta")

@@ -257,7 +257,8 @@ def train_patch(
                 method, config, pipe=pipe, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress
             )
             config = ctx.config
-            patch = module.train(ctx)
+            with _fp32_compute(ctx):
+                patch = module.train(ctx)
         patch.config = config_to_dict(config)
         patch.notes.update(
             {
@@ -272,6 +273,18 @@ def train_patch(
     if out is not None and _is_main_process():
         save_patch(patch, out, overwrite=overwrite, label="--out")
     return patch
+
+
+def _fp32_compute(ctx):
+    """A diffusion model loaded in bf16/fp16 computes in fp32 while it trains (`erase.training.student
+    .fp32_compute`: its denoiser and text encoders); a no-op for fp32 models and GAN generators."""
+    from contextlib import nullcontext
+
+    if ctx.pipe is None or not hasattr(ctx.pipe, "components"):
+        return nullcontext()
+    from erase.training.student import fp32_compute
+
+    return fp32_compute(*[m for m in ctx.pipe.components.values() if isinstance(m, torch.nn.Module)])
 
 
 def _own_rng():

@@ -47,7 +47,54 @@ def shared_copy(module: nn.Module, own: set[str]) -> nn.Module:
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
     for b in module.buffers():
         memo[id(b)] = b
-    return copy.deepcopy(module, memo)
+    copied = copy.deepcopy(module, memo)
+    for name, p in copied.named_parameters():
+        if name in own and p.dtype in HALF:
+            p.data = p.data.float()  # a half-precision model trains fp32 copies (`fp32_compute`)
+    return copied
+
+
+HALF = (torch.bfloat16, torch.float16)
+_SAVED = "_erase_half_weights"
+
+
+def _upcast(x):
+    return x.float() if torch.is_tensor(x) and x.dtype in HALF else x
+
+
+def _to_fp32(module: nn.Module, args, kwargs):
+    saved = {n: p for n, p in module._parameters.items() if p is not None and p.dtype in HALF}
+    module.__dict__[_SAVED] = saved
+    for name, p in saved.items():
+        module._parameters[name] = p.float()  # this forward only; the stored Parameter is put back after it
+    return tuple(_upcast(a) for a in args), {k: _upcast(v) for k, v in kwargs.items()}
+
+
+def _restore(module: nn.Module, *_):
+    module._parameters.update(module.__dict__.pop(_SAVED, {}))
+
+
+@contextmanager
+def fp32_compute(*modules: nn.Module):
+    """Run ``modules`` stored in bf16/fp16 with fp32 arithmetic: every module holding half-precision weights gets
+    them (and its floating inputs) as fp32 for its own forward, so at most one layer's weights are upcast at a time
+    and the stored weights never change. Copies made inside (a `Student`) carry the same hooks.
+
+    Why not ``torch.autocast``: an erasure's retain term minimises student-teacher differences that are below bf16's
+    resolution (a weight change under 1/256 of the weight does not reach a bf16 forward); under autocast SalUn and
+    guard wrecked the Shapes Flux (README, "SD3 and Flux")."""
+    hooked = [m for root in modules for m in root.modules() if any(p.dtype in HALF for p in m.parameters(False))]
+    handles = []
+    for m in hooked:
+        handles.append(m.register_forward_pre_hook(_to_fp32, with_kwargs=True))
+        handles.append(m.register_forward_hook(_restore, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in hooked:
+            _restore(m)
 
 
 class Student:
@@ -93,6 +140,8 @@ class Student:
             inject_adapter_in_model(config, self.module, adapter_name=ADAPTER)
         for name, p in self.module.named_parameters():
             p.requires_grad_(f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name)
+            if p.requires_grad and p.dtype in HALF:
+                p.data = p.data.float()  # PEFT makes the adapter in the base layer's dtype: train it in fp32
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
