@@ -16,35 +16,43 @@ set for one style (5 training prompts, 19 retained prompts). Timed with the prod
 - ``preserve_gram_s``: the retained prompts' Gram matrices (tokens and pooled) in batches of 16 prompts, float64, as
   `erase.methods.uce.preserve_grams` sums them (`erase.methods.uce.add_upper_gram`, then `mirror_upper`); it
   depends on the model and prompt set only, not on the concept;
-- ``solve_s``: the concept's two edits (`erase.methods.uce.gram_edit` as `erase.methods.uce.uce_edits` calls it:
-  its erased rows' Gram, the Cholesky factor and solve in float64, the ``d x d`` product in float32);
-- ``patch_s``: the ``delta`` patch of both edited weights (`erase.methods.uce.groups_patch`: ``W + W (K - I)`` in
-  float32, and the patch's deltas and fingerprints);
+- ``solve_s``: the concept's two edits (`erase.methods.uce.gram_edit` as ``erase train --method uce`` calls it for a
+  delta patch: its erased rows' Gram, the Cholesky factor and solve in float64, ``K - I`` kept as its two float32
+  factors, `erase.methods.uce.StepFactors`);
+- ``patch_s``: the ``delta`` patch of both edited weights (`erase.methods.uce.groups_patch`: ``W + (W left) right``
+  in float32, and the patch's deltas and fingerprints);
 - ``concept_s`` = solve + patch; ``total_s``: what one ``erase train --method uce`` run spends in the closed form
-  (Gram + concept). Goal: <= 5 s per concept.
+  (Gram + concept). Goal: <= 5 s per concept;
+- ``concept_with_k_formed_s``: the same concept with the ``d x d`` ``K`` formed (float32 product, then ``W + W (K -
+  I)``: RECE's and guard's route, which compose or reuse ``K``), its ratio to ``concept_s`` and the relative
+  difference of the two patches.
 
-Text encoding (CLIP and T5-XXL passes over the prompts) is not included: it is the models' own cost.
+The preserved states are drawn in float32 (the encoders' output) before the clock starts and converted to float64
+inside it, as `erase.methods.uce.preserve_grams` does. Text encoding (CLIP and T5-XXL passes over the prompts) is
+not included: it is the models' own cost.
 
-Measured (``--threads 1``, 2-core AMD EPYC; "before" is the same sequence on the code before issue 21's change):
+Measured on a quiet 2-core AMD EPYC (``--threads 2``: three runs; ``--threads 1``: one):
 
-| model | preserved Gram s | concept s (solve + patch) | total s |
-|---|---|---|---|
-| SD3.5-medium | 5.06 -> 2.99 | 6.17 (5.32 + 0.85) -> 4.61 (3.75 + 0.86) | 11.23 -> 7.60 |
-| Flux.1-dev | 7.54 -> 4.55 | 8.13 (6.81 + 1.32) -> 6.28 (4.97 + 1.31) | 15.67 -> 10.83 |
+| model | preserved Gram s | concept s (solve + patch) | total s | concept s with K formed | factored speedup |
+|---|---|---|---|---|---|
+| SD3.5-medium, 2 threads | 1.19-1.22 | 1.68-1.73 | 2.86-2.94 | 2.08-2.17 | 1.23-1.27x |
+| Flux.1-dev, 2 threads | 1.76-1.79 | 2.55-2.66 | 4.33-4.45 | 2.89-2.99 | 1.11-1.15x |
+| SD3.5-medium, 1 thread | 2.24 | 3.15 | 5.39 | 4.05 | 1.29x |
+| Flux.1-dev, 1 thread | 3.53 | 5.00 | 8.52 | 6.00 | 1.20x |
 
-Before: ``x.T @ x`` for every Gram matrix, the ``d x d`` product of `gram_edit` in float64. After: the Gram matrices
-on their upper triangle in strips (`erase.methods.uce.GRAM_STRIP`: ~0.55 of the work), the product after the solve in
-float32 (`erase.methods.uce.EDIT_PRODUCT_DTYPE`; relative error of ``W (K - I)`` 2.5e-7). Everything solved against
-stays float64. What is left of Flux's concept part (d = 4096, n = 2535 erased rows): the erased rows' Gram ~1.0 s,
-the Cholesky factor ~0.8 s, the float64 solve against the n rows ~2.1 s, the ``d x d`` product ~1.0 s, and
-``W + W (K - I)`` ~1.1 s with the patch's own bookkeeping ~0.2 s. The goal is met on SD3.5-medium without the
-Gram (which does not depend on the concept), not on Flux.1-dev.
+The factored patch differs from the formed one by 6e-7 (Flux) and 1.4e-6 (SD3.5) relative: float32 rounding. Stop
+27's figures (the Gram timed together with drawing its random states, ``K`` formed): Flux.1-dev 10.8 s on one
+thread, 6.0 s on two. How the closed form got here: the Gram matrices on their upper triangle in strips
+(`erase.methods.uce.GRAM_STRIP`: ~0.55 of the work), the products after the solve in float32
+(`erase.methods.uce.EDIT_PRODUCT_DTYPE`; relative error of ``W (K - I)`` 2.5e-7), and ``K - I`` applied from its
+factors. Everything solved against stays float64. What is left of Flux's concept part at two threads (d = 4096, n =
+2535 erased rows): the erased rows' Gram ~0.5 s, the Cholesky factor ~0.4 s, the float64 solve against the n rows
+~0.9 s, ``(W left) right`` ~0.7 s. The goal is met at two threads on both models, at one thread on neither.
 
 Measured and not applied: float32 Gram matrices (1.9x faster) leave 4e-5 to 3e-4 relative error in ``W (K - I)`` on
-the Shapes Flux's states for "red" (amplified by ``cond(M)``); applying ``W (K - I)`` as ``[W (C*_e - C_e)^T] [M^-1
-C_e^T]^T`` without forming ``K`` would save 0.9 s (SD3.5) and 0.5 s (Flux) but needs `uce_edits` to return factors,
-where RECE and the tests take the dense ``K``; an in-process cache of the preserved Gram would never hit (each run
-loads its pipeline, and the retained prompts differ per concept).
+the Shapes Flux's states for "red" (amplified by ``cond(M)``); summing the Gram over the rows in two Python threads
+of one BLAS thread each instead of one product at two threads (1.83 s against 1.93 s); an in-process cache of the
+preserved Gram would never hit (each run loads its pipeline, and the retained prompts differ per concept).
 
 Run: ``.venv/bin/python benchmarks/mmdit.py [--threads 1] [--erase-prompts 5] [--preserve-prompts 19]``.
 """
@@ -87,16 +95,19 @@ def closed_form(name: str, erase_prompts: int, preserve_prompts: int, batch: int
     transformer.time_text_embed.text_embedder = torch.nn.Module()
     transformer.time_text_embed.text_embedder.linear_1 = torch.nn.Linear(pooled_width, inner)
 
+    # the text encoders' float32 outputs, batch by batch as preserve_grams encodes them (drawn before the clock
+    # starts: encoding is the models' cost, not the edit's)
+    states = []
+    for first in range(0, preserve_prompts, batch):
+        n = min(batch, preserve_prompts - first)
+        states.append((torch.randn(n * rows, width, generator=g), torch.randn(n, pooled_width, generator=g)))
     started = time.perf_counter()
     grams = {"tokens": torch.zeros(width, width, dtype=torch.float64)}
     grams["pooled"] = torch.zeros(pooled_width, pooled_width, dtype=torch.float64)
-    for first in range(0, preserve_prompts, batch):  # as preserve_grams sums them
-        n = min(batch, preserve_prompts - first)
-        hidden = torch.randn(n * rows, width, generator=g, dtype=torch.float64)
-        pooled = torch.randn(n, pooled_width, generator=g, dtype=torch.float64)
-        add_upper_gram(grams["tokens"], hidden)
-        add_upper_gram(grams["pooled"], pooled)
-    grams = {k: mirror_upper(v) for k, v in grams.items()}
+    for hidden, pooled in states:  # as preserve_grams sums them
+        add_upper_gram(grams["tokens"], hidden.to(torch.float64))
+        add_upper_gram(grams["pooled"], pooled.to(torch.float64))
+    grams = {k: 1.0 * mirror_upper(v) for k, v in grams.items()}  # 1.0: uce_edits' preserve_scale (a copy)
     preserve_s = time.perf_counter() - started
 
     erase = torch.randn(erase_prompts * erased_rows, width, generator=g, dtype=torch.float64)
@@ -104,9 +115,9 @@ def closed_form(name: str, erase_prompts: int, preserve_prompts: int, batch: int
     erase_pooled = torch.randn(erase_prompts, pooled_width, generator=g, dtype=torch.float64)
     guide_pooled = torch.randn(erase_prompts, pooled_width, generator=g, dtype=torch.float64)
     started = time.perf_counter()
-    ks = {
-        "tokens": gram_edit(erase, guide, grams["tokens"], 1.0, 0.5, EDIT_PRODUCT_DTYPE),
-        "pooled": gram_edit(erase_pooled, guide_pooled, grams["pooled"], 1.0, 0.5, EDIT_PRODUCT_DTYPE),
+    ks = {  # as `erase train --method uce` (a delta patch) solves them: K - I as its factors
+        "tokens": gram_edit(erase, guide, grams["tokens"], 1.0, 0.5, EDIT_PRODUCT_DTYPE, factored=True),
+        "pooled": gram_edit(erase_pooled, guide_pooled, grams["pooled"], 1.0, 0.5, EDIT_PRODUCT_DTYPE, factored=True),
     }
     solve_s = time.perf_counter() - started
     config = SimpleNamespace(kind="delta", dtype="fp32", concepts=["concept"])
@@ -114,6 +125,18 @@ def closed_form(name: str, erase_prompts: int, preserve_prompts: int, batch: int
     patch = groups_patch("transformer", transformer, [(MMDIT_TARGETS[k], v) for k, v in ks.items()], config, "uce", {})
     patch_s = time.perf_counter() - started
     assert len(patch.tensors) == 2 and all(torch.isfinite(t).all() for t in patch.tensors.values())
+    started = time.perf_counter()  # the same concept with K formed (RECE's and guard's route), for the ratio
+    dense = {
+        "tokens": gram_edit(erase, guide, grams["tokens"], 1.0, 0.5, EDIT_PRODUCT_DTYPE),
+        "pooled": gram_edit(erase_pooled, guide_pooled, grams["pooled"], 1.0, 0.5, EDIT_PRODUCT_DTYPE),
+    }
+    dense_patch = groups_patch(
+        "transformer", transformer, [(MMDIT_TARGETS[k], v) for k, v in dense.items()], config, "uce", {}
+    )
+    dense_s = time.perf_counter() - started
+    difference = max(
+        float((dense_patch.tensors[k] - t).norm() / t.norm()) for k, t in patch.tensors.items()
+    )
     return {
         "model": name,
         "erased_rows": erase.shape[0],
@@ -123,6 +146,9 @@ def closed_form(name: str, erase_prompts: int, preserve_prompts: int, batch: int
         "patch_s": round(patch_s, 2),
         "concept_s": round(solve_s + patch_s, 2),
         "total_s": round(preserve_s + solve_s + patch_s, 2),
+        "concept_with_k_formed_s": round(dense_s, 2),
+        "factored_speedup": round(dense_s / (solve_s + patch_s), 2),
+        "factored_vs_formed_relative_difference": float(f"{difference:.1e}"),
         "threads": torch.get_num_threads(),
     }
 
@@ -136,16 +162,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         "| model | erased rows | preserved rows | preserved Gram s | solve s | patch s | concept s (solve + patch) "
-        "| total s (goal <= 5) | threads |"
+        "| total s (goal <= 5) | concept s, K formed | speedup | threads |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for name in SHAPES:
         r = closed_form(name, args.erase_prompts, args.preserve_prompts)
         results.append(r)
         print(
             f"| {r['model']} | {r['erased_rows']} | {r['preserved_rows']} | {r['preserve_gram_s']} | {r['solve_s']} "
-            f"| {r['patch_s']} | {r['concept_s']} | {r['total_s']} | {r['threads']} |"
+            f"| {r['patch_s']} | {r['concept_s']} | {r['total_s']} | {r['concept_with_k_formed_s']} "
+            f"| {r['factored_speedup']}x | {r['threads']} |"
         )
     print(json.dumps(results))
 

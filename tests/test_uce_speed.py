@@ -95,6 +95,29 @@ def test_the_delta_patch_applies_k_minus_i_in_float32_within_tolerance():
         assert _relative(stored, w @ (k - eye)) <= TOLERANCE
 
 
+@pytest.mark.parametrize("n", [40, 80])  # n < d: the factors; n >= d: the dense fallback
+def test_the_factored_edit_gives_the_dense_patch(n):
+    d, out_dim = 64, 48
+    erase, guide, preserve = _states(n, d, 0), _states(n, d, 1), _states(200, d, 2, spread=300.0)
+    args = (erase, guide, uce.gram(preserve), 1.3, 0.5, uce.EDIT_PRODUCT_DTYPE)
+    step = uce.gram_edit(*args, factored=True)
+    dense = uce.gram_edit(*args)
+    assert isinstance(step, uce.StepFactors) == (n < d)
+    if n < d:
+        assert step.left.shape == (d, n) and step.right.shape == (n, d) and step.left.dtype == torch.float32
+    module = torch.nn.Module()
+    module.a = torch.nn.Linear(d, out_dim)
+    config = SimpleNamespace(kind="delta", dtype="fp32", concepts=["concept"])
+    factored_patch = uce.groups_patch("transformer", module, [(["a"], step)], config, "uce", {})
+    dense_patch = uce.groups_patch("transformer", module, [(["a"], dense)], config, "uce", {})
+    w = module.a.weight.detach().double()
+    exact = w @ (_reference_k(erase, guide, preserve, 1.3, 1.0, 0.5) - torch.eye(d, dtype=torch.float64))
+    for patch in (factored_patch, dense_patch):
+        assert _relative(patch.tensors["transformer.a.weight"].double(), exact) <= TOLERANCE
+    with pytest.raises(ValueError, match="dense patch"):
+        uce.uce_edits(None, [], [], SimpleNamespace(kind="lora"), factored=True)
+
+
 def test_the_benchmark_times_the_product_at_small_shapes(monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:

@@ -55,6 +55,8 @@ own default for styles).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from erase.methods.uce_config import DEFAULTS, UCEConfig  # noqa: F401  (re-exported)
@@ -213,6 +215,15 @@ def shared_edit(
 EDIT_PRODUCT_DTYPE = torch.float32
 
 
+class StepFactors(NamedTuple):
+    """``K - I = left @ right`` in float32 (``left``: ``[d, n]``, ``right``: ``[n, d]``): an edit of ``n < d`` erased
+    vectors kept as its two factors, so that a dense patch applies ``W (K - I)`` as ``(W left) right`` without
+    forming the ``d x d`` ``K`` (Flux.1-dev's context embedder: ``n`` = 2,535, ``d`` = 4,096; `benchmarks/mmdit.py`)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+
 def gram_edit(
     erase: torch.Tensor,
     guide: torch.Tensor,
@@ -220,14 +231,16 @@ def gram_edit(
     erase_scale: float,
     lamb: float,
     product: torch.dtype = torch.float64,
-) -> torch.Tensor:
+    factored: bool = False,
+) -> torch.Tensor | StepFactors:
     """`shared_edit` with the preserved term given as its (scaled) Gram matrix ``s_p sum_p c_p c_p^T``.
 
     ``rhs - M = s_e (C*_e - C_e)^T C_e``, so ``K = I + s_e (C*_e - C_e)^T (M^-1 C_e^T)^T``: one Cholesky factor of the
     symmetric positive definite ``M = lam I + s_e C_e^T C_e + preserved`` (float64; ``C_e^T C_e`` by `add_upper_gram`)
     and a solve against the ``n`` erased vectors, cheaper than solving for all ``d`` columns of ``K`` when ``n < d``
     (SD3/Flux: d = 4096); the final ``d x d`` product in ``product`` (`EDIT_PRODUCT_DTYPE` in `uce_edits`), ``K``
-    float64. ``M`` not numerically positive definite, or ``n >= d``: a general float64 solve for ``K``.
+    float64, or with ``factored`` its two factors in ``product`` (`StepFactors`). ``M`` not numerically positive
+    definite, or ``n >= d``: a general float64 solve for ``K`` (dense, ``factored`` or not).
     """
     d = erase.shape[1]
     m = mirror_upper(add_upper_gram(preserved.clone(), erase, erase_scale))
@@ -235,7 +248,10 @@ def gram_edit(
     factor, info = torch.linalg.cholesky_ex(m)
     if erase.shape[0] < d and int(info) == 0:
         solved = torch.cholesky_solve(erase.T.contiguous(), factor)  # M^-1 C_e^T  [d, n]
-        k = ((guide - erase).T.to(product) @ solved.T.to(product)).to(torch.float64).mul_(erase_scale)
+        step = StepFactors((guide - erase).T.to(product).mul_(erase_scale), solved.T.to(product))
+        if factored:
+            return step
+        k = (step.left @ step.right).to(torch.float64)
         k.diagonal().add_(1.0)
         return k
     # K = rhs M^-1 = I + s_e (C*_e - C_e)^T C_e M^-1 (M symmetric: solve M X = C_e^T (C*_e - C_e)): formed from the
@@ -279,9 +295,16 @@ def uce_edit(pipe, concepts: list[ConceptPrompts], guides: list[str], config: UC
     return ks["tokens"], notes
 
 
-def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -> tuple[dict[str, torch.Tensor], dict]:
+def uce_edits(
+    pipe, concepts: list[ConceptPrompts], guides: list[str], config, factored: bool = False
+) -> tuple[dict[str, torch.Tensor | StepFactors], dict]:
     """The shared edits of every text input the patch edits: ``{"tokens": K}`` (the context rows), plus on SD3/Flux
-    ``"pooled"`` (the pooled CLIP vector: erased prompt's -> guided prompt's), and the vector counts."""
+    ``"pooled"`` (the pooled CLIP vector: erased prompt's -> guided prompt's), and the vector counts. ``factored``
+    (a dense patch only: the caller applies the edits and nothing else): ``K - I`` as its float32 factors where the
+    Cholesky route solves it (`gram_edit`)."""
+    dense = getattr(config, "kind", "delta") == "delta"
+    if factored and not dense:
+        raise ValueError("factored edits are for a dense patch: the exact LoRA takes K - I at its numerical rank")
     length = getattr(config, "text_length", None)
     inputs = getattr(config, "text_inputs", "both")
     if inputs != "both" and not is_mmdit(pipe):
@@ -303,8 +326,8 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
     erase, guide = torch.cat(erase_rows), torch.cat(guide_rows)
     # float32 after the solve is for the dense delta only: the exact LoRA takes K - I at its numerical rank, which
     # float32 rounding would lift to full rank
-    product = EDIT_PRODUCT_DTYPE if getattr(config, "kind", "delta") == "delta" else torch.float64
-    settings = (config.erase_scale, config.lamb, product)
+    product = EDIT_PRODUCT_DTYPE if dense else torch.float64
+    settings = (config.erase_scale, config.lamb, product, factored)
     ks = {}
     if inputs != "pooled":
         ks["tokens"] = gram_edit(erase, guide, config.preserve_scale * grams["tokens"], *settings)
@@ -326,18 +349,23 @@ def uce_edits(pipe, concepts: list[ConceptPrompts], guides: list[str], config) -
 MMDIT_TARGETS = {"tokens": ["context_embedder"], "pooled": ["time_text_embed.text_embedder.linear_1"]}
 
 
-def edit_step(k: torch.Tensor) -> torch.Tensor:
+def edit_step(k: torch.Tensor | StepFactors) -> torch.Tensor | StepFactors:
     """``K - I`` in float32 from the float64 ``K``: off the diagonal ``K``'s own entries, on it ``K_ii - 1`` taken
     before rounding, so the edit keeps its own float32 precision (in a float32 ``K`` it would be rounded against the
-    1s of ``I``)."""
+    1s of ``I``). `StepFactors` are ``K - I`` already and pass through."""
+    if isinstance(k, StepFactors):
+        return k
     step = k.to(torch.float32)
     step.diagonal().copy_(k.diagonal() - 1)
     return step
 
 
-def times_k(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``W K`` applied as ``W + W (K - I)`` in float32 (``step``: `edit_step`), in ``w``'s dtype."""
+def times_k(w: torch.Tensor, step: torch.Tensor | StepFactors) -> torch.Tensor:
+    """``W K`` applied as ``W + W (K - I)`` in float32 (``step``: `edit_step`; factors: ``W + (W left) right``), in
+    ``w``'s dtype."""
     w32 = w.to(torch.float32)
+    if isinstance(step, StepFactors):
+        return torch.addmm(w32, w32 @ step.left, step.right).to(w.dtype)
     return torch.addmm(w32, w32, step).to(w.dtype)
 
 
@@ -360,17 +388,20 @@ def pipeline_patch(pipe, ks: dict[str, torch.Tensor], config, method: str, notes
     return groups_patch(component, pipe.components[component], groups, config, method, notes)
 
 
-def groups_patch(component: str, module, groups: list[tuple[list[str], torch.Tensor]], config, method, notes) -> Patch:
+def groups_patch(
+    component: str, module, groups: list[tuple[list[str], torch.Tensor | StepFactors]], config, method, notes
+) -> Patch:
     """The patch of ``W_new = W K`` on each group's modules of ``module`` (the component ``component``): a dense
-    ``delta``, or the exact ``lora`` of ``K - I`` at its numerical rank per group (``config.kind``; the
-    reconstruction error goes into the notes)."""
+    ``delta`` (``K`` or its `StepFactors`), or the exact ``lora`` of ``K - I`` at its numerical rank per group
+    (``config.kind``; the reconstruction error goes into the notes)."""
     modules = dict(module.named_modules())
     base = {component: module.state_dict()}
     notes = dict(notes)
     if config.kind == "delta":
         tuned = {}
         for names, k in groups:
-            # K is solved in float64; applying it is a float32 product (fp32 weights): W + W (K - I), so that the edit
+            # K is solved in float64; applying it is a float32 product (fp32 weights): W + W (K - I), or with K - I
+            # as its factors (`StepFactors`) W + (W left) right, so the edit keeps float32's precision next to W
             step = edit_step(k)
             for name in names:
                 tuned[f"{name}.weight"] = times_k(modules[name].weight.detach(), step)
@@ -400,6 +431,6 @@ def train(ctx) -> Patch:
     config: UCEConfig = ctx.config
     guides = ctx.per_concept(config.guide, lambda i: default_guide(ctx.concepts, i))
     config.guide = guides  # saved in the patch as resolved
-    ks, notes = uce_edits(ctx.pipe, ctx.concepts, guides, config)
+    ks, notes = uce_edits(ctx.pipe, ctx.concepts, guides, config, factored=config.kind == "delta")
     ctx.stats.update(notes)
     return pipeline_patch(ctx.pipe, ks, config, "uce", notes)
