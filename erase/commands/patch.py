@@ -206,9 +206,7 @@ def _apply(args: argparse.Namespace) -> int:
     # every patch is validated (and its data hash checked) before the slow model load
     patches = [load_patch(p, verify=not args.skip_hash_check) for p in args.patch]
 
-    from pipelines.loading import load_pipeline
-
-    from pipelines.loading import model_dtype
+    from pipelines.loading import load_pipeline, model_dtype
 
     dtype = model_dtype(args.model_dtype, args.model)
     pipe = load_pipeline(args.model, trust_remote_code=args.trust_remote_code, config=args.config, dtype=dtype)

@@ -34,7 +34,8 @@ class MethodConfig:
         default="fp32",
         metadata={
             "help": "dtype the model is loaded in: bf16/fp16 halve its memory (Flux.1-dev's transformer 48 -> 24 GB), "
-            "auto: the dtype its weights are stored in; the closed-form methods (uce, speed, rece) only"
+            "auto: the dtype its weights are stored in; diffusion methods only (trained tensors and arithmetic "
+            "stay fp32)"
         },
     )
 
