@@ -99,3 +99,26 @@ def test_repair_is_refused_on_mmdit_with_the_fix():
     config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", repair=0.5, **SMALL)
     with pytest.raises(ValueError, match="repair is measured on UNet models only; on SD3/Flux leave it at 0"):
         train_patch("guard", config, pipe=tiny_pipeline("flux"), progress=False)
+
+
+def test_untrained_entry_points_get_the_closed_form_alone_and_the_joint_kv_train():
+    """``train_entry_points=False``: the text embedders keep the original weights through training, so the patch
+    holds exactly UCE's edit of the original there (``W K - W``), the second pooled layer not at all, and the joint
+    blocks' K/V as trained; on a UNet model the setting is refused in one line."""
+    pipe = tiny_pipeline("flux")
+    state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", train_entry_points=False, **SMALL)
+    patch = train_patch("guard", config, pipe=pipe, progress=False)
+    groups, _ = mmdit_edits(pipe, [concept_prompts("red", "shapes")], ["blue"], 0.5)
+    for names, k in groups:
+        for name in names:
+            expected = state[name].double() @ k - state[name].double()
+            torch.testing.assert_close(patch.dense_delta("transformer", name).double(), expected, rtol=1e-5, atol=1e-6)
+    moved = {n for n in patch.target_names("transformer") if patch.dense_delta("transformer", n).abs().max() > 0}
+    assert {f"{m}.weight" for m in ENTRY} <= moved
+    assert not any(n.startswith("time_text_embed.text_embedder.linear_2") for n in moved)
+    assert not any(n.startswith(("context_embedder.bias", "time_text_embed.text_embedder.linear_1.bias")) for n in moved)
+    assert any(JOINT_KV.match(n) for n in moved)
+    config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", train_entry_points=False, **SMALL)
+    with pytest.raises(ValueError, match="train_entry_points false applies to SD3/Flux"):
+        train_patch("guard", config, pipe=tiny_pipeline("sd1"), progress=False)

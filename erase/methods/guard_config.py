@@ -33,6 +33,13 @@ class GuardConfig(AdversarialTrainConfig):
         metadata={"help": "after training: pull the retain prompts' keys/values back to the original's (0-1)"},
     )
     lamb: float = field(default=0.5, metadata={"help": "closed form: regulariser towards the original weights"})
+    train_entry_points: bool = field(
+        default=True,
+        metadata={
+            "help": "SD3/Flux: the trained stage trains the text embedders too (false: the preset's joint-block "
+            "layers only, the embedders get the closed form alone)"
+        },
+    )
     closed_form: Literal["after", "before", "off"] = field(
         default="after", metadata={"help": "the closed-form edit: on the trained weights, as their start, or none"}
     )

@@ -163,8 +163,10 @@ class Student:
         return factors
 
     def tuned_state(self) -> dict[str, torch.Tensor]:
-        """The directly trained tensors under their base names (kinds ``delta``/``sparse``)."""
-        return {n: p.detach().clone() for n, p in self.named_trainable().items()}
+        """The student's own tensors (``target.parameters``, kinds ``delta``/``sparse``) under their base names: the
+        trained ones and any a method froze but edits itself (guard's closed form on SD3/Flux's text embedders)."""
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().clone() for n in self.target.parameters}
 
     def to_patch(
         self,
