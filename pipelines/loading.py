@@ -278,11 +278,12 @@ def _load_shipped(path: Path, dtype: torch.dtype, name: str = "shapes"):
     if not path.is_file():
         raise FileNotFoundError(f"the shipped {name} pipeline {path} is missing: run {_train_command(name)}")
     pipe = load_shipped_file(name, path)  # float32, as trained
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module) and dtype != torch.float32:
-            # torch's own cast: a shipped world keeps no module in float32, and ModelMixin.to would warn about
-            # from_pretrained's torch_dtype, which a model built in memory has no way to take
-            torch.nn.Module.to(component, dtype=dtype)
+    if dtype != torch.float32:
+        # torch's own cast: a shipped world keeps no module in float32, and ModelMixin.to would warn about
+        # from_pretrained's torch_dtype, which a model built in memory has no way to take
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                torch.nn.Module.to(component, dtype=dtype)
     return pipe
 
 

@@ -128,3 +128,21 @@ def test_a_uce_lora_erases_red_in_a_plain_diffusers_flux_pipeline(tmp_path):
         images = np.load(tmp_path / f"{name}.npy")
         red[name] = float(np.mean([c == "red" for c in colour.predict(judge.encode_image(images))]))
     assert red["base"] >= 0.75 and red["erased"] <= 0.25, red  # plain diffusers + the LoRA file: red is gone
+
+
+@shipped
+def test_the_shipped_flux_loads_in_bf16_quietly():
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("diffusers")  # every diffusers module logs under it
+    logger.addHandler(handler)
+    try:
+        pipe = pipelines.load("shapes-flux", dtype=torch.bfloat16)
+    finally:
+        logger.removeHandler(handler)
+    dtypes = {p.dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()}
+    assert dtypes == {torch.bfloat16} and pipe.dtype == torch.bfloat16
+    assert not [m for m in messages if "torch_dtype" in m]  # diffusers' from_pretrained advice fits no shipped world
