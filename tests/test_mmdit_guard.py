@@ -102,12 +102,12 @@ def test_repair_is_refused_on_mmdit_with_the_fix():
 
 
 def test_untrained_entry_points_get_the_closed_form_alone_and_the_joint_kv_train():
-    """``train_entry_points=False``: the text embedders keep the original weights through training, so the patch
+    """``entry_lr_scale=0``: the text embedders keep the original weights through training, so the patch
     holds exactly UCE's edit of the original there (``W K - W``), the second pooled layer not at all, and the joint
     blocks' K/V as trained; on a UNet model the setting is refused in one line."""
     pipe = tiny_pipeline("flux")
     state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", train_entry_points=False, **SMALL)
+    config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", entry_lr_scale=0.0, **SMALL)
     patch = train_patch("guard", config, pipe=pipe, progress=False)
     groups, _ = mmdit_edits(pipe, [concept_prompts("red", "shapes")], ["blue"], 0.5)
     for names, k in groups:
@@ -119,6 +119,32 @@ def test_untrained_entry_points_get_the_closed_form_alone_and_the_joint_kv_train
     assert not any(n.startswith("time_text_embed.text_embedder.linear_2") for n in moved)
     assert not any(n.startswith(("context_embedder.bias", "time_text_embed.text_embedder.linear_1.bias")) for n in moved)
     assert any(JOINT_KV.match(n) for n in moved)
-    config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", train_entry_points=False, **SMALL)
-    with pytest.raises(ValueError, match="train_entry_points false applies to SD3/Flux"):
+    config = GuardConfig(model="tiny", concepts=["red"], prompts="shapes", entry_lr_scale=0.0, **SMALL)
+    with pytest.raises(ValueError, match="entry_lr_scale applies to SD3/Flux"):
         train_patch("guard", config, pipe=tiny_pipeline("sd1"), progress=False)
+
+
+def test_entry_lr_scale_scales_the_embedders_first_adam_step_only():
+    """Adam's first step moves each weight by ``lr`` times the sign of its gradient (up to eps), so with the closed
+    form off and one step, the embedders' change at ``entry_lr_scale`` 0.5 is half that at 1 and the joint K/V's
+    are the same."""
+    pipe = tiny_pipeline("flux")
+    patches = {}
+    for scale in (1.0, 0.5):
+        settings = {**SMALL, "steps": 1}
+        config = GuardConfig(
+            model="tiny", concepts=["red"], prompts="shapes", closed_form="off", entry_lr_scale=scale, **settings
+        )
+        patches[scale] = train_patch("guard", config, pipe=pipe, progress=False)
+    names = patches[1.0].target_names("transformer")
+    entry = [n for n in names if n.startswith(("context_embedder.", "time_text_embed.text_embedder."))]
+    joint = [n for n in names if JOINT_KV.match(n)]
+    assert entry and joint
+    for name in entry:
+        full, half = (patches[s].dense_delta("transformer", name) for s in (1.0, 0.5))
+        assert full.abs().max() > 0
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-4, atol=1e-7)
+    for name in joint:
+        torch.testing.assert_close(
+            patches[0.5].dense_delta("transformer", name), patches[1.0].dense_delta("transformer", name)
+        )

@@ -33,11 +33,11 @@ class GuardConfig(AdversarialTrainConfig):
         metadata={"help": "after training: pull the retain prompts' keys/values back to the original's (0-1)"},
     )
     lamb: float = field(default=0.5, metadata={"help": "closed form: regulariser towards the original weights"})
-    train_entry_points: bool = field(
-        default=True,
+    entry_lr_scale: float = field(
+        default=1.0,
         metadata={
-            "help": "SD3/Flux: the trained stage trains the text embedders too (false: the preset's joint-block "
-            "layers only, the embedders get the closed form alone)"
+            "help": "SD3/Flux: the text embedders' learning rate in the trained stage, as a share of lr (0: not "
+            "trained, the closed form alone edits them)"
         },
     )
     closed_form: Literal["after", "before", "off"] = field(
@@ -90,7 +90,7 @@ class GuardConfig(AdversarialTrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_finite_nonnegative(
-            "lamb", "eta", "preserve_weight", "implicit_weight", "implicit_eta", "sample_guidance"
+            "lamb", "eta", "preserve_weight", "implicit_weight", "implicit_eta", "sample_guidance", "entry_lr_scale"
         )
         if self.closed_form != "off" and self.lamb == 0:
             raise ValueError("lamb must be above 0 for the closed form (0 makes its solve singular)")
