@@ -295,13 +295,14 @@ def train(ctx) -> Patch:
     far = set(split_retain(concepts)[1])
     named = student.named_trainable()
     params = list(named.values())
-    groups_by_rate = [  # the text embedders at their own rate (SD3/Flux: `entry_lr_scale`); else one group, as
-        # before the setting existed (a checkpoint's optimizer state keeps fitting)
-        {"params": [p for n, p in named.items() if n not in entry], "lr": config.lr},
-        {"params": [p for n, p in named.items() if n in entry], "lr": config.lr * config.entry_lr_scale},
-    ]
-    split = config.entry_lr_scale not in (0.0, 1.0)  # at 0 the embedders are frozen, so not in `named`
-    optimizer = adam([g for g in groups_by_rate if g["params"]] if split else params, lr=config.lr)
+    if config.entry_lr_scale in (0.0, 1.0):  # one group, as before the setting (at 0 the embedders are frozen)
+        optimizer = adam(params, lr=config.lr)
+    else:  # SD3/Flux: the text embedders at their own rate
+        groups_by_rate = [
+            {"params": [p for n, p in named.items() if n not in entry], "lr": config.lr},
+            {"params": [p for n, p in named.items() if n in entry], "lr": config.lr * config.entry_lr_scale},
+        ]
+        optimizer = adam([g for g in groups_by_rate if g["params"]], lr=config.lr)
     adv = None
     if config.adversarial_every:
         adv = AdversarialTraining(pipe, concepts, config, _images(ctx, config, encode))
