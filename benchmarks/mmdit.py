@@ -134,9 +134,7 @@ def closed_form(name: str, erase_prompts: int, preserve_prompts: int, batch: int
         "transformer", transformer, [(MMDIT_TARGETS[k], v) for k, v in dense.items()], config, "uce", {}
     )
     dense_s = time.perf_counter() - started
-    difference = max(
-        float((dense_patch.tensors[k] - t).norm() / t.norm()) for k, t in patch.tensors.items()
-    )
+    difference = max(float((dense_patch.tensors[k] - t).norm() / t.norm()) for k, t in patch.tensors.items())
     return {
         "model": name,
         "erased_rows": erase.shape[0],

@@ -5,7 +5,6 @@ erase's strength by a plain ``pipe.load_lora_weights`` (in a clean process) and 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import re
 

@@ -91,8 +91,8 @@ def test_unpacking_flux_latents_is_what_the_flux_pipeline_does():
 
 @pytest.mark.parametrize("arch", MMDIT_ARCHITECTURES)
 def test_an_adversarial_token_passed_explicitly_is_used_as_given_or_refused(arch):
-    from erase.training.adversarial import check_token
     from erase.registry import get_config
+    from erase.training.adversarial import check_token
 
     pipe = tiny_pipeline(arch)
     given = get_config("salun")(model="tiny", concepts=["red"], prompts="shapes", adversarial_token="sks")

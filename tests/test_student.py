@@ -26,8 +26,10 @@ def test_a_student_shares_every_weight_it_does_not_train_and_leaves_the_original
         if name in trained:
             assert copy[name] != ptr  # its own tensor
         else:
-            base = name if name in copy else name.replace(".weight", ".base_layer.weight").replace(
-                ".bias", ".base_layer.bias"
+            base = (
+                name
+                if name in copy
+                else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
             )  # under a LoRA wrapper
             assert copy[base] == ptr, name  # the original's storage, not a copy
     own = sum(p.numel() for p in student.trainable())

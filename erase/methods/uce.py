@@ -218,7 +218,8 @@ EDIT_PRODUCT_DTYPE = torch.float32
 class StepFactors(NamedTuple):
     """``K - I = left @ right`` in float32 (``left``: ``[d, n]``, ``right``: ``[n, d]``): an edit of ``n < d`` erased
     vectors kept as its two factors, so that a dense patch applies ``W (K - I)`` as ``(W left) right`` without
-    forming the ``d x d`` ``K`` (Flux.1-dev's context embedder: ``n`` = 2,535, ``d`` = 4,096; `benchmarks/mmdit.py`)."""
+    forming the ``d x d`` ``K`` (Flux.1-dev's context embedder: ``n`` = 2,535, ``d`` = 4,096;
+    `benchmarks/mmdit.py`)."""
 
     left: torch.Tensor
     right: torch.Tensor

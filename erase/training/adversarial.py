@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erase.training.config import AdversarialTrainConfig
 from pipelines.denoise import (
     Conditioning,
     PromptEncoder,
