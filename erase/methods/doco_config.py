@@ -18,7 +18,6 @@ class DoCoConfig(AdversarialTrainConfig):
     """DoCo's settings (defaults from the official ``yongliang-wu/DoCo`` README unless stated)."""
 
     KINDS = ("delta", "lora")
-    HALF_PRECISION = True  # a bf16/fp16 model trains fp32 copies of its tensors, computing in fp32
     STEPS_PER_CONCEPT = 800
 
     steps: int | None = field(

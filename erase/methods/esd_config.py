@@ -18,7 +18,6 @@ class ESDConfig(TrainConfig):
     """ESD's settings (defaults from the official ``rohitgandikota/erasing`` SD code unless stated)."""
 
     KINDS = ("lora", "delta", "sparse")
-    HALF_PRECISION = True  # a bf16/fp16 model trains fp32 copies of its tensors, computing in fp32
 
     preset: Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"] = field(
         default="esd-x-strict", metadata={"help": "trained layers"}

@@ -19,7 +19,6 @@ class GuardConfig(AdversarialTrainConfig):
     """The recommended method's settings (each default measured on the Shapes world; `erase.methods.guard`)."""
 
     KINDS = ("delta",)
-    HALF_PRECISION = True  # a bf16/fp16 model trains fp32 copies of its tensors, computing in fp32
 
     kind: Literal["delta"] = field(default="delta", metadata={"help": "patch kind: a dense delta (export --to lora)"})
     steps: int | None = field(default=None, metadata={"help": "steps of the trained stage (default: 300 per concept)"})

@@ -18,7 +18,6 @@ class SalUnConfig(AdversarialTrainConfig):
     """SalUn's settings (defaults from the official ``OPTML-Group/Unlearn-Saliency`` SD code unless stated)."""
 
     KINDS = ("sparse", "delta")
-    HALF_PRECISION = True  # a bf16/fp16 model trains fp32 copies of its tensors, computing in fp32
     STEPS_PER_CONCEPT = 400
 
     kind: Literal["sparse", "delta"] = field(

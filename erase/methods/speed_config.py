@@ -20,7 +20,6 @@ class SPEEDConfig(MethodConfig):
     """SPEED's settings (defaults from the official ``train_erase_null.py`` argparse unless stated)."""
 
     KINDS = ("delta", "lora")
-    HALF_PRECISION = True  # reads the weights, solves in float64
 
     kind: Literal["delta", "lora"] = field(
         default="delta", metadata={"help": "patch kind: dense delta, or the exact LoRA (rank = rank of A - T)"}

@@ -19,6 +19,7 @@ class TextToUnlearnConfig(TrainConfig):
     """Text-to-Unlearn's settings (NADA's optimiser; loss weights measured on the Shapes world)."""
 
     KINDS = ("delta",)
+    HALF_PRECISION = False  # a GAN's generator is loaded as stored (`--model-dtype` does not apply)
 
     model: str | None = field(
         default=None, metadata={"help": "not used: text2unlearn trains the GAN given with --gan"}

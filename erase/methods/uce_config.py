@@ -18,7 +18,6 @@ class UCEConfig(MethodConfig):
     """UCE's settings (defaults from the official ``uce_sd_erase.py`` unless stated)."""
 
     KINDS = ("delta", "lora")
-    HALF_PRECISION = True  # reads the weights, solves in float64
 
     kind: Literal["delta", "lora"] = field(
         default="delta", metadata={"help": "patch kind: dense delta, or the exact LoRA (rank = rank of the edit)"}

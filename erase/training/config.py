@@ -41,9 +41,10 @@ class MethodConfig:
 
     # which kinds a method can write; subclasses narrow it
     KINDS = ("lora", "delta", "sparse")
-    # whether the method takes a diffusion model loaded in half precision (`--model-dtype`): the closed forms only
-    # read its weights; trained methods train fp32 copies and compute in fp32 (`erase.training.student.fp32_compute`)
-    HALF_PRECISION: ClassVar[bool] = False
+    # whether the method takes a diffusion model loaded in half precision (`--model-dtype`): every diffusion method
+    # does (the closed forms only read its weights and solve in float64; trained methods train fp32 copies and compute
+    # in fp32, `erase.training.student.fp32_compute`); a GAN method loads its generator as stored and sets False
+    HALF_PRECISION: ClassVar[bool] = True
 
     def check_at_least(self, minimum: int, *names: str) -> None:
         """One-line ``ValueError`` unless each named field is ``None`` or at least ``minimum``."""
