@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import get_args
 
 from erase.commands._args import _SKIP_HASH_HELP, MAX_IMAGES, SEED_MAX, CliError, _integer, _number, status
+from erase.training.config import ModelDtype
 
 
 def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
@@ -51,7 +53,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     generate.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
     generate.add_argument(
         "--model-dtype",
-        choices=["fp32", "bf16", "fp16", "auto"],
+        choices=get_args(ModelDtype),
         default="fp32",
         help="dtype --model is loaded in: bf16/fp16 halve its memory, auto: the dtype its weights are stored in",
     )

@@ -6,9 +6,10 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from erase.commands._args import _SKIP_HASH_HELP, CliError, _number, status
+from erase.training.config import ModelDtype
 
 if TYPE_CHECKING:
     from erase.patch import Patch
@@ -37,7 +38,7 @@ def add_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -
     apply.add_argument("--skip-hash-check", action="store_true", help=_SKIP_HASH_HELP)
     apply.add_argument(
         "--model-dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=get_args(ModelDtype),
         default="auto",
         help="dtype the model is loaded and saved in (default auto: the dtype its weights are stored in)",
     )
