@@ -19,6 +19,7 @@ refused before diffusers would fall back to the network (its ``from_single_file`
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import warnings
@@ -108,20 +109,22 @@ def stored_dtype(model: str | os.PathLike) -> str:
     files = [path] if path.is_file() else []
     for folder in ("transformer", "unet"):
         files = files or sorted((path / folder).glob("*.safetensors"))
+    from erase.patchfile import PatchError, read_raw
+
     counts: dict[str, int] = {}
     for file in files:
         if file.suffix.lower() != ".safetensors":
             continue
         try:
-            with open(file, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(min(size, 100_000_000)))
-        except (OSError, ValueError, UnicodeDecodeError):
-            raise ValueError(f"{file}: not a readable .safetensors file; re-download it") from None
-        for entry in header.values():
-            if isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES:
+            table = read_raw(file, what="the model's own .safetensors weights").tensors  # the header only
+        except PatchError as error:  # names the file, what is wrong with it and the fix
+            raise ValueError(str(error)) from None
+        except OSError as error:
+            raise ValueError(f"{file}: cannot be read ({error.strerror}); check the model folder") from None
+        for entry in table.values():
+            if entry.get("dtype") in _SAFETENSORS_DTYPES:
                 name = _SAFETENSORS_DTYPES[entry["dtype"]]
-                counts[name] = counts.get(name, 0) + int(torch.Size(entry.get("shape", [])).numel())
+                counts[name] = counts.get(name, 0) + math.prod(entry["shape"])
     return max(counts, key=counts.get) if counts else "fp32"
 
 

@@ -389,6 +389,10 @@ def test_a_bf16_flux_folder_is_erased_and_baked_in_bf16_with_the_same_patch_as_f
     assert main([*gan, "--out", str(tmp_path / "g.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "model_dtype bf16: this method loads no diffusion model" in err and "Traceback" not in err
+    weights = sorted((baked / "transformer").glob("*.safetensors"))[0]  # a truncated download: one line naming it
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(weights))}: truncated or padded: .*re-download"):
+        stored_dtype(baked)
 
 
 @pytest.mark.parametrize("method", ["esd", "salun", "doco", "guard"])
